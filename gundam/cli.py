@@ -1,0 +1,138 @@
+"""The `gundam` command: encode images, count tokens, estimate cost."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
+        raise ValueError(f"size {text!r}: expected WIDTHxHEIGHT with positive integers, e.g. 2000x3000")
+    return int(m.group(1)), int(m.group(2))
+
+
+def cmd_encode(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from gundam.config import EncoderConfig, resolve_mode
+    from gundam.encoder import GundamEncoder
+    from gundam.preprocess import preprocess
+
+    mode = resolve_mode(args.mode, args.max_crops)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for path in args.images:
+        if not os.path.isfile(path):
+            raise ValueError(f"image {path!r}: no such file")
+    if args.weights:
+        encoder = GundamEncoder.from_pretrained(args.weights, dtype=dtype, device=device, backend=args.backend)
+        print(f"weights: {args.weights}")
+    else:
+        torch.manual_seed(0)
+        encoder = GundamEncoder(EncoderConfig.deepseek_ocr(), backend=args.backend).to(device, dtype).eval()
+        print("weights: RANDOM (no --weights given): shapes and timings are real, embeddings are meaningless")
+    print(f"mode: {args.mode} (base {mode.base_size}, crops {mode.image_size if mode.crop_mode else 'off'}, "
+          f"max_crops {mode.max_crops}), dtype {DTYPES[args.dtype]}, device {device}")
+    results, names = [], []
+    bar = tqdm(args.images, unit="image", disable=len(args.images) < 2, file=sys.stderr)
+    for path in bar:
+        t0 = time.perf_counter()
+        batch = preprocess([path], mode)
+        t_pre = time.perf_counter() - t0
+        with torch.inference_mode():
+            out = encoder(batch)
+        lay = batch.layouts[0]
+        stages = "  ".join(f"{k} {v:.2f}s" for k, v in {"preprocess": t_pre, **out.timings}.items())
+        tqdm.write(f"{path}: {lay.width}x{lay.height}  grid {lay.grid[0]}x{lay.grid[1]}  crops {lay.n_crops}  "
+                   f"tokens {lay.tokens}  | {stages}")
+        results.append(out.embeddings.float().cpu())
+        names.append(path)
+    if args.out:
+        import torch
+        from safetensors.torch import save_file
+        lengths = [r.shape[0] for r in results]
+        offsets = torch.tensor([0] + lengths).cumsum(0)
+        save_file({"embeddings": torch.cat(results).contiguous(), "offsets": offsets},
+                  args.out, metadata={"images": "\n".join(names), "mode": args.mode})
+        print(f"wrote {args.out}: embeddings [{int(offsets[-1])}, {results[0].shape[1]}], offsets [{len(offsets)}]")
+    return 0
+
+
+def cmd_tokens(args) -> int:
+    from PIL import Image
+
+    from gundam.config import MODES
+    from gundam.preprocess import image_layout
+
+    for item in args.items:
+        if re.fullmatch(r"\s*\d+\s*[xX]\s*\d+\s*", item):
+            w, h = parse_size(item)
+        else:
+            if not os.path.isfile(item):
+                raise ValueError(f"{item!r}: neither WIDTHxHEIGHT nor an existing image file")
+            try:
+                with Image.open(item) as im:
+                    w, h = im.size
+            except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input
+                raise ValueError(f"image {item!r}: cannot read ({e})") from None
+        print(f"{item}: {w}x{h}")
+        for name in MODES:
+            lay = image_layout(w, h, name, args.max_crops)
+            print(f"  {name:9s} grid {lay.grid[0]}x{lay.grid[1]}  crops {lay.n_crops}  tokens {lay.tokens}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gundam.config import MODES
+
+    p = argparse.ArgumentParser(prog="gundam", description="DeepSeek-OCR vision encoder (DeepEncoder), Gundam mode")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("encode", help="encode images and print views, tokens and time per stage")
+    e.add_argument("images", nargs="+", metavar="IMAGE")
+    e.add_argument("--mode", default="gundam", choices=list(MODES))
+    e.add_argument("--max-crops", type=int, default=None, help="2..9 (default 6)")
+    e.add_argument("--weights", help="DeepSeek-OCR checkpoint: .safetensors file or directory")
+    e.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    e.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--out", help="write the embeddings and offsets to this .safetensors file")
+    e.set_defaults(func=cmd_encode)
+
+    t = sub.add_parser("tokens", help="crop grid and token count of images or sizes in every mode")
+    t.add_argument("items", nargs="+", metavar="IMAGE|WxH")
+    t.add_argument("--max-crops", type=int, default=None)
+    t.set_defaults(func=cmd_tokens)
+
+    try:
+        from gundam import cost
+    except ImportError:
+        cost = None
+    if cost is not None and hasattr(cost, "add_arguments"):
+        c = sub.add_parser("cost", help="analytic FLOPs, bytes and roofline per stage")
+        cost.add_arguments(c)
+        c.set_defaults(func=cost.run)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,676 @@
+"""Analytic cost of encoding one image: FLOPs, HBM bytes and memory per stage, and a roofline floor per GPU.
+
+    r = estimate(2000, 3000, mode="gundam")           # CostReport
+    r.stages["sam_global"].matmul_flops                # 2*M*N*K convention
+    r.floor("h100")                                    # {stage: (Floor vendor, Floor fused)}
+
+Stages: `sam_global`, `sam_crops`, `clip_global`, `clip_crops`, `projector_layout`. The view layout (crop grid,
+crops, tokens) comes from `gundam.preprocess.image_layout`, so the model never sees crops that preprocessing does
+not make (crop mode off, or the small-image rule `width <= 640 and height <= 640`).
+
+FLOPs
+- `matmul_flops`: what the vendor computes on tensor cores, counted 2*M*N*K: patch-embed and neck convs (no bias
+  terms), every linear, attention q.k and p.v, the rel-pos einsums. In window blocks the vendor pads the normed
+  grid to a multiple of the window before `qkv`, so `qkv`, `proj`, q.k, p.v and rel-pos run on the padded grid.
+  `torch.utils.flop_counter` measures exactly this on the torch path.
+- `matmul_flops_fused`: the fused path's count: `qkv`/`proj` on real tokens only, attention and rel-pos for real
+  query rows only (against all keys of the padded window: padded keys are real keys equal to the `qkv` bias).
+- `other_flops`, the vendor's non-matmul work, by this rule: every elementwise arithmetic op and every
+  transcendental (exp, erf, sqrt) counts 1 per output element. So: linear/conv bias, residual add, position add,
+  attention scale and bias add 1 each; rel_h + rel_w 1 per score; softmax 5 per score (max, subtract, exp, sum,
+  divide); LayerNorm 7 per element (sum, subtract, square, sum, scale, weight, bias); GELU(erf) 5 per element
+  (scale, erf, add, multiply, half); quick_gelu 5 per element (scale, exp, add, divide, multiply). Copies,
+  padding and table interpolation count 0.
+
+Bytes: two traffic models side by side. Both count compulsory HBM traffic at `dtype`: each pass reads its inputs
+and writes its outputs once (re-reads inside a kernel are taken to hit cache), plus the weights it uses.
+- vendor (`hbm_bytes_vendor`): the vendor's code, one kernel per torch op, one encoder pass per image and view
+  kind (crops, then global): window pad + partition copies, qkv head-split copy, rel_h/rel_w einsums (with their
+  layout copies), the materialised heads x N x N bias, SDPA reading it, head-merge copy, unpartition copies,
+  LayerNorm2d as its eight separate elementwise passes, resized position tables recomputed per pass, the
+  projector input concatenation and the layout concatenations.
+- fused (`hbm_bytes_fused`): this project's Triton path (DESIGN section 4): one pass over all views of all images,
+  token-major packed buffers; LayerNorm, linears, GELU and residual adds each one pass over real tokens;
+  attention reads q/k/v straight from the packed layout, adds the rel-pos bias in registers and writes only real
+  rows (no partition copies, no bias tensor, no head split/merge copies); position and rel-pos tables cached;
+  projector + layout one kernel writing the final rows. Weights are read once per call, charged to the global
+  stages (every image has a global view); the crop stages add none.
+Matmul bias adds are taken to be in the GEMM epilogue in both models.
+
+Memory: `weight_bytes` = parameters the stage uses; `activation_bytes` (vendor) / `activation_bytes_fused` =
+peak of (inputs + outputs of one pass + tensors held across it, e.g. the residual stream), for what runs at
+once: one image's views of that kind for the vendor, all images' views for the fused path.
+
+Roofline: a stage's floor time = max(matmul FLOPs / peak dense tensor FLOP/s, bytes / HBM bandwidth), bound by
+whichever is larger; `other_flops` are left out (they ride along the memory-bound passes). Stages run one after
+another, so the total floor is the sum of the stages' floors.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+from gundam.config import MODES, EncoderConfig, Mode, resolve_mode
+from gundam.preprocess import ImageLayout, image_layout
+
+STAGES = ("sam_global", "sam_crops", "clip_global", "clip_crops", "projector_layout")
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    tensor_flops: float     # dense tensor-core FLOP/s at bf16/fp16
+    tf32_flops: float       # dense tensor-core FLOP/s at tf32 (used for fp32)
+    hbm_bandwidth: float    # bytes/s
+
+
+# Dense (no sparsity) peaks; the datasheets print the 2:4-sparse figure, twice these.
+GPUS = {
+    # NVIDIA H100 Tensor Core GPU datasheet, SXM5 80GB: bf16 1,979 TFLOPS sparse (989 dense), TF32 989 sparse
+    # (494 dense), HBM3 3.35 TB/s.
+    "h100": GPU("H100 SXM5 80GB", 989e12, 494e12, 3.35e12),
+    # NVIDIA H200 Tensor Core GPU datasheet, SXM 141GB: same compute as H100 SXM, HBM3e 4.8 TB/s.
+    "h200": GPU("H200 SXM 141GB", 989e12, 494e12, 4.8e12),
+    # NVIDIA A100 Tensor Core GPU datasheet, SXM4 80GB: bf16 312 TFLOPS dense, TF32 156 dense, HBM2e 2,039 GB/s.
+    "a100": GPU("A100 SXM4 80GB", 312e12, 156e12, 2.039e12),
+}
+
+
+@dataclass
+class StageCost:
+    matmul_flops: int = 0            # vendor's tensor-core work (padded windows included)
+    matmul_flops_fused: int = 0      # the fused path's (no padded rows)
+    other_flops: int = 0             # softmax, norms, activations, adds: see the module docstring
+    hbm_bytes_vendor: int = 0
+    hbm_bytes_fused: int = 0
+    weight_bytes: int = 0
+    activation_bytes: int = 0        # peak, vendor
+    activation_bytes_fused: int = 0  # peak, fused
+
+    def __add__(self, other: "StageCost") -> "StageCost":
+        return StageCost(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+@dataclass(frozen=True)
+class Floor:
+    """Roofline floor of one stage under one traffic model."""
+    flops: int
+    bytes: int
+    seconds: float
+    bound: str           # "compute", "memory" or "-" (empty stage)
+
+    @property
+    def intensity(self) -> float:  # FLOP per byte
+        return self.flops / self.bytes if self.bytes else 0.0
+
+
+@dataclass
+class CostReport:
+    width: int
+    height: int
+    mode: Mode
+    layout: ImageLayout
+    batch: int
+    dtype: str
+    stages: dict[str, StageCost]
+    total: StageCost
+    config: EncoderConfig = field(repr=False)
+
+    def floor(self, gpu: str | GPU = "h100") -> dict[str, tuple[Floor, Floor]]:
+        """{stage (and "total"): (vendor floor, fused floor)} on `gpu`."""
+        gpu = get_gpu(gpu)
+        peak = gpu.tf32_flops if self.dtype == "fp32" else gpu.tensor_flops
+        out = {}
+        for name, s in self.stages.items():
+            out[name] = (_floor(s.matmul_flops, s.hbm_bytes_vendor, peak, gpu.hbm_bandwidth),
+                         _floor(s.matmul_flops_fused, s.hbm_bytes_fused, peak, gpu.hbm_bandwidth))
+        # stages run one after another, each at its own bound: the total floor is the sum of theirs
+        out["total"] = tuple(_sum_floors([f[k] for f in out.values()]) for k in (0, 1))
+        return out
+
+    @property
+    def views(self) -> list[tuple[str, int, int]]:
+        """(kind, side px, views per image) that go through the encoder, as preprocessing makes them."""
+        v = [("global", self.mode.base_size, 1)]
+        return v + ([("crops", self.mode.image_size, self.layout.n_crops)] if self.layout.n_crops else [])
+
+    def to_dict(self, gpu: str | GPU = "h100") -> dict:
+        g = get_gpu(gpu)
+        floors = self.floor(g)
+        return {
+            "width": self.width, "height": self.height, "mode": dataclasses.asdict(self.mode),
+            "grid": list(self.layout.grid), "n_crops": self.layout.n_crops, "tokens": self.layout.tokens,
+            "global_tokens": self.layout.global_tokens, "local_tokens": self.layout.local_tokens,
+            "batch": self.batch, "dtype": self.dtype,
+            "stages": {k: dataclasses.asdict(v) for k, v in self.stages.items()},
+            "total": dataclasses.asdict(self.total),
+            "roofline": {"gpu": dataclasses.asdict(g), "stages": {
+                k: {"vendor": _floor_dict(v), "fused": _floor_dict(f)} for k, (v, f) in floors.items()}},
+        }
+
+
+def _floor(flops, nbytes, peak, bw) -> Floor:
+    tc, tm = flops / peak, nbytes / bw
+    bound = "-" if not (flops or nbytes) else ("compute" if tc >= tm else "memory")
+    return Floor(flops, nbytes, max(tc, tm), bound)
+
+
+def _sum_floors(floors: list[Floor]) -> Floor:
+    busy = [f for f in floors if f.bound != "-"]
+    t = {b: sum(f.seconds for f in busy if f.bound == b) for b in ("compute", "memory")}
+    bound = "-" if not busy else max(t, key=t.get)  # the bound that holds most of the time
+    return Floor(sum(f.flops for f in floors), sum(f.bytes for f in floors), sum(t.values()), bound)
+
+
+def _floor_dict(f: Floor) -> dict:
+    return {"flops": f.flops, "bytes": f.bytes, "intensity": f.intensity, "seconds": f.seconds, "bound": f.bound}
+
+
+def get_gpu(gpu: str | GPU) -> GPU:
+    if isinstance(gpu, GPU):
+        return gpu
+    if gpu not in GPUS:
+        raise ValueError(f"gpu {gpu!r}: expected one of {', '.join(GPUS)}")
+    return GPUS[gpu]
+
+
+def dtype_name(dtype) -> str:
+    """'bf16' | 'fp16' | 'fp32' from such a name or a torch dtype."""
+    names = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+    s = str(dtype).removeprefix("torch.")
+    s = names.get(s, s)
+    if s not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPE_BYTES)} (or the torch dtype)")
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# counting helpers
+
+class _Passes:
+    """Bytes of a sequence of passes and the peak of any one pass's (inputs + outputs + held) bytes.
+    With `weights=False` the passes' weight reads are left out (the fused path counts them once per call)."""
+
+    def __init__(self, weights=True):
+        self.weights = weights
+        self.bytes = 0
+        self.peak = 0
+
+    def add(self, read, write, weights=0, held=0):
+        self.bytes += read + write + (weights if self.weights else 0)
+        self.peak = max(self.peak, read + write + held)
+
+
+@dataclass
+class _Count:
+    mm: int = 0
+    mm_fused: int = 0
+    other: int = 0
+
+    def matmul(self, flops, fused=None):
+        self.mm += flops
+        self.mm_fused += flops if fused is None else fused
+
+
+def _stage(count: _Count, vendor: _Passes, fused: _Passes, weights: int, passes: int) -> StageCost:
+    return StageCost(count.mm, count.mm_fused, count.other, vendor.bytes * passes, fused.bytes, weights,
+                     vendor.peak, fused.peak)
+
+
+def _conv_out(n: int, k: int, s: int, p: int) -> int:
+    return (n + 2 * p - k) // s + 1
+
+
+def _sam_grids(cfg: EncoderConfig, size: int) -> tuple[int, int]:
+    """(patch grid g, output grid q) of a `size` px view: g = size/patch, net_2 and net_3 halve it."""
+    g = _conv_out(size, cfg.sam.patch_size, cfg.sam.patch_size, 0)
+    return g, _conv_out(_conv_out(g, 3, 2, 1), 3, 2, 1)
+
+
+def _pos_resize_bytes(src: int, dst: int, C: int, e: int) -> int:
+    """Vendor position-table resize per pass: cast to fp32, bicubic, cast back ([src^2, C] -> [dst^2, C])."""
+    if src == dst:
+        return 0
+    return src * src * C * (e + 4) + src * src * C * 4 + dst * dst * C * 4 + dst * dst * C * (4 + e)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SAM ViT-B
+
+def sam_weight_elems(cfg: EncoderConfig) -> int:
+    s = cfg.sam
+    C, hd, F = s.embed_dim, s.head_dim, int(s.embed_dim * s.mlp_ratio)
+    n = 3 * s.patch_size ** 2 * C + C + s.grid ** 2 * C
+    for i in range(s.depth):
+        rel = s.grid if i in s.global_attn_indexes else s.window_size
+        n += 4 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * (2 * rel - 1) * hd + (F * C + F) + (C * F + C)
+    o = s.out_chans
+    return n + C * o + 2 * o + o * o * 9 + 2 * o + 256 * 512 * 9 + 512 * 1024 * 9
+
+
+def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
+    """B views of `size` px through SAM, as one pass: (_Count, vendor _Passes, fused _Passes without weights,
+    fused weight bytes)."""
+    s = cfg.sam
+    C, nh, hd, F, ws = s.embed_dim, s.num_heads, s.head_dim, int(s.embed_dim * s.mlp_ratio), s.window_size
+    g, q = _sam_grids(cfg, size)
+    T = B * g * g
+    n = _Count()
+    v, f = _Passes(), _Passes(weights=False)
+    wb = 0  # weight bytes read by one pass
+
+    # patch embed conv + position add
+    w = (3 * s.patch_size ** 2 * C + C) * e
+    n.matmul(2 * T * C * 3 * s.patch_size ** 2)
+    n.other += 2 * T * C
+    for p in (v, f):
+        p.add(B * 3 * size * size * e, T * C * e, w)
+    v.bytes += _pos_resize_bytes(s.grid, g, C, e)
+    for p in (v, f):
+        p.add((T + g * g) * C * e, T * C * e)
+    wb += w  # the position table is read above, resized (vendor) or from the cache (fused)
+
+    for i in range(s.depth):
+        glob = i in s.global_attn_indexes
+        S = g if glob else ws                     # rel-pos / attention side
+        Gp = g if glob else math.ceil(g / ws) * ws
+        Tp = B * Gp * Gp                          # tokens through qkv/proj in the vendor
+        groups = B if glob else B * (Gp // ws) ** 2
+        N = S * S                                 # tokens per attention group
+        scores = groups * nh * N * N
+        w_qkv, w_proj = (3 * C * C + 3 * C) * e, (C * C + C) * e
+        w_ln, w_rel = 2 * C * e, 2 * (2 * S - 1) * hd * e
+        w_mlp1, w_mlp2 = (F * C + F) * e, (C * F + C) * e
+        wb += 2 * w_ln + w_qkv + w_proj + w_rel + w_mlp1 + w_mlp2
+        held = T * C * e  # the residual stream
+
+        # FLOPs
+        n.matmul(2 * Tp * C * 3 * C, 2 * T * C * 3 * C)                    # qkv
+        n.matmul(2 * scores * hd * 2, 2 * (T * nh * N) * hd * 2)           # q.k and p.v (fused: real rows)
+        n.matmul(2 * (groups * nh * N) * 2 * S * hd, 2 * (T * nh) * 2 * S * hd)  # rel_h, rel_w
+        n.matmul(2 * Tp * C * C, 2 * T * C * C)                            # proj
+        n.matmul(2 * T * C * F * 2)                                        # lin1, lin2
+        n.other += 7 * T * C + 3 * Tp * C + 8 * scores + Tp * C + T * C   # ln1, qkv bias, scores, proj bias, add
+        n.other += 7 * T * C + F * T + 5 * F * T + T * C + T * C           # ln2, lin1 bias, gelu, lin2 bias, add
+
+        # vendor passes
+        X, Xp = T * C * e, Tp * C * e
+        rel = groups * nh * N * S * e  # rel_h (and rel_w) [groups*nh, N, S]
+        v.add(X, X, w_ln, held)                                      # norm1
+        if not glob:
+            if Gp != g:
+                v.add(X, Xp, 0, held)                                # F.pad
+            v.add(Xp, Xp, 0, held)                                   # partition permute copy
+        v.add(Xp, 3 * Xp, w_qkv, held)                               # qkv
+        v.add(3 * Xp, 3 * Xp, 0, held)                               # head-split copy
+        v.add(2 * S * S * hd * e, 2 * S * S * hd * e, w_rel)         # gather Rh, Rw tables
+        for _ in range(2):                                           # rel_h, rel_w einsums
+            v.add(Xp, Xp, 0, held + 3 * Xp)                          #   q permuted to the bmm layout
+            v.add(Xp + S * S * hd * e, rel, 0, held + 3 * Xp)        #   bmm
+            v.add(rel, rel, 0, held + 3 * Xp)                        #   reshape copy of the permuted result
+        v.add(2 * rel, scores * e, 0, held + 3 * Xp)                 # bias = rel_h + rel_w
+        v.add(3 * Xp + scores * e, Xp, 0, held)                      # SDPA with the bias
+        v.add(Xp, Xp, 0, held)                                       # head-merge copy
+        v.add(Xp, Xp, w_proj, held)                                  # proj
+        if not glob:
+            v.add(Xp, Xp, 0, held)                                   # unpartition permute copy
+            if Gp != g:
+                v.add(X, X, 0, held)                                 # crop + contiguous
+        v.add(2 * X, X)                                              # residual
+        v.add(X, X, w_ln, held)                                      # norm2
+        v.add(X, F * X // C, w_mlp1, held)                           # lin1
+        v.add(F * X // C, F * X // C, 0, held)                       # gelu
+        v.add(F * X // C, X, w_mlp2, held)                           # lin2
+        v.add(2 * X, X)                                              # residual
+
+        # fused passes (weights counted once, below)
+        f.add(X, X, 0, held)                                         # norm1
+        f.add(X, 3 * X, 0, held)                                     # qkv
+        f.add(3 * X + 2 * S * S * hd * e, X, 0, held)                # attention, bias in registers
+        f.add(X, X, 0, held)                                         # proj
+        f.add(2 * X, X)                                              # residual
+        f.add(X, X, 0, held)                                         # norm2
+        f.add(X, F * X // C, 0, held)                                # lin1
+        f.add(F * X // C, F * X // C, 0, held)                       # gelu
+        f.add(F * X // C, X, 0, held)                                # lin2
+        f.add(2 * X, X)                                              # residual
+
+    # neck: conv1x1, LayerNorm2d, conv3x3, LayerNorm2d; net_2, net_3 (stride 2)
+    o = s.out_chans
+    g2 = _conv_out(g, 3, 2, 1)
+    X, Y = T * C * e, T * o * e
+    n.matmul(2 * T * o * C + 2 * T * o * o * 9)
+    n.matmul(2 * B * g2 * g2 * 512 * 256 * 9 + 2 * B * q * q * 1024 * 512 * 9)
+    n.other += 2 * 7 * T * o
+    w1, w2, w3, w4, wn = C * o * e, o * o * 9 * e, 256 * 512 * 9 * e, 512 * 1024 * 9 * e, 2 * o * e
+    wb += w1 + w2 + w3 + w4 + 2 * wn
+    for p in (v, f):
+        p.add(X, Y, w1)
+    # LayerNorm2d (x2): vendor reads x-sized tensors 8 times (mean, sub, pow, mean, sub, div, mul, add) and
+    # writes 6; fused: one read, one write
+    v.bytes += 2 * (8 * Y + 6 * Y + wn)
+    f.bytes += 2 * (2 * Y)
+    v.peak, f.peak = max(v.peak, 3 * Y), max(f.peak, 2 * Y)
+    for p in (v, f):
+        p.add(Y, Y, w2)
+        p.add(Y, B * g2 * g2 * 512 * e, w3)
+        p.add(B * g2 * g2 * 512 * e, B * q * q * 1024 * e, w4)
+    return n, v, f, wb
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLIP-L
+
+def clip_weight_elems(cfg: EncoderConfig) -> int:
+    c = cfg.clip
+    C, F = c.hidden_size, c.ffn_hidden_size
+    layer = 4 * C + (3 * C * C + 3 * C) + (C * C + C) + (F * C + F) + (C * F + C)
+    return C + (c.grid ** 2 + 1) * C + 2 * C + c.num_layers * layer
+
+
+def _clip(cfg: EncoderConfig, size: int, B: int, e: int):
+    """B views of `size` px through CLIP-L, as one pass (same return as `_sam`)."""
+    c = cfg.clip
+    C, nh, hd, F = c.hidden_size, c.num_attention_heads, c.head_dim, c.ffn_hidden_size
+    _, q = _sam_grids(cfg, size)
+    N = 1 + q * q
+    T = B * N
+    n = _Count()
+    v, f = _Passes(), _Passes(weights=False)
+    X = T * C * e
+    pos = (c.grid ** 2 + 1) * C * e
+    # embeddings: cat(class, SAM tokens) + position (resized when the grid differs), pre-LN
+    n.other += T * C + 7 * T * C
+    v.bytes += pos + pos + _pos_resize_bytes(c.grid, q, C, e)   # embedding lookup of position_ids + resize
+    for p in (v, f):
+        p.add(B * q * q * C * e, X)
+        p.add(X + N * C * e, X)
+        p.add(X, X, 2 * C * e)
+    wb = C * e + 2 * C * e  # class embedding, pre-LN (the position table is read above)
+    for _ in range(c.num_layers):
+        w_qkv, w_out = (3 * C * C + 3 * C) * e, (C * C + C) * e
+        w_fc1, w_fc2, w_ln = (F * C + F) * e, (C * F + C) * e, 2 * C * e
+        wb += w_qkv + w_out + w_fc1 + w_fc2 + 2 * w_ln
+        scores = B * nh * N * N
+        n.matmul(2 * T * C * 3 * C + 2 * scores * hd * 2 + 2 * T * C * C + 2 * T * C * F * 2)
+        n.other += 7 * T * C + 3 * T * C + 6 * scores + T * C + T * C   # ln1, qkv bias, scale+softmax, bias, add
+        n.other += 7 * T * C + F * T + 5 * F * T + T * C + T * C        # ln2, fc1 bias, quick_gelu, bias, add
+        H = F * X // C
+        for p in (v, f):
+            p.add(X, X, w_ln, X)                               # layer_norm1
+            p.add(X, 3 * X, w_qkv, X)                          # qkv_proj
+            p.add(3 * X, X, 0, X)                              # SDPA (flash: no scores in memory)
+            if p is v:
+                p.add(X, X, 0, X)                              # head-merge copy (the fused kernel writes rows)
+            p.add(X, X, w_out, X)                              # out_proj
+            p.add(2 * X, X)                                    # residual
+            p.add(X, X, w_ln, X)                               # layer_norm2
+            p.add(X, H, w_fc1, X)                              # fc1
+            p.add(H, H, 0, X)                                  # quick_gelu (one scripted pass)
+            p.add(H, X, w_fc2, X)                              # fc2
+            p.add(2 * X, X)                                    # residual
+    return n, v, f, wb
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the whole encoder
+
+def estimate(width: int, height: int, mode: str | Mode = "gundam", max_crops: int | None = None, batch: int = 1,
+             dtype="bf16", config: EncoderConfig | None = None) -> CostReport:
+    """Cost of encoding `batch` images of `width` x `height` px in `mode` (a name or a Mode)."""
+    config = config or EncoderConfig.deepseek_ocr()
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch={batch!r}: expected a positive integer")
+    dt = dtype_name(dtype)
+    e = DTYPE_BYTES[dt]
+    layout = image_layout(width, height, mode, max_crops)
+    m = layout.mode
+    for name in ("base_size", "image_size"):
+        if getattr(m, name) % config.downsample:
+            raise ValueError(f"mode {name}={getattr(m, name)}: expected a multiple of {config.downsample} "
+                             f"for this encoder")
+    k = layout.n_crops
+    stages = {name: StageCost() for name in STAGES}
+    for kind, size, views in (("global", m.base_size, 1), ("crops", m.image_size, k)):
+        if not views:
+            continue  # no crops made: nothing modelled
+        for name, fn, total_weights in (("sam", _sam, sam_weight_elems(config)),
+                                        ("clip", _clip, clip_weight_elems(config))):
+            # vendor: one pass per image over its `views`; fused: one pass over every image's views
+            cnt, vend, _, _ = fn(config, size, views, e)
+            cnt_all, _, fus, wb = fn(config, size, views * batch, e)
+            if kind == "global":
+                fus.bytes += wb  # weights read once per call, charged to the global stage
+            stages[f"{name}_{kind}"] = _stage(cnt_all, vend, fus, total_weights * e, batch)
+    stages["projector_layout"] = _projector_layout(config, layout, batch, e)
+
+    total = StageCost()
+    for s in stages.values():
+        total = total + s
+    # weights: the encoder's parameters once; peaks: the vendor runs stages one after another, the fused path
+    # runs global and crop views of SAM (and of CLIP) together
+    total.weight_bytes = (sam_weight_elems(config) + clip_weight_elems(config) + _projector_weight_elems(config)
+                          + 2 * config.projector.n_embed) * e
+    st = stages
+    total.activation_bytes = max(s.activation_bytes for s in st.values())
+    total.activation_bytes_fused = max(st["sam_global"].activation_bytes_fused + st["sam_crops"].activation_bytes_fused,
+                                       st["clip_global"].activation_bytes_fused + st["clip_crops"].activation_bytes_fused,
+                                       st["projector_layout"].activation_bytes_fused)
+    return CostReport(int(width), int(height), m, layout, batch, dt, stages, total, config)
+
+
+def _projector_weight_elems(cfg: EncoderConfig) -> int:
+    p = cfg.projector
+    return p.input_dim * p.n_embed + p.n_embed
+
+
+def _projector_layout(cfg: EncoderConfig, layout: ImageLayout, batch: int, e: int) -> StageCost:
+    """Projector on cat(CLIP tokens, SAM tokens) of every view, then the layout rows (newlines, separator)."""
+    m, Din, D = layout.mode, cfg.projector.input_dim, cfg.projector.n_embed
+    _, qb = _sam_grids(cfg, m.base_size)
+    _, qi = _sam_grids(cfg, m.image_size)
+    wgt = (_projector_weight_elems(cfg) + 2 * D) * e
+    w_proj = _projector_weight_elems(cfg) * e
+    views = [(qb * qb, qb)] + ([(layout.n_crops * qi * qi, layout.grid[1] * qi)] if layout.n_crops else [])
+    rows = layout.tokens  # output rows of one image, newlines and separator included
+    n = _Count()
+    v = _Passes()
+    for t, nrows in views:  # vendor, per image: global view, crops
+        n.matmul(2 * t * Din * D)
+        n.other += t * D
+        v.add(t * Din * e, t * Din * e)                  # cat(clip[:, 1:], sam.flatten(2).T)
+        v.add(t * Din * e, t * D * e, w_proj, t * Din * e)
+        if t != qb * qb:
+            v.add(t * D * e, t * D * e)                  # crops: tile permute copy
+        v.add(t * D * e + D * e, (t + nrows) * D * e)    # cat with newlines
+    v.add(rows * D * e, rows * D * e)                    # final cat with the separator
+    f = _Passes()
+    tokens = sum(t for t, _ in views) * batch
+    f.add(tokens * Din * e, rows * batch * D * e, wgt)   # one kernel: both halves in, final rows out
+    n.mm, n.mm_fused, n.other = n.mm * batch, n.mm * batch, n.other * batch
+    return StageCost(n.mm, n.mm_fused, n.other, v.bytes * batch, f.bytes, wgt, v.peak, f.peak)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sweep
+
+SWEEP_SIDES = tuple(range(256, 4097, 128))                   # long side, px
+SWEEP_ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 2.0, 1 / 2, 3.0, 1 / 3)  # width / height
+
+
+def sweep(mode: str | Mode = "gundam", max_crops: int | None = None, sides=SWEEP_SIDES, aspects=SWEEP_ASPECTS,
+          gpu="h100", dtype="bf16") -> list[dict]:
+    """One row per (size, crops on/off): the `mode` as given ("crops") and with crop_mode off ("nocrop")."""
+    base = resolve_mode(mode, max_crops)
+    variants = (("crops", base), ("nocrop", dataclasses.replace(base, crop_mode=False)))
+    rows = []
+    for side in sides:
+        for a in aspects:
+            w, h = (side, max(1, round(side / a))) if a >= 1 else (max(1, round(side * a)), side)
+            for variant, m in variants:
+                r = estimate(w, h, m, dtype=dtype)
+                fl = r.floor(gpu)["total"]
+                t = r.total
+                rows.append({
+                    "width": w, "height": h, "aspect": round(w / h, 4), "megapixels": round(w * h / 1e6, 4),
+                    "variant": variant, "base_size": m.base_size, "image_size": m.image_size,
+                    "crop_mode": m.crop_mode, "grid_w": r.layout.grid[0], "grid_h": r.layout.grid[1],
+                    "n_crops": r.layout.n_crops, "tokens": r.layout.tokens,
+                    "matmul_gflops": t.matmul_flops / 1e9, "matmul_gflops_fused": t.matmul_flops_fused / 1e9,
+                    "other_gflops": t.other_flops / 1e9,
+                    "hbm_mb_vendor": t.hbm_bytes_vendor / 1e6, "hbm_mb_fused": t.hbm_bytes_fused / 1e6,
+                    "floor_ms_vendor": fl[0].seconds * 1e3, "floor_ms_fused": fl[1].seconds * 1e3,
+                    "bound_vendor": fl[0].bound, "bound_fused": fl[1].bound,
+                })
+    return rows
+
+
+def write_csv(rows: list[dict], path) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(rows: list[dict], path, gpu="h100") -> bool:
+    """FLOPs vs input size (crops and no-crop) and the roofline floor per traffic model. False without
+    matplotlib (the `plot` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for variant, color in (("crops", "tab:blue"), ("nocrop", "tab:orange")):
+        sel = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["megapixels"])
+        x = [r["megapixels"] for r in sel]
+        a.plot(x, [r["matmul_gflops"] for r in sel], ".-", color=color, lw=0.6, ms=3, label=variant)
+        b.plot(x, [r["floor_ms_vendor"] for r in sel], ".-", color=color, lw=0.6, ms=3, label=f"{variant}, vendor")
+        b.plot(x, [r["floor_ms_fused"] for r in sel], ".--", color=color, lw=0.6, ms=3, alpha=0.6,
+               label=f"{variant}, fused")
+    a.set(xlabel="input megapixels", ylabel="matmul GFLOP per image", title="encoder FLOPs vs input size")
+    b.set(xlabel="input megapixels", ylabel="floor time, ms", title=f"roofline floor on {get_gpu(gpu).name}")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI: `gundam cost`
+
+def parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m[1]) <= 0 or int(m[2]) <= 0:
+        raise ValueError(f"image size {text!r}: expected WIDTHxHEIGHT in pixels, positive integers, e.g. 2000x3000")
+    return int(m[1]), int(m[2])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sizes", nargs="*", metavar="WxH", help="image sizes in pixels, e.g. 2000x3000")
+    parser.add_argument("--mode", default="gundam", choices=list(MODES), help="image mode (default: gundam)")
+    parser.add_argument("--max-crops", type=int, default=None, help="maximum crops, 2..9 (default: the mode's)")
+    parser.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="activation and weight dtype")
+    parser.add_argument("--gpu", default="h100", choices=list(GPUS), help="roofline GPU (default: h100)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--sweep", action="store_true",
+                        help="write a CSV over sizes and aspect ratios, crops and no-crop (and a PNG with matplotlib)")
+    parser.add_argument("--out", default="cost_sweep.csv", help="sweep CSV path; the PNG goes beside it")
+
+
+def run(args) -> int:
+    sizes = [parse_size(s) for s in args.sizes]
+    if args.sweep:
+        rows = sweep(args.mode, args.max_crops, gpu=args.gpu, dtype=args.dtype)
+        write_csv(rows, args.out)
+        png = os.path.splitext(args.out)[0] + ".png"
+        made = plot(rows, png, args.gpu)
+        print(f"wrote {args.out} ({len(rows)} rows)" + (f" and {png}" if made else
+                                                        " (no PNG: install matplotlib, the `plot` extra)"))
+        if not sizes:
+            return 0
+    if not sizes:
+        raise ValueError("gundam cost: no image size given: expected WIDTHxHEIGHT (e.g. 2000x3000) or --sweep")
+    reports = [estimate(w, h, args.mode, args.max_crops, args.batch, args.dtype) for w, h in sizes]
+    if args.json:
+        out = [r.to_dict(args.gpu) for r in reports]
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+    else:
+        print("\n\n".join(format_report(r, args.gpu) for r in reports))
+    return 0
+
+
+def _si(x: float, unit: str) -> str:
+    for scale, p in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {p}{unit}"
+    return f"{x:.0f} {unit}"
+
+
+def format_report(r: CostReport, gpu="h100") -> str:
+    g = get_gpu(gpu)
+    lay, m = r.layout, r.mode
+    floors = r.floor(g)
+    peak = g.tf32_flops if r.dtype == "fp32" else g.tensor_flops
+    grid = f"grid {lay.grid[0]}x{lay.grid[1]}, {lay.n_crops} crops of {m.image_size}" if lay.n_crops else "no crops"
+    lines = [
+        f"{r.width}x{r.height}, mode {_mode_name(m)} (global {m.base_size}, crop_mode {'on' if m.crop_mode else 'off'}),"
+        f" {grid}; tokens {lay.tokens} = {lay.global_tokens} global + {lay.local_tokens} local + 1;"
+        f" batch {r.batch}, {r.dtype}",
+        f"{g.name}: {peak / 1e12:.0f} TFLOP/s dense {'tf32' if r.dtype == 'fp32' else 'bf16'},"
+        f" {g.hbm_bandwidth / 1e12:.2f} TB/s HBM",
+    ]
+    head = f"{'stage':<17}{'GFLOP':>9}{'MB':>10}{'FLOP/B':>8}{'floor us':>10}  {'bound':<8}{'peak MB':>9}"
+    stages = list(r.stages.items()) + [("total", r.total)]
+    for k, title in ((0, "vendor traffic: SDPA + materialised bias, separate passes, partition copies"),
+                     (1, "fused traffic: Triton path, one pass, bias in registers, no copies")):
+        lines += ["", title, head]
+        for name, s in stages:
+            fl = floors[name][k]
+            act = s.activation_bytes if k == 0 else s.activation_bytes_fused
+            lines.append(f"{name:<17}{fl.flops / 1e9:>9.1f}{fl.bytes / 1e6:>10.1f}{fl.intensity:>8.0f}"
+                         f"{fl.seconds * 1e6:>10.1f}  {fl.bound:<8}{act / 1e6:>9.1f}")
+    t, (fv, ff) = r.total, floors["total"]
+    lines += ["", f"other FLOPs {_si(t.other_flops, 'FLOP')}; weights {t.weight_bytes / 1e6:.1f} MB;"
+                  f" fused/vendor: HBM bytes x{_ratio(t.hbm_bytes_fused, t.hbm_bytes_vendor)},"
+                  f" floor time x{_ratio(ff.seconds, fv.seconds)}"]
+    return "\n".join(lines)
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+def _mode_name(m: Mode) -> str:
+    for name, mm in MODES.items():
+        if dataclasses.replace(mm, max_crops=m.max_crops) == m:
+            return name if mm.max_crops == m.max_crops else f"{name} (max {m.max_crops} crops)"
+    return "custom"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="gundam cost", description="analytic cost of encoding an image")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

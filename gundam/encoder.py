@@ -1,0 +1,210 @@
+"""`GundamEncoder`: the DeepEncoder as one module, for a batch of images in any mix of crop grids.
+
+    enc = GundamEncoder.from_pretrained("DeepSeek-OCR/", dtype=torch.bfloat16, device="cuda")
+    out = enc(preprocess(["page1.png", "page2.png"]))   # EncoderOutput
+    per_image = out.split()                             # [tokens_i, 1280] each
+
+`forward_vendor` is a drop-in for the vendor's `_pixel_values_to_embedding`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from gundam.config import EncoderConfig, Mode
+from gundam.model import build_modules, encode_views
+from gundam.preprocess import Batch, grid_layout
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class EncoderOutput:
+    """All images' tokens packed: image i is embeddings[offsets[i]:offsets[i+1]]."""
+    embeddings: torch.Tensor          # [total_tokens, n_embed]
+    offsets: torch.Tensor             # [n_images + 1], int64, on the CPU
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    def split(self) -> list[torch.Tensor]:
+        return list(torch.split(self.embeddings, torch.diff(self.offsets).tolist()))
+
+
+def layout_tokens(global_tokens, local_tokens, grid, newline, separator):
+    """One image's output rows (vendor order): local grid rows + newline each, global rows + newline each,
+    separator. global_tokens [qb*qb, D]; local_tokens [n_crops, qi*qi, D] in row-major tile order, or None."""
+    D = global_tokens.shape[-1]
+    rows = []
+    if local_tokens is not None:
+        w, h = grid
+        qi = int(round(local_tokens.shape[1] ** 0.5))
+        local = local_tokens.view(h, w, qi, qi, D).permute(0, 2, 1, 3, 4).reshape(h * qi, w * qi, D)
+        rows.append(torch.cat([local, newline.expand(h * qi, 1, D)], dim=1).reshape(-1, D))
+    qb = int(round(global_tokens.shape[0] ** 0.5))
+    glob = global_tokens.view(qb, qb, D)
+    rows.append(torch.cat([glob, newline.expand(qb, 1, D)], dim=1).reshape(-1, D))
+    rows.append(separator[None])
+    return torch.cat(rows, dim=0)
+
+
+class GundamEncoder(nn.Module):
+    """SAM ViT-B + CLIP-L + projector with the vendor's parameter names, plus `image_newline`/`view_seperator`."""
+
+    def __init__(self, config: EncoderConfig | None = None, backend: str = "auto"):
+        super().__init__()
+        self.config = config = config or EncoderConfig.deepseek_ocr()
+        self.backend = _check_backend(backend)
+        self.sam_model, self.vision_model, self.projector = build_modules(config)
+        n = config.projector.n_embed
+        std = 1 / torch.sqrt(torch.tensor(n, dtype=torch.float32))
+        self.image_newline = nn.Parameter(torch.randn(n) * std)
+        self.view_seperator = nn.Parameter(torch.randn(n) * std)
+        # Vendor checkpoints carry CLIP's unused patch-embedding conv and position ids: drop them on load.
+        self._register_load_state_dict_pre_hook(_drop_unused_keys)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
+                        config: EncoderConfig | None = None) -> "GundamEncoder":
+        """Encoder weights from a DeepSeek-OCR safetensors checkpoint (file, directory or sharded directory)."""
+        from gundam.weights import load_encoder_state_dict
+        with torch.device("meta"):
+            enc = cls(config, backend=backend)
+        state = load_encoder_state_dict(path, enc, device=device, dtype=dtype)
+        enc.load_state_dict(state, assign=True)
+        return enc.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.projector.layers.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector.layers.weight.device
+
+    def _resolve(self, backend):
+        backend = _check_backend(backend or self.backend)
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        if backend == "triton":
+            raise NotImplementedError("backend='triton' is not available yet: use backend='torch'")
+        return backend
+
+    def encode_views(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Views of one size [B, 3, S, S] -> projected tokens [B, (S/64)^2, n_embed]."""
+        return encode_views(self.sam_model, self.vision_model, self.projector, pixels)
+
+    def forward(self, batch: Batch, backend: str | None = None) -> EncoderOutput:
+        self._resolve(backend)
+        if not isinstance(batch, Batch):
+            raise TypeError(f"batch of type {type(batch).__name__}: expected gundam.Batch (see gundam.preprocess)")
+        _check_sizes(batch.mode, self.config)
+        dev, dt = self.device, self.dtype
+        timings = {}
+        t0 = time.perf_counter()
+        glob = self.encode_views(batch.global_views.to(dev, dt))              # [n_images, qb*qb, D]
+        timings["global"] = time.perf_counter() - t0
+        local = None
+        if batch.crops.shape[0]:
+            t0 = time.perf_counter()
+            local = self.encode_views(batch.crops.to(dev, dt))                 # [n_crops, qi*qi, D]
+            timings["crops"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out, start = [], 0
+        for i, layout in enumerate(batch.layouts):
+            crops = local[start:start + layout.n_crops] if layout.n_crops else None
+            start += layout.n_crops
+            out.append(layout_tokens(glob[i], crops, layout.grid, self.image_newline.to(dt), self.view_seperator.to(dt)))
+        timings["layout"] = time.perf_counter() - t0
+        offsets = torch.tensor([0] + [t.shape[0] for t in out]).cumsum(0)
+        return EncoderOutput(torch.cat(out), offsets, timings)
+
+    @torch.no_grad()
+    def forward_vendor(self, pixel_values, images_crop, images_spatial_crop, backend: str | None = None):
+        """Drop-in for the vendor's `_pixel_values_to_embedding`: per-image tensors, same inputs.
+
+        pixel_values [n, 1, 3, B, B]; images_crop [n, 1, N, 3, S, S]; images_spatial_crop [n, 1, 2] (w, h tiles),
+        each a tensor or a list of per-image tensors (as vLLM passes them when crop counts differ). As in the
+        vendor, an image uses crops iff its crop tensor is not all zeros; it then uses the first w*h of them.
+        """
+        self._resolve(backend)
+        n = _num_images(pixel_values, "pixel_values")
+        if _num_images(images_crop, "images_crop") != n or _num_images(images_spatial_crop, "images_spatial_crop") != n:
+            raise ValueError(f"forward_vendor: pixel_values, images_crop and images_spatial_crop must have the same "
+                             f"number of images, got {n}, {len(images_crop)}, {len(images_spatial_crop)}")
+        base = self.config.sam.patch_size * 4
+        globals_, crops, grids = [], [], []
+        for j in range(n):
+            g = _check_tensor(pixel_values[j], "pixel_values", (1, 3, None, None))[0]
+            if g.shape[-1] != g.shape[-2] or g.shape[-1] % base:
+                raise ValueError(f"pixel_values[{j}] is {tuple(g.shape)}: expected square views, a multiple of {base}")
+            patches = _check_tensor(images_crop[j], "images_crop", (1, None, 3, None, None))[0]
+            sc = images_spatial_crop[j]
+            sc = torch.as_tensor(sc).reshape(-1)
+            if sc.numel() != 2 or sc.is_floating_point():
+                raise ValueError(f"images_spatial_crop[{j}] = {sc.tolist()}: expected 2 integers [w_tiles, h_tiles]")
+            w, h = int(sc[0]), int(sc[1])
+            use_crops = bool(patches.sum().item() != 0)
+            if use_crops:
+                if w < 1 or h < 1 or patches.shape[0] < w * h:
+                    raise ValueError(f"image {j}: grid {w}x{h} needs {max(w * h, 1)} crops, images_crop has "
+                                     f"{patches.shape[0]}")
+                if patches.shape[-1] != patches.shape[-2] or patches.shape[-1] % base:
+                    raise ValueError(f"images_crop[{j}] crops are {tuple(patches.shape[-2:])}: expected square, "
+                                     f"a multiple of {base}")
+                crops.append(patches[:w * h])
+            globals_.append(g)
+            grids.append((w, h) if use_crops else (1, 1))
+        # views of one size run together (vendor: one SAM/CLIP call per image and per view kind)
+        sizes = {g.shape[-1] for g in globals_}
+        if len(sizes) != 1 or len({c.shape[-1] for c in crops}) > 1:
+            raise ValueError(f"forward_vendor: global views {sorted(sizes)} px and crops "
+                             f"{sorted({c.shape[-1] for c in crops})} px: expected one size each")
+        B = sizes.pop()
+        S = crops[0].shape[-1] if crops else B
+        mode = Mode(B, S, bool(crops))
+        layouts = [grid_layout(mode, grid) for grid in grids]
+        batch = Batch(torch.stack(globals_).float(), torch.cat(crops).float() if crops else torch.zeros(0, 3, S, S),
+                      grids, layouts, mode)
+        return self.forward(batch, backend).split()
+
+
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def _check_sizes(mode: Mode, cfg: EncoderConfig):
+    step = cfg.downsample
+    for name in ("base_size", "image_size"):
+        v = getattr(mode, name)
+        if v % step:
+            raise ValueError(f"mode {name}={v}: expected a multiple of {step} for this encoder")
+
+
+def _num_images(x, name):
+    if isinstance(x, torch.Tensor):
+        if x.dim() == 0:
+            raise ValueError(f"{name}: got a 0-d tensor, expected one entry per image")
+        return x.shape[0]
+    if isinstance(x, (list, tuple)):
+        return len(x)
+    raise TypeError(f"{name} of type {type(x).__name__}: expected a tensor or a list of per-image tensors")
+
+
+def _check_tensor(x, name, shape):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: entry of type {type(x).__name__}, expected a tensor")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: dtype {x.dtype}, expected a floating-point tensor")
+    if x.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name}: per-image shape {tuple(x.shape)}, expected {want}")
+    return x
+
+
+def _drop_unused_keys(module, state_dict, prefix, *args):
+    for key in ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.position_ids"):
+        state_dict.pop(prefix + key, None)

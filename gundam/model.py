@@ -1,0 +1,337 @@
+"""The DeepEncoder in pure torch: SAM ViT-B -> CLIP-L -> linear projector, exactly the vendor's computation.
+
+Module and parameter names are the vendor's (`sam_model.blocks.0.attn.qkv.weight`, ...), so a vendor state dict
+loads as is. Differences from the vendor code are in memory and bookkeeping only, never in the math:
+- global-attention blocks build the rel-pos bias per chunk of queries (never heads x N x N at once);
+- interpolated position and rel-pos tables are computed once per view size and cached (not while training).
+This path is the oracle for every Triton kernel and the CPU path.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gundam.config import ClipConfig, EncoderConfig, SamConfig
+
+# Elements of attention bias built at once (fp32: 128 MB). Bounds the memory of global blocks on 1024+ views.
+BIAS_CHUNK_ELEMENTS = 1 << 25
+
+
+class TableCache:
+    """Derived tables (resized position embeddings, gathered rel-pos) keyed by the parameter's identity and
+    version, so an in-place weight update or a new checkpoint invalidates them. Bypassed while autograd is
+    recording, so fine-tuning gets gradients through the interpolation."""
+
+    def __init__(self):
+        self.tables = {}
+
+    def get(self, param: torch.Tensor, key, fn):
+        if torch.is_grad_enabled() and param.requires_grad:
+            return fn()
+        full_key = (id(param), param._version, param.dtype, param.device, key)
+        if full_key not in self.tables:
+            self.tables = {k: v for k, v in self.tables.items() if k[0] != id(param) or k[1] == param._version}
+            self.tables[full_key] = fn()
+        return self.tables[full_key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SAM ViT-B
+
+def resize_pos_embed(pos_embed: torch.Tensor, size: int) -> torch.Tensor:
+    """[1, G, G, C] -> [1, size, size, C], bicubic with antialias in float32 (vendor `get_abs_pos`)."""
+    if pos_embed.shape[1] == size:
+        return pos_embed
+    x = pos_embed.permute(0, 3, 1, 2).float()  # [1, C, G, G]
+    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x.to(pos_embed.dtype).permute(0, 2, 3, 1)
+
+
+def rel_pos_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
+    """(2G-1, C) learned table -> [size, size, C] with table[q, k] = R[q - k + size - 1] (vendor `get_rel_pos`,
+    query and key sizes equal); the table is linearly resized in float32 when 2*size-1 != 2G-1."""
+    length = 2 * size - 1
+    if rel_pos.shape[0] != length:
+        r = rel_pos.float().reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1)  # [1, C, 2G-1]
+        r = F.interpolate(r, size=length, mode="linear")
+        rel_pos = r.to(rel_pos.dtype).reshape(-1, length).permute(1, 0)  # [2S-1, C]
+    coords = torch.arange(size, device=rel_pos.device)
+    return rel_pos[(coords[:, None] - coords[None, :]) + (size - 1)]
+
+
+def attention_with_rel_pos(q, k, v, Rh, Rw, H, W):
+    """softmax(q k^T / sqrt(d) + rel_h + rel_w) v for q, k, v [B, heads, H*W, d], Rh [H, H, d], Rw [W, W, d].
+
+    The vendor materialises the [B, heads, N, N] bias; here it is built per chunk of query rows, so memory
+    stays at BIAS_CHUNK_ELEMENTS whatever the view size. Rows are independent: the result is the same.
+    """
+    B, nh, N, d = q.shape
+    r_q = q.reshape(B * nh, H, W, d)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh).reshape(B, nh, N, H, 1)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw).reshape(B, nh, N, 1, W)
+    rows = max(1, BIAS_CHUNK_ELEMENTS // (B * nh * N))
+    if rows >= N:
+        bias = (rel_h + rel_w).reshape(B, nh, N, N)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = torch.empty_like(q)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        bias = (rel_h[:, :, r0:r1] + rel_w[:, :, r0:r1]).reshape(B, nh, r1 - r0, N)
+        out[:, :, r0:r1] = F.scaled_dot_product_attention(q[:, :, r0:r1], k, v, attn_mask=bias)
+    return out
+
+
+class SamAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, rel_size: int, cache: TableCache):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        head_dim = dim // num_heads
+        # zero init like the vendor (use_rel_pos, rel_pos_zero_init)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_size - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_size - 1, head_dim))
+        self._cache = cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        nh = self.num_heads
+        qkv = self.qkv(x).reshape(B, H * W, 3, nh, -1).permute(2, 0, 3, 1, 4)  # [3, B, nh, N, d]
+        q, k, v = qkv.reshape(3, B, nh, H * W, -1).unbind(0)  # one contiguous copy, as the vendor
+        Rh = self._cache.get(self.rel_pos_h, H, lambda: rel_pos_table(self.rel_pos_h, H))
+        Rw = self._cache.get(self.rel_pos_w, W, lambda: rel_pos_table(self.rel_pos_w, W))
+        x = attention_with_rel_pos(q, k, v, Rh, Rw, H, W)                   # [B, nh, N, d]
+        x = x.view(B, nh, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, C)
+        return self.proj(x)
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.lin2(F.gelu(self.lin1(x)))  # exact erf GELU (nn.GELU default)
+
+
+def window_partition(x: torch.Tensor, S: int):
+    """[B, H, W, C] -> [B * nH * nW, S, S, C], zero-padded at the bottom/right to multiples of S."""
+    B, H, W, C = x.shape
+    pad_h, pad_w = (S - H % S) % S, (S - W % S) % S
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.view(B, Hp // S, S, Wp // S, S, C).permute(0, 1, 3, 2, 4, 5)  # [B, nH, nW, S, S, C]
+    return x.reshape(-1, S, S, C), (Hp, Wp)
+
+
+def window_unpartition(windows: torch.Tensor, S: int, padded: tuple[int, int], hw: tuple[int, int]):
+    """Inverse of window_partition, dropping the padded rows and columns."""
+    (Hp, Wp), (H, W) = padded, hw
+    B = windows.shape[0] // (Hp * Wp // S // S)
+    x = windows.view(B, Hp // S, Wp // S, S, S, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
+    return x[:, :H, :W, :].contiguous()
+
+
+class SamBlock(nn.Module):
+    def __init__(self, cfg: SamConfig, window_size: int, cache: TableCache):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = SamAttention(dim, cfg.num_heads, window_size or cfg.grid, cache)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
+
+    def forward(self, x):
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size:
+            H, W = x.shape[1:3]
+            # padding happens before qkv: padded tokens become keys equal to the qkv bias (not masked)
+            x, padded = window_partition(x, self.window_size)
+            x = window_unpartition(self.attn(x), self.window_size, padded, (H, W))
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).permute(0, 2, 3, 1)  # [B, C, g, g] -> [B, g, g, C]
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over channels of [B, C, H, W], the vendor's explicit formula."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class Sam(nn.Module):
+    """SAM ViT-B image encoder: [B, 3, S, S] -> [B, 1024, S/64, S/64]."""
+
+    def __init__(self, cfg: SamConfig):
+        super().__init__()
+        self.cfg = cfg
+        self._cache = TableCache()
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid, cfg.grid, cfg.embed_dim))
+        self.blocks = nn.ModuleList(
+            SamBlock(cfg, 0 if i in cfg.global_attn_indexes else cfg.window_size, self._cache)
+            for i in range(cfg.depth))
+        c = cfg.out_chans
+        self.neck = nn.Sequential(
+            nn.Conv2d(cfg.embed_dim, c, kernel_size=1, bias=False), LayerNorm2d(c),
+            nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False), LayerNorm2d(c))
+        self.net_2 = nn.Conv2d(256, 512, kernel_size=3, stride=2, padding=1, bias=False)
+        self.net_3 = nn.Conv2d(512, 1024, kernel_size=3, stride=2, padding=1, bias=False)
+
+    def pos_embed_for(self, grid: int) -> torch.Tensor:
+        return self._cache.get(self.pos_embed, grid, lambda: resize_pos_embed(self.pos_embed, grid))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)                       # [B, g, g, C]
+        x = x + self.pos_embed_for(x.shape[1])
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.neck(x.permute(0, 3, 1, 2))          # [B, 256, g, g]
+        return self.net_3(self.net_2(x))              # [B, 1024, g/4, g/4]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLIP-L
+
+def resize_clip_pos(pos: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[1 + G*G, C] -> [tokens, C]: the class row kept, the grid bicubic-resized (vendor `get_abs_pos`)."""
+    src, tgt = int(math.sqrt(pos.shape[0] - 1)), int(math.sqrt(tokens))
+    if src == tgt:
+        return pos
+    C = pos.shape[-1]
+    grid = pos[1:].view(1, src, src, C).permute(0, 3, 1, 2).float()  # [1, C, G, G]
+    grid = F.interpolate(grid, size=(tgt, tgt), mode="bicubic", antialias=True, align_corners=False)
+    grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(tgt * tgt, C)
+    return torch.cat([pos[:1], grid], dim=0)
+
+
+class ClipEmbeddings(nn.Module):
+    def __init__(self, cfg: ClipConfig, cache: TableCache):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.randn(cfg.hidden_size))
+        self.position_embedding = nn.Embedding(cfg.grid ** 2 + 1, cfg.hidden_size)
+        self._cache = cache
+        # The vendor's unused `patch_embedding` conv and `position_ids` buffer are not kept: SAM's output
+        # replaces the patch embedding. Loading ignores those keys.
+
+    def forward(self, patch_embeds: torch.Tensor) -> torch.Tensor:
+        x = patch_embeds.flatten(2).transpose(1, 2)                 # [B, 1024, h, w] -> [B, h*w, 1024]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)                               # [B, 1 + h*w, 1024]
+        w = self.position_embedding.weight
+        return x + self._cache.get(w, x.shape[1], lambda: resize_clip_pos(w, x.shape[1]))
+
+
+class ClipAttention(nn.Module):
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size * 3)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv_proj(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [B, nh, N, d]
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(x.permute(0, 2, 1, 3).reshape(B, N, C))
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+class ClipMLP(nn.Module):
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size)
+        self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class ClipLayer(nn.Module):
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        self.self_attn = ClipAttention(cfg)
+        self.mlp = ClipMLP(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+
+    def forward(self, x):
+        h = x + self.self_attn(self.layer_norm1(x))
+        return h + self.mlp(self.layer_norm2(h))
+
+
+class ClipTransformer(nn.Module):
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(ClipLayer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Clip(nn.Module):
+    """CLIP-L on SAM's features: [B, 1024, h, w] -> [B, 1 + h*w, 1024] (class token first, no post-norm)."""
+
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = ClipEmbeddings(cfg, TableCache())
+        self.transformer = ClipTransformer(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.pre_layernorm_epsilon)
+
+    def forward(self, pixels: torch.Tensor | None, patch_embeds: torch.Tensor) -> torch.Tensor:
+        # `pixels` is unused (the vendor's signature: SAM's output stands in for the patch embedding)
+        return self.transformer(self.pre_layrnorm(self.embeddings(patch_embeds)))
+
+
+class Projector(nn.Module):
+    def __init__(self, input_dim: int, n_embed: int):
+        super().__init__()
+        self.layers = nn.Linear(input_dim, n_embed)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def encode_views(sam: Sam, clip: Clip, projector: Projector, pixels: torch.Tensor) -> torch.Tensor:
+    """Views of one size [B, 3, S, S] -> projected tokens [B, (S/64)^2, n_embed], row-major per view."""
+    sam_out = sam(pixels)                                            # [B, 1024, q, q]
+    clip_out = clip(pixels, sam_out)                                 # [B, 1 + q*q, 1024]
+    feats = torch.cat([clip_out[:, 1:], sam_out.flatten(2).permute(0, 2, 1)], dim=-1)  # [B, q*q, 2048]
+    return projector(feats)
+
+
+def build_modules(cfg: EncoderConfig):
+    return Sam(cfg.sam), Clip(cfg.clip), Projector(cfg.projector.input_dim, cfg.projector.n_embed)

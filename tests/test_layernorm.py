@@ -1,0 +1,87 @@
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+from gundam.kernels.layernorm import layer_norm, layer_norm_reference
+
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 1e-2)]
+
+
+def _inputs(T, C, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    # A non-zero mean and a spread of scales, so centring and the variance both matter.
+    x = (torch.randn(T, C, generator=g) * 3 + 1.5).to(dtype)
+    r = (torch.randn(T, C, generator=g) * 2 - 0.5).to(dtype)
+    w = (torch.randn(C, generator=g) * 0.5 + 1).to(dtype)
+    b = torch.randn(C, generator=g).to(dtype)
+    return x, r, w, b
+
+
+def _assert_close(got, want, atol, rtol, what):
+    err = (got.double() - want.double()).abs()
+    assert torch.allclose(got.double(), want.double(), atol=atol, rtol=rtol), \
+        f"{what}: max abs err {err.max().item():.3e}, mean abs err {err.mean().item():.3e}"
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("T, C, eps", [(7, 48, 1e-6), (5, 100, 1e-5), (3, 768, 1e-6), (2, 1024, 1e-5)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_matches_float64(dtype, atol, rtol, T, C, eps, residual):
+    x, r, w, b = _inputs(T, C, dtype, seed=C + T + residual)
+    if residual:
+        y, h = layer_norm(x, w, b, eps, residual=r)
+        # The residual stream is the dtype's own sum, bit for bit (what the torch path stores).
+        assert torch.equal(h, x + r), f"h: max abs err {(h.double() - (x + r).double()).abs().max().item():.3e}"
+        src = h
+    else:
+        y = layer_norm(x, w, b, eps)
+        src = x
+    assert y.dtype == dtype and y.shape == (T, C)
+    want = layer_norm_reference(src.double(), w.double(), b.double(), eps)
+    _assert_close(y, want, atol, rtol, f"y {dtype} C={C} residual={residual}")
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_layer_norm_strided_rows(dtype, atol, rtol):
+    T, C, eps = 6, 40, 1e-6
+    g = torch.Generator().manual_seed(1)
+    big_x = torch.randn(T, C + 24, generator=g).to(dtype)
+    big_r = torch.randn(T, 2 * C, generator=g).to(dtype)
+    x, r = big_x[:, 8:8 + C], big_r[:, C:]   # row strides 64 and 80, not C
+    w, b = torch.randn(C, generator=g).to(dtype), torch.randn(C, generator=g).to(dtype)
+    y, h = layer_norm(x, w, b, eps, residual=r)
+    assert torch.equal(h, x + r)
+    _assert_close(y, layer_norm_reference(h.double(), w.double(), b.double(), eps), atol, rtol, "strided y")
+    _assert_close(layer_norm(x, w, b, eps), layer_norm_reference(x.double(), w.double(), b.double(), eps),
+                  atol, rtol, "strided y without residual")
+
+
+def test_layer_norm_empty():
+    x, r, w, b = _inputs(0, 48, torch.float32, seed=0)
+    y, h = layer_norm(x, w, b, 1e-6, residual=r)
+    assert y.shape == (0, 48) and h.shape == (0, 48)
+
+
+def test_layer_norm_bad_inputs():
+    x, r, w, b = _inputs(4, 48, torch.float32, seed=0)
+    with pytest.raises(ValueError, match=r"x must be a 2-D tensor"):
+        layer_norm(x[0], w, b, 1e-6)
+    with pytest.raises(ValueError, match=r"x has dtype torch.int32"):
+        layer_norm(x.to(torch.int32), w, b, 1e-6)
+    with pytest.raises(ValueError, match=r"weight has shape \(47,\), expected \(48,\)"):
+        layer_norm(x, w[:47], b, 1e-6)
+    with pytest.raises(ValueError, match=r"bias has dtype torch.float16, expected torch.float32"):
+        layer_norm(x, w, b.half(), 1e-6)
+    with pytest.raises(ValueError, match=r"residual has 3 rows, expected T=4"):
+        layer_norm(x, w, b, 1e-6, residual=r[:3])
+    with pytest.raises(ValueError, match=r"residual has 40 channels, expected C=48"):
+        layer_norm(x, w, b, 1e-6, residual=r[:, :40])
+    with pytest.raises(ValueError, match=r"residual has dtype torch.float16"):
+        layer_norm(x, w, b, 1e-6, residual=r.half())
+    with pytest.raises(ValueError, match=r"x must have unit stride along C"):
+        layer_norm(torch.randn(48, 4).t(), w, b, 1e-6)
+    with pytest.raises(ValueError, match=r"eps=0"):
+        layer_norm(x, w, b, 0)
