@@ -1,4 +1,4 @@
-"""Analytic cost of encoding one image: FLOPs, HBM bytes and memory per stage, and a roofline floor per GPU.
+"""Analytic cost of encoding images: FLOPs, HBM bytes and memory per stage, and a roofline floor per GPU.
 
     r = estimate(2000, 3000, mode="gundam")           # CostReport
     r.stages["sam_global"].matmul_flops                # 2*M*N*K convention
@@ -13,8 +13,11 @@ FLOPs
   terms), every linear, attention q.k and p.v, the rel-pos einsums. In window blocks the vendor pads the normed
   grid to a multiple of the window before `qkv`, so `qkv`, `proj`, q.k, p.v and rel-pos run on the padded grid.
   `torch.utils.flop_counter` measures exactly this on the torch path.
-- `matmul_flops_fused`: the fused path's count: `qkv`/`proj` on real tokens only, attention and rel-pos for real
-  query rows only (against all keys of the padded window: padded keys are real keys equal to the `qkv` bias).
+- `matmul_flops_fused`: the fused path's count (`gundam.kernels`): `qkv`/`proj` on real tokens only; attention
+  over the padded windows as the vendor (padded keys are real keys equal to the `qkv` bias; the kernel computes
+  padded query rows and drops them); the rel-pos projection for real queries only, each against all 2S-1 rows
+  of the table (the kernel's one dot per query block, scattered into per-key columns). Tile rounding is not
+  counted.
 - `other_flops`, the vendor's non-matmul work, by this rule: every elementwise arithmetic op and every
   transcendental (exp, erf, sqrt) counts 1 per output element. So: linear/conv bias, residual add, position add,
   attention scale and bias add 1 each; rel_h + rel_w 1 per score; softmax 5 per score (max, subtract, exp, sum,
@@ -30,11 +33,13 @@ and writes its outputs once (re-reads inside a kernel are taken to hit cache), p
   LayerNorm2d as its eight separate elementwise passes, resized position tables recomputed per pass, the
   projector input concatenation and the layout concatenations.
 - fused (`hbm_bytes_fused`): this project's Triton path (DESIGN section 4): one pass over all views of all images,
-  token-major packed buffers; LayerNorm, linears, GELU and residual adds each one pass over real tokens;
-  attention reads q/k/v straight from the packed layout, adds the rel-pos bias in registers and writes only real
-  rows (no partition copies, no bias tensor, no head split/merge copies); position and rel-pos tables cached;
-  projector + layout one kernel writing the final rows. Weights are read once per call, charged to the global
-  stages (every image has a global view); the crop stages add none.
+  token-major packed buffers; linears and GELU each one pass over real tokens; each residual add fused into the
+  LayerNorm that follows it (one pass reads both, writes the sum and the norm); the rel-pos projection writes
+  fp32 rel_h/rel_w rows (heads x tokens x S per axis) that attention reads back; attention reads q/k/v straight
+  from the packed layout and writes only real rows (no partition copies, no N x N bias, no head split/merge
+  copies); position and rel-pos tables cached; projector + layout one kernel writing the final rows. Weights
+  are read once per call, charged to the global stages (every image has a global view); the crop stages add
+  none.
 Matmul bias adds are taken to be in the GEMM epilogue in both models.
 
 Memory: `weight_bytes` = parameters the stage uses; `activation_bytes` (vendor) / `activation_bytes_fused` =
@@ -294,8 +299,10 @@ def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
 
         # FLOPs
         n.matmul(2 * Tp * C * 3 * C, 2 * T * C * 3 * C)                    # qkv
-        n.matmul(2 * scores * hd * 2, 2 * (T * nh * N) * hd * 2)           # q.k and p.v (fused: real rows)
-        n.matmul(2 * (groups * nh * N) * 2 * S * hd, 2 * (T * nh) * 2 * S * hd)  # rel_h, rel_w
+        n.matmul(2 * scores * hd * 2)                                      # q.k and p.v, padded groups
+        # rel_h, rel_w: the vendor's einsum for every (padded) query against S table rows; the fused path
+        # projects real queries only, against all 2S-1 rows of the table
+        n.matmul(2 * (groups * nh * N) * 2 * S * hd, 2 * (T * nh) * 2 * (2 * S - 1) * hd)
         n.matmul(2 * Tp * C * C, 2 * T * C * C)                            # proj
         n.matmul(2 * T * C * F * 2)                                        # lin1, lin2
         n.other += 7 * T * C + 3 * Tp * C + 8 * scores + Tp * C + T * C   # ln1, qkv bias, scores, proj bias, add
@@ -331,17 +338,22 @@ def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
         v.add(F * X // C, X, w_mlp2, held)                           # lin2
         v.add(2 * X, X)                                              # residual
 
-        # fused passes (weights counted once, below)
-        f.add(X, X, 0, held)                                         # norm1
+        # fused passes (weights counted once, below); a residual add is fused into the LayerNorm after it
+        tables = 2 * nh * T * S * 4                                  # fp32 rel_h, rel_w rows of real queries
+        if i == 0:
+            f.add(X, X, 0, held)                                     # norm1
+        else:
+            f.add(2 * X, 2 * X)                                      # residual (previous block) + norm1
         f.add(X, 3 * X, 0, held)                                     # qkv
-        f.add(3 * X + 2 * S * S * hd * e, X, 0, held)                # attention, bias in registers
+        f.add(X + 2 * (2 * S - 1) * hd * e, tables, 0, held + 3 * X)  # rel-pos projection
+        f.add(3 * X + tables, X, 0, held)                            # attention: no N x N bias, no copies
         f.add(X, X, 0, held)                                         # proj
-        f.add(2 * X, X)                                              # residual
-        f.add(X, X, 0, held)                                         # norm2
+        f.add(2 * X, 2 * X)                                          # residual + norm2
         f.add(X, F * X // C, 0, held)                                # lin1
         f.add(F * X // C, F * X // C, 0, held)                       # gelu
         f.add(F * X // C, X, 0, held)                                # lin2
-        f.add(2 * X, X)                                              # residual
+        if i == s.depth - 1:
+            f.add(2 * X, X)                                          # last residual
 
     # neck: conv1x1, LayerNorm2d, conv3x3, LayerNorm2d; net_2, net_3 (stride 2)
     o = s.out_chans
@@ -395,7 +407,7 @@ def _clip(cfg: EncoderConfig, size: int, B: int, e: int):
         p.add(X + N * C * e, X)
         p.add(X, X, 2 * C * e)
     wb = C * e + 2 * C * e  # class embedding, pre-LN (the position table is read above)
-    for _ in range(c.num_layers):
+    for layer in range(c.num_layers):
         w_qkv, w_out = (3 * C * C + 3 * C) * e, (C * C + C) * e
         w_fc1, w_fc2, w_ln = (F * C + F) * e, (C * F + C) * e, 2 * C * e
         wb += w_qkv + w_out + w_fc1 + w_fc2 + 2 * w_ln
@@ -405,18 +417,25 @@ def _clip(cfg: EncoderConfig, size: int, B: int, e: int):
         n.other += 7 * T * C + F * T + 5 * F * T + T * C + T * C        # ln2, fc1 bias, quick_gelu, bias, add
         H = F * X // C
         for p in (v, f):
-            p.add(X, X, w_ln, X)                               # layer_norm1
+            if p is v or layer == 0:
+                p.add(X, X, w_ln, X)                           # layer_norm1
+            else:
+                p.add(2 * X, 2 * X)                            # fused: residual (previous layer) + layer_norm1
             p.add(X, 3 * X, w_qkv, X)                          # qkv_proj
             p.add(3 * X, X, 0, X)                              # SDPA (flash: no scores in memory)
             if p is v:
                 p.add(X, X, 0, X)                              # head-merge copy (the fused kernel writes rows)
             p.add(X, X, w_out, X)                              # out_proj
-            p.add(2 * X, X)                                    # residual
-            p.add(X, X, w_ln, X)                               # layer_norm2
+            if p is v:
+                p.add(2 * X, X)                                # residual
+                p.add(X, X, w_ln, X)                           # layer_norm2
+            else:
+                p.add(2 * X, 2 * X)                            # residual + layer_norm2
             p.add(X, H, w_fc1, X)                              # fc1
             p.add(H, H, 0, X)                                  # quick_gelu (one scripted pass)
             p.add(H, X, w_fc2, X)                              # fc2
-            p.add(2 * X, X)                                    # residual
+            if p is v or layer == c.num_layers - 1:
+                p.add(2 * X, X)                                # residual
     return n, v, f, wb
 
 
@@ -514,26 +533,29 @@ def sweep(mode: str | Mode = "gundam", max_crops: int | None = None, sides=SWEEP
     rows = []
     for side in sides:
         for a in aspects:
-            w, h = (side, max(1, round(side / a))) if a >= 1 else (max(1, round(side * a)), side)
+            w, h = (side, max(1, round(side / a))) if a >= 1 else (max(1, round(side * a)), side)  # a = w/h
             for variant, m in variants:
                 r = estimate(w, h, m, dtype=dtype)
                 fl = r.floor(gpu)["total"]
                 t = r.total
                 rows.append({
-                    "width": w, "height": h, "aspect": round(w / h, 4), "megapixels": round(w * h / 1e6, 4),
+                    "width": w, "height": h, "long_side": side, "aspect_ratio": round(a, 4),
+                    "megapixels": round(w * h / 1e6, 4),
                     "variant": variant, "base_size": m.base_size, "image_size": m.image_size,
                     "crop_mode": m.crop_mode, "grid_w": r.layout.grid[0], "grid_h": r.layout.grid[1],
                     "n_crops": r.layout.n_crops, "tokens": r.layout.tokens,
-                    "matmul_gflops": t.matmul_flops / 1e9, "matmul_gflops_fused": t.matmul_flops_fused / 1e9,
-                    "other_gflops": t.other_flops / 1e9,
-                    "hbm_mb_vendor": t.hbm_bytes_vendor / 1e6, "hbm_mb_fused": t.hbm_bytes_fused / 1e6,
-                    "floor_ms_vendor": fl[0].seconds * 1e3, "floor_ms_fused": fl[1].seconds * 1e3,
+                    "matmul_gflops": round(t.matmul_flops / 1e9, 3),
+                    "matmul_gflops_fused": round(t.matmul_flops_fused / 1e9, 3),
+                    "other_gflops": round(t.other_flops / 1e9, 3),
+                    "hbm_mb_vendor": round(t.hbm_bytes_vendor / 1e6, 3), "hbm_mb_fused": round(t.hbm_bytes_fused / 1e6, 3),
+                    "floor_ms_vendor": round(fl[0].seconds * 1e3, 4), "floor_ms_fused": round(fl[1].seconds * 1e3, 4),
                     "bound_vendor": fl[0].bound, "bound_fused": fl[1].bound,
                 })
     return rows
 
 
 def write_csv(rows: list[dict], path) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
@@ -541,29 +563,39 @@ def write_csv(rows: list[dict], path) -> None:
 
 
 def plot(rows: list[dict], path, gpu="h100") -> bool:
-    """FLOPs vs input size (crops and no-crop) and the roofline floor per traffic model. False without
-    matplotlib (the `plot` extra)."""
+    """FLOPs vs input size, crops (one line per aspect ratio) and no-crop; the roofline floor of both traffic
+    models for the page-like aspect. False without matplotlib (the `plot` extra)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    aspects = sorted({r["aspect_ratio"] for r in rows})
+    page = min(aspects, key=lambda x: abs(x - 3 / 4))
+    pick = lambda variant, aspect: sorted((r for r in rows if r["variant"] == variant and r["aspect_ratio"] == aspect),
+                                          key=lambda r: r["long_side"])
+    cmap = plt.get_cmap("viridis")
+    for i, asp in enumerate(aspects):
+        sel = pick("crops", asp)
+        a.plot([r["long_side"] for r in sel], [r["matmul_gflops"] for r in sel], ".-", lw=1, ms=3,
+               color=cmap(i / max(1, len(aspects) - 1)), label=f"crops, w/h {asp:.2f}")
+    sel = pick("nocrop", page)
+    a.plot([r["long_side"] for r in sel], [r["matmul_gflops"] for r in sel], "k--", lw=1.5, label="no crops")
+    a.set(xlabel="long side, px", ylabel="matmul GFLOP per image", title="encoder FLOPs vs input size")
     for variant, color in (("crops", "tab:blue"), ("nocrop", "tab:orange")):
-        sel = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["megapixels"])
-        x = [r["megapixels"] for r in sel]
-        a.plot(x, [r["matmul_gflops"] for r in sel], ".-", color=color, lw=0.6, ms=3, label=variant)
-        b.plot(x, [r["floor_ms_vendor"] for r in sel], ".-", color=color, lw=0.6, ms=3, label=f"{variant}, vendor")
-        b.plot(x, [r["floor_ms_fused"] for r in sel], ".--", color=color, lw=0.6, ms=3, alpha=0.6,
-               label=f"{variant}, fused")
-    a.set(xlabel="input megapixels", ylabel="matmul GFLOP per image", title="encoder FLOPs vs input size")
-    b.set(xlabel="input megapixels", ylabel="floor time, ms", title=f"roofline floor on {get_gpu(gpu).name}")
+        sel = pick(variant, page)
+        x = [r["long_side"] for r in sel]
+        b.plot(x, [r["floor_ms_vendor"] for r in sel], "-", color=color, label=f"{variant}, vendor traffic")
+        b.plot(x, [r["floor_ms_fused"] for r in sel], "--", color=color, label=f"{variant}, fused traffic")
+    b.set(xlabel="long side, px", ylabel="floor time per image, ms", ylim=(0, None),
+          title=f"roofline floor on {get_gpu(gpu).name}, w/h {page:.2f}")
     for ax in (a, b):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 

@@ -205,6 +205,6 @@ def _check_tensor(x, name, shape):
     return x
 
 
-def _drop_unused_keys(module, state_dict, prefix, *args):
+def _drop_unused_keys(state_dict, prefix, *args):
     for key in ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.position_ids"):
         state_dict.pop(prefix + key, None)

@@ -11,7 +11,7 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 PREFIXES = ("model.", "")
 INDEX = "model.safetensors.index.json"
@@ -70,9 +70,7 @@ def load_encoder_state_dict(path, encoder: torch.nn.Module, device="cpu", dtype:
                         if prefix + name in keys:
                             found[name] = f.get_tensor(prefix + name)
                             break
-        except (OSError, ValueError, RuntimeError) as e:
-            if isinstance(e, ValueError) and str(e).startswith("checkpoint"):
-                raise
+        except (OSError, SafetensorError) as e:
             raise ValueError(f"checkpoint file {file!r}: cannot read as safetensors ({e})") from None
     missing = [k for k in expected if k not in found]
     if missing:

@@ -29,7 +29,7 @@ class ImageViews:
 
 @dataclass(frozen=True)
 class Layout:
-    row_map: torch.Tensor      # int32 [T_out, 2]: (CLIP row, SAM row) of a projected token, else (NEWLINE | SEPARATOR, -1)
+    row_map: torch.Tensor      # int32 [T_out, 2]: (CLIP row, SAM row) of a token, else (NEWLINE | SEPARATOR, -1)
     out_offsets: torch.Tensor  # int64 [n_images + 1]: image i is out[out_offsets[i]:out_offsets[i + 1]]
     clip_rows: int             # 1 + largest CLIP row read (bounds are checked without a device sync)
     sam_rows: int              # 1 + largest SAM row read
@@ -167,7 +167,8 @@ def project_and_layout(sam, clip, weight, bias, newline, separator, layout, out=
 
     sam [T_sam, K_sam], clip [T_clip, K_clip] (packed token-major, rows may be strided), weight [N, K_clip+K_sam]
     (nn.Linear weight: CLIP columns first), bias / newline / separator [N]; all one dtype and device.
-    `out`: optional preallocated [T_out, N] output (rows may be strided). `blocks` = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) overrides the heuristic (small blocks for the interpreter).
+    `out`: optional preallocated [T_out, N] output (rows may be strided).
+    `blocks` = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) overrides the heuristic (small blocks for the interpreter).
     """
     if not isinstance(layout, Layout):
         raise ValueError(f"project_and_layout: layout must be a Layout from build_layout, got {type(layout)}")
@@ -210,6 +211,9 @@ def project_and_layout(sam, clip, weight, bias, newline, separator, layout, out=
 
     T_out = row_map.shape[0]
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps = blocks or _blocks(T_out)
+    if any(b < 16 or b & (b - 1) for b in (BLOCK_M, BLOCK_N, BLOCK_K)):
+        raise ValueError(f"project_and_layout: blocks {(BLOCK_M, BLOCK_N, BLOCK_K)}, expected powers of two >= 16 "
+                         f"(tl.dot's minimum)")
     if out is None:
         out = torch.empty((T_out, N), dtype=dtype, device=device)
     elif out.shape != (T_out, N) or out.dtype != dtype or out.device != device or (N > 1 and out.stride(1) != 1):
