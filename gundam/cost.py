@@ -464,7 +464,7 @@ def estimate(width: int, height: int, mode: str | Mode = "gundam", max_crops: in
         for name, fn, total_weights in (("sam", _sam, sam_weight_elems(config)),
                                         ("clip", _clip, clip_weight_elems(config))):
             # vendor: one pass per image over its `views`; fused: one pass over every image's views
-            cnt, vend, _, _ = fn(config, size, views, e)
+            _, vend, _, _ = fn(config, size, views, e)
             cnt_all, _, fus, wb = fn(config, size, views * batch, e)
             if kind == "global":
                 fus.bytes += wb  # weights read once per call, charged to the global stage
@@ -668,7 +668,7 @@ def format_report(r: CostReport, gpu="h100") -> str:
     head = f"{'stage':<17}{'GFLOP':>9}{'MB':>10}{'FLOP/B':>8}{'floor us':>10}  {'bound':<8}{'peak MB':>9}"
     stages = list(r.stages.items()) + [("total", r.total)]
     for k, title in ((0, "vendor traffic: SDPA + materialised bias, separate passes, partition copies"),
-                     (1, "fused traffic: Triton path, one pass, bias in registers, no copies")):
+                     (1, "fused traffic: Triton path, one pass, no N x N bias, no copies")):
         lines += ["", title, head]
         for name, s in stages:
             fl = floors[name][k]

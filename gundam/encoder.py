@@ -4,7 +4,8 @@
     out = enc(preprocess(["page1.png", "page2.png"]))   # EncoderOutput
     per_image = out.split()                             # [tokens_i, 1280] each
 
-`forward_vendor` is a drop-in for the vendor's `_pixel_values_to_embedding`.
+`forward_vendor` is a drop-in for the vendor's `_pixel_values_to_embedding`. `backend` picks the pure-torch
+path ("torch"), the packed Triton path ("triton") or Triton on CUDA and torch elsewhere ("auto").
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn as nn
 
 from gundam.config import EncoderConfig, Mode
 from gundam.model import build_modules, encode_views
+from gundam.packed import check_triton_available, encode_packed
 from gundam.preprocess import Batch, grid_layout
 
 BACKENDS = ("auto", "torch", "triton")
@@ -88,7 +90,7 @@ class GundamEncoder(nn.Module):
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
         if backend == "triton":
-            raise NotImplementedError("backend='triton' is not available yet: use backend='torch'")
+            check_triton_available(self.device)
         return backend
 
     def encode_views(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -96,10 +98,14 @@ class GundamEncoder(nn.Module):
         return encode_views(self.sam_model, self.vision_model, self.projector, pixels)
 
     def forward(self, batch: Batch, backend: str | None = None) -> EncoderOutput:
-        self._resolve(backend)
+        backend = self._resolve(backend)
         if not isinstance(batch, Batch):
             raise TypeError(f"batch of type {type(batch).__name__}: expected gundam.Batch (see gundam.preprocess)")
         _check_sizes(batch.mode, self.config)
+        if backend == "triton":
+            t0 = time.perf_counter()
+            embeddings, offsets = encode_packed(self, batch)
+            return EncoderOutput(embeddings, offsets, {"encode": time.perf_counter() - t0})
         dev, dt = self.device, self.dtype
         timings = {}
         t0 = time.perf_counter()

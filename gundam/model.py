@@ -50,14 +50,20 @@ def resize_pos_embed(pos_embed: torch.Tensor, size: int) -> torch.Tensor:
     return x.to(pos_embed.dtype).permute(0, 2, 3, 1)
 
 
-def rel_pos_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
-    """(2G-1, C) learned table -> [size, size, C] with table[q, k] = R[q - k + size - 1] (vendor `get_rel_pos`,
-    query and key sizes equal); the table is linearly resized in float32 when 2*size-1 != 2G-1."""
+def resize_rel_pos(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
+    """(2G-1, C) learned table -> (2*size-1, C), linearly resized in float32 when the lengths differ."""
     length = 2 * size - 1
-    if rel_pos.shape[0] != length:
-        r = rel_pos.float().reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1)  # [1, C, 2G-1]
-        r = F.interpolate(r, size=length, mode="linear")
-        rel_pos = r.to(rel_pos.dtype).reshape(-1, length).permute(1, 0)  # [2S-1, C]
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    r = rel_pos.float().reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1)  # [1, C, 2G-1]
+    r = F.interpolate(r, size=length, mode="linear")
+    return r.to(rel_pos.dtype).reshape(-1, length).permute(1, 0)           # [2S-1, C]
+
+
+def rel_pos_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
+    """(2G-1, C) learned table -> [size, size, C] with table[q, k] = R[q - k + size - 1] (vendor `get_rel_pos`
+    with equal query and key sizes)."""
+    rel_pos = resize_rel_pos(rel_pos, size)
     coords = torch.arange(size, device=rel_pos.device)
     return rel_pos[(coords[:, None] - coords[None, :]) + (size - 1)]
 

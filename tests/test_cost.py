@@ -1,0 +1,353 @@
+"""The analytic cost model against measured FLOPs (torch path on the meta device), preprocessing and itself."""
+import argparse
+import csv
+import dataclasses
+import functools
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, SamConfig
+from gundam.cost import GPUS, STAGES, add_arguments, estimate, parse_size, run
+from gundam.encoder import GundamEncoder
+from gundam.preprocess import image_layout, preprocess
+
+TOL = 0.005  # the issue's bound; the counts are in fact exact
+
+# ----------------------------------------------------------------------------------------------------------
+# measurement: the torch path's submodules on the meta device (no memory, no compute), SDPA as explicit math
+
+
+@functools.lru_cache(maxsize=None)
+def meta_encoder(config: EncoderConfig) -> GundamEncoder:
+    with torch.device("meta"):
+        return GundamEncoder(config).eval()
+
+
+def _flops(fn) -> int:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+@functools.lru_cache(maxsize=None)
+def measured_views(config: EncoderConfig, size: int, n: int) -> tuple[int, int, int]:
+    """Measured (SAM, CLIP, projector) FLOPs of n views of `size` px."""
+    enc = meta_encoder(config)
+    x = torch.empty(n, 3, size, size, device="meta")
+    out = {}
+    sam = _flops(lambda: out.__setitem__("sam", enc.sam_model(x)))
+    clip = _flops(lambda: out.__setitem__("clip", enc.vision_model(x, out["sam"])))
+    feats = torch.cat([out["clip"][:, 1:], out["sam"].flatten(2).permute(0, 2, 1)], dim=-1)
+    return sam, clip, _flops(lambda: enc.projector(feats))
+
+
+def measured_stages(width, height, mode, max_crops=None, batch=1, config=EncoderConfig()) -> dict[str, int]:
+    lay = image_layout(width, height, mode, max_crops)
+    g = measured_views(config, lay.mode.base_size, batch)
+    c = measured_views(config, lay.mode.image_size, batch * lay.n_crops) if lay.n_crops else (0, 0, 0)
+    return {"sam_global": g[0], "clip_global": g[1], "sam_crops": c[0], "clip_crops": c[1],
+            "projector_layout": g[2] + c[2]}
+
+
+def check_against_measured(report, measured):
+    rows, bad = [], []
+    for name in STAGES:
+        a, m = report.stages[name].matmul_flops, measured[name]
+        err = abs(a - m) / m if m else float(a != 0)
+        rows.append(f"  {name:<17} analytic {a:>17,} measured {m:>17,} rel.err {err:.2e}")
+        if err > TOL:
+            bad.append(name)
+    assert not bad, (f"{report.width}x{report.height} {report.mode}: matmul FLOPs off in {bad}\n" + "\n".join(rows))
+
+
+SIZES = [(640, 640), (1024, 1024), (1000, 1500), (2000, 3000), (3000, 800)]
+
+
+@pytest.mark.parametrize("mode", ["gundam", "base", "large", "tiny", "small", "gundam-m"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matmul_flops_match_flop_counter(size, mode):
+    report = estimate(*size, mode=mode)
+    check_against_measured(report, measured_stages(*size, mode))
+
+
+@pytest.mark.parametrize("size,max_crops,batch", [((2000, 3000), 9, 1), ((3000, 800), 2, 3), ((700, 2100), 4, 2)])
+def test_matmul_flops_match_with_max_crops_and_batch(size, max_crops, batch):
+    report = estimate(*size, mode="gundam", max_crops=max_crops, batch=batch)
+    check_against_measured(report, measured_stages(*size, "gundam", max_crops, batch))
+
+
+def test_matmul_flops_match_for_another_config():
+    # windows of 12 (padding at both view sizes), other global blocks, a narrower SAM, a shallower CLIP
+    cfg = EncoderConfig(sam=SamConfig(embed_dim=256, depth=5, num_heads=4, window_size=12, global_attn_indexes=(1, 4)),
+                        clip=ClipConfig(num_layers=3, num_attention_heads=8, ffn_hidden_size=2048))
+    for size, mode in (((2000, 3000), "gundam"), ((900, 900), "gundam-m"), ((512, 512), "tiny")):
+        report = estimate(*size, mode=mode, config=cfg)
+        check_against_measured(report, measured_stages(*size, mode, config=cfg))
+    assert report.total.weight_bytes == 2 * sum(p.numel() for p in meta_encoder(cfg).parameters())
+
+
+def test_weight_bytes_equal_the_modules_parameters():
+    enc = meta_encoder(EncoderConfig())
+    r = estimate(2000, 3000, "gundam")
+    numel = lambda m: sum(p.numel() for p in m.parameters())
+    assert r.stages["sam_global"].weight_bytes == r.stages["sam_crops"].weight_bytes == 2 * numel(enc.sam_model)
+    assert r.stages["clip_global"].weight_bytes == 2 * numel(enc.vision_model)
+    assert r.total.weight_bytes == 2 * numel(enc)
+    assert estimate(2000, 3000, "gundam", dtype="fp32").total.weight_bytes == 4 * numel(enc)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# view layout = preprocessing
+
+@settings(max_examples=300, deadline=None)
+@given(width=st.integers(1, 6000), height=st.integers(1, 6000), mode=st.sampled_from(sorted(MODES)),
+       max_crops=st.one_of(st.none(), st.integers(2, 9)))
+def test_layout_is_preprocessing_layout(width, height, mode, max_crops):
+    r = estimate(width, height, mode, max_crops)
+    lay = image_layout(width, height, mode, max_crops)
+    assert r.layout == lay
+    k, m = lay.n_crops, lay.mode
+    assert r.views == [("global", m.base_size, 1)] + ([("crops", m.image_size, k)] if k else [])
+    for name in ("sam_crops", "clip_crops"):
+        assert (r.stages[name] == type(r.stages[name])()) == (k == 0), (name, r.stages[name])
+    # a crop costs what a global view of its size costs
+    if k:
+        one = estimate(width, height, Mode(m.image_size, m.image_size, False))
+        for part in ("sam", "clip"):
+            assert r.stages[f"{part}_crops"].matmul_flops == k * one.stages[f"{part}_global"].matmul_flops
+    # the projector sees every token the layout holds except newlines and the separator
+    newlines = lay.qb + (lay.grid[1] * lay.qi if k else 0)
+    assert r.stages["projector_layout"].matmul_flops == 2 * (lay.tokens - 1 - newlines) * 2048 * 1280
+
+
+@pytest.mark.parametrize("size,mode", [((640, 640), "gundam"), ((641, 200), "gundam"), ((1000, 1500), "gundam"),
+                                       ((3000, 800), "gundam"), ((1500, 1100), "gundam-m"), ((2000, 3000), "base"),
+                                       ((300, 500), "tiny")])
+def test_views_match_real_preprocessing(size, mode):
+    batch = preprocess(Image.new("RGB", size, (200, 30, 90)), mode)
+    r = estimate(*size, mode)
+    assert [("global", batch.global_views.shape[-1], batch.global_views.shape[0])] + (
+        [("crops", batch.crops.shape[-1], batch.crops.shape[0])] if batch.crops.shape[0] else []) == r.views
+    assert batch.tokens == [r.layout.tokens]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# crop and no-crop
+
+@pytest.mark.parametrize("size", [(641, 100), (1000, 1500), (2000, 3000), (3000, 800), (100, 5000)])
+def test_crops_only_where_preprocessing_makes_them(size):
+    crops = estimate(*size, mode="gundam")
+    for name in ("sam_crops", "clip_crops"):
+        assert estimate(*size, mode="base").stages[name].matmul_flops == 0
+        assert estimate(*size, mode=dataclasses.replace(MODES["gundam"], crop_mode=False)).stages[name].matmul_flops == 0
+        assert crops.stages[name].matmul_flops > 0
+        assert crops.stages[name].hbm_bytes_vendor > 0 and crops.stages[name].hbm_bytes_fused > 0
+
+
+@pytest.mark.parametrize("size", [(640, 640), (100, 640), (640, 1), (1, 1), (500, 333)])
+def test_small_images_never_crop(size):
+    for mode in ("gundam", "gundam-m", "base"):
+        r = estimate(*size, mode=mode, max_crops=9)
+        assert r.layout.n_crops == 0
+        for name in ("sam_crops", "clip_crops"):
+            assert r.stages[name].matmul_flops == 0 and r.stages[name].hbm_bytes_vendor == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the fused count and the two traffic models
+
+def test_fused_flops_without_window_padding():
+    # 896 px -> 56 x 56 patches = 4 x 4 windows of 14: nothing padded. The fused path then differs from the
+    # vendor only in the rel-pos projection: 2S-1 table rows per query and axis instead of S.
+    r = estimate(2000, 3000, Mode(896, 896, True))
+    sam = SamConfig()
+    for name, s in r.stages.items():
+        if not name.startswith("sam"):
+            assert s.matmul_flops_fused == s.matmul_flops, name
+            continue
+        views = 1 if name == "sam_global" else r.layout.n_crops
+        T = views * 56 * 56
+        extra = sum(2 * 2 * T * sam.num_heads * ((2 * S - 1) - S) * sam.head_dim
+                    for S in (56 if i in sam.global_attn_indexes else 14 for i in range(sam.depth)))
+        assert s.matmul_flops_fused - s.matmul_flops == extra, (name, s.matmul_flops_fused - s.matmul_flops, extra)
+    # 64 -> 70 and 40 -> 42 patches: qkv and proj skip the padded rows, far more than the rel-pos extra
+    r = estimate(2000, 3000, "gundam")
+    for name, s in r.stages.items():
+        if name.startswith("sam"):
+            assert s.matmul_flops_fused < 0.99 * s.matmul_flops, name
+        else:
+            assert s.matmul_flops_fused == s.matmul_flops, name
+
+
+@pytest.mark.parametrize("size,mode", [((2000, 3000), "gundam"), ((1024, 1024), "base"), ((512, 512), "tiny"),
+                                       ((3000, 800), "large"), ((1500, 1100), "gundam-m")])
+def test_traffic_models(size, mode):
+    r = estimate(*size, mode=mode)
+    for name, s in r.stages.items():
+        if s.matmul_flops:
+            assert s.hbm_bytes_fused < s.hbm_bytes_vendor, (name, s)
+            assert 0 < s.activation_bytes_fused <= s.activation_bytes, (name, s)
+            assert s.other_flops > 0
+    # the vendor materialises heads x N x N bias per global block; the fused path never does
+    g = r.mode.base_size // 16
+    bias = 12 * (g * g) ** 2 * 2
+    assert r.stages["sam_global"].activation_bytes >= bias
+    assert r.stages["sam_global"].activation_bytes_fused < bias
+    assert r.stages["sam_global"].hbm_bytes_vendor - r.stages["sam_global"].hbm_bytes_fused >= 4 * 2 * bias
+    # total: additive fields summed
+    for f in ("matmul_flops", "matmul_flops_fused", "other_flops", "hbm_bytes_vendor", "hbm_bytes_fused"):
+        assert getattr(r.total, f) == sum(getattr(s, f) for s in r.stages.values()), f
+
+
+def test_batch():
+    one, three = estimate(2000, 3000, batch=1), estimate(2000, 3000, batch=3)
+    two = estimate(2000, 3000, batch=2)
+    for name in STAGES:
+        a, b = one.stages[name], three.stages[name]
+        assert (b.matmul_flops, b.other_flops, b.hbm_bytes_vendor) == \
+               (3 * a.matmul_flops, 3 * a.other_flops, 3 * a.hbm_bytes_vendor), name
+        assert b.activation_bytes == a.activation_bytes  # the vendor encodes one image at a time
+    # fused: one pass for the batch, so bytes = per-image part * batch + per-call part (weights, charged to the
+    # global stages, and the cached position/rel-pos tables)
+    for name in STAGES:
+        f1, f2, f3 = (r.stages[name].hbm_bytes_fused for r in (one, two, three))
+        per_call = 2 * f1 - f2
+        assert f3 - f2 == f2 - f1, name
+        if name in ("sam_global", "clip_global"):
+            w = one.stages[name].weight_bytes
+            assert 0.95 * w < per_call < 1.05 * w, (name, per_call, w)
+        elif name != "projector_layout":
+            assert 0 < per_call < 0.01 * f1, (name, per_call, f1)
+    assert three.stages["sam_crops"].activation_bytes_fused > one.stages["sam_crops"].activation_bytes_fused
+
+
+def test_dtype():
+    a, b = estimate(1000, 1500, dtype="bf16"), estimate(1000, 1500, dtype=torch.float32)
+    assert b.dtype == "fp32" and estimate(1000, 1500, dtype=torch.float16).dtype == "fp16"
+    assert b.total.matmul_flops == a.total.matmul_flops
+    assert 1.9 * a.total.hbm_bytes_vendor < b.total.hbm_bytes_vendor <= 2 * a.total.hbm_bytes_vendor
+    with pytest.raises(ValueError, match="int8"):
+        estimate(100, 100, dtype="int8")
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(width=0, height=10), "width=0"), (dict(batch=0), "batch=0"),
+                                          (dict(mode="huge"), "huge"), (dict(max_crops=12), "max_crops=12")])
+def test_bad_arguments(kwargs, match):
+    args = dict(width=1000, height=1000) | kwargs
+    with pytest.raises(ValueError, match=match):
+        estimate(**args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# roofline
+
+@pytest.mark.parametrize("gpu", sorted(GPUS))
+def test_roofline(gpu):
+    r = estimate(2000, 3000, batch=2)
+    g = GPUS[gpu]
+    floors = r.floor(gpu)
+    for name, s in r.stages.items():
+        for fl, flops, nbytes in ((floors[name][0], s.matmul_flops, s.hbm_bytes_vendor),
+                                  (floors[name][1], s.matmul_flops_fused, s.hbm_bytes_fused)):
+            tc, tm = flops / g.tensor_flops, nbytes / g.hbm_bandwidth
+            assert fl.seconds == pytest.approx(max(tc, tm))
+            assert fl.bound == ("compute" if tc >= tm else "memory")
+            assert fl.intensity == pytest.approx(flops / nbytes)
+    for k in (0, 1):
+        assert floors["total"][k].seconds == pytest.approx(sum(floors[n][k].seconds for n in STAGES))
+    # the fused path's point: less traffic, so a lower floor
+    assert floors["total"][1].seconds < floors["total"][0].seconds
+    with pytest.raises(ValueError, match="v100"):
+        r.floor("v100")
+
+
+def test_more_bandwidth_lowers_memory_bound_floors_only():
+    r = estimate(1000, 1500)
+    h100, h200 = r.floor("h100"), r.floor("h200")
+    for name in STAGES:
+        for k in (0, 1):
+            a, b = h100[name][k], h200[name][k]
+            if a.bound == b.bound == "memory":
+                assert b.seconds == pytest.approx(a.seconds * 3.35 / 4.8)
+            elif a.bound == "compute":
+                assert b.seconds == pytest.approx(a.seconds)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+def cli(argv):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+@pytest.mark.parametrize("text", ["2000", "2000x", "x3000", "0x10", "10x0", "-5x5", "axb", "2000x3000x1", "2e3x10"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT") as e:
+        parse_size(text)
+    assert repr(text) in str(e.value)
+
+
+def test_parse_size():
+    assert parse_size("2000x3000") == (2000, 3000) and parse_size("640X480") == (640, 480)
+
+
+def test_cli_table(capsys):
+    assert cli(["2000x3000"]) == 0
+    out = capsys.readouterr().out
+    assert "vendor traffic" in out and "fused traffic" in out and "H100" in out
+    for name in STAGES + ("total",):
+        assert sum(line.startswith(name + " ") for line in out.splitlines()) == 2, name
+    r = estimate(2000, 3000)
+    assert f"{r.total.matmul_flops / 1e9:.1f}" in out and "grid 2x3, 6 crops" in out
+
+
+def test_cli_json(capsys):
+    assert cli(["1024x1024", "--mode", "base", "--gpu", "a100", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["n_crops"] == 0 and d["roofline"]["gpu"]["name"].startswith("A100")
+    assert d["stages"]["sam_global"]["matmul_flops"] == estimate(1024, 1024, "base").stages["sam_global"].matmul_flops
+    assert set(d["roofline"]["stages"]) == set(STAGES) | {"total"}
+    assert cli(["640x480", "3000x800", "--json"]) == 0
+    assert [x["n_crops"] for x in json.loads(capsys.readouterr().out)] == [0, 4]
+
+
+def test_cli_errors():
+    with pytest.raises(ValueError, match="no image size"):
+        cli([])
+    with pytest.raises(ValueError, match="'20x'"):
+        cli(["20x"])
+
+
+def test_cli_sweep(tmp_path, capsys):
+    out = tmp_path / "sweep.csv"
+    assert cli(["--sweep", "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out)))
+    crops = [r for r in rows if r["variant"] == "crops"]
+    nocrop = [r for r in rows if r["variant"] == "nocrop"]
+    assert len(crops) == len(nocrop) > 100
+    assert all(r["n_crops"] == "0" for r in nocrop)
+    for c, n in zip(crops, nocrop):
+        assert (c["width"], c["height"]) == (n["width"], n["height"])
+        big = int(c["width"]) > 640 or int(c["height"]) > 640
+        assert (int(c["n_crops"]) > 0) == big
+        assert (float(c["matmul_gflops"]) > float(n["matmul_gflops"])) == big
+    assert len({(r["width"], r["height"]) for r in rows}) > 100
+    assert len({r["aspect_ratio"] for r in rows}) >= 5
+
+
+def test_sweep_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sweep.csv"
+    assert cli(["--sweep", "--out", str(out)]) == 0
+    png = tmp_path / "sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
