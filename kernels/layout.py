@@ -9,6 +9,7 @@ by a newline), then qb global rows of qb tokens (each followed by a newline), th
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -51,15 +52,16 @@ def build_layout(images, sam_off, clip_off, q, device="cpu"):
             raise ValueError(f"build_layout: view {v} has q={q[v]}, sam_off={sam_off[v]}, clip_off={clip_off[v]}, "
                              f"expected q >= 1 and offsets >= 0")
 
+    # Host-side index math in numpy: no torch ops, so the op count of a forward does not grow with images.
     def view_tokens(v):  # (clip rows, sam rows) of view v's tokens, each [q, q]
-        t = torch.arange(q[v] * q[v], dtype=torch.int64).view(q[v], q[v])
+        t = np.arange(q[v] * q[v], dtype=np.int64).reshape(q[v], q[v])
         return clip_off[v] + 1 + t, sam_off[v] + t
 
     def with_newlines(clip_rows, sam_rows):  # [R, W] grids -> [R * (W + 1), 2] with a newline ending each row
         R = clip_rows.shape[0]
-        grid = torch.stack([clip_rows, sam_rows], dim=-1)                      # [R, W, 2]
-        nl = torch.tensor([NEWLINE, -1], dtype=torch.int64).expand(R, 1, 2)   # [R, 1, 2]
-        return torch.cat([grid, nl], dim=1).reshape(-1, 2)                     # [R * (W + 1), 2]
+        grid = np.stack([clip_rows, sam_rows], axis=-1)                          # [R, W, 2]
+        nl = np.broadcast_to(np.array([NEWLINE, -1], dtype=np.int64), (R, 1, 2))  # [R, 1, 2]
+        return np.concatenate([grid, nl], axis=1).reshape(-1, 2)                 # [R * (W + 1), 2]
 
     parts, offsets = [], [0]
     for i, im in enumerate(images):
@@ -82,25 +84,25 @@ def build_layout(images, sam_off, clip_off, q, device="cpu"):
                                  f"expected one size")
             tiles = [view_tokens(v) for v in im.crop_views]
             # Tile c = ty*gw + tx; a grid row is the concatenation of its tiles' rows.
-            clip_grid = torch.cat([torch.cat([tiles[ty * im.grid_w + tx][0] for tx in range(im.grid_w)], dim=1)
-                                   for ty in range(im.grid_h)], dim=0)        # [gh*qi, gw*qi]
-            sam_grid = torch.cat([torch.cat([tiles[ty * im.grid_w + tx][1] for tx in range(im.grid_w)], dim=1)
-                                  for ty in range(im.grid_h)], dim=0)         # [gh*qi, gw*qi]
+            clip_grid = np.concatenate([np.concatenate([tiles[ty * im.grid_w + tx][0] for tx in range(im.grid_w)],
+                                                       axis=1) for ty in range(im.grid_h)], axis=0)  # [gh*qi, gw*qi]
+            sam_grid = np.concatenate([np.concatenate([tiles[ty * im.grid_w + tx][1] for tx in range(im.grid_w)],
+                                                      axis=1) for ty in range(im.grid_h)], axis=0)   # [gh*qi, gw*qi]
             rows.append(with_newlines(clip_grid, sam_grid))
         rows.append(with_newlines(*view_tokens(im.global_view)))
-        rows.append(torch.tensor([[SEPARATOR, -1]], dtype=torch.int64))
-        rows = torch.cat(rows)
+        rows.append(np.array([[SEPARATOR, -1]], dtype=np.int64))
+        rows = np.concatenate(rows)
         parts.append(rows)
         offsets.append(offsets[-1] + rows.shape[0])
 
-    row_map = torch.cat(parts) if parts else torch.empty((0, 2), dtype=torch.int64)
-    if row_map.numel() and row_map.max() >= 2**31:
+    row_map = np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.int64)
+    if row_map.size and row_map.max() >= 2**31:
         raise ValueError(f"build_layout: source row {int(row_map.max())} does not fit int32")
     return Layout(
-        row_map=row_map.to(torch.int32).contiguous().to(device),
+        row_map=torch.from_numpy(row_map.astype(np.int32)).to(device),
         out_offsets=torch.tensor(offsets, dtype=torch.int64, device=device),
-        clip_rows=int(row_map[:, 0].max()) + 1 if row_map.numel() else 0,
-        sam_rows=int(row_map[:, 1].max()) + 1 if row_map.numel() else 0,
+        clip_rows=int(row_map[:, 0].max()) + 1 if row_map.size else 0,
+        sam_rows=int(row_map[:, 1].max()) + 1 if row_map.size else 0,
     )
 
 
