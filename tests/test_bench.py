@@ -1,0 +1,30 @@
+"""The benchmarks' own code runs (on CPU, tiny configs)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def test_encoder_bench_smoke(tmp_path):
+    r = run("encoder.py", "--smoke", "--json", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert {(row["grid"], row["path"]) for row in rows} == {(g, p) for g in ("none", "2x1")
+                                                             for p in ("triton", "torch", "per-image")}
+    assert all(row["ms"] > 0 and row["tflops"] > 0 for row in rows)
+
+
+def test_cpu_bench_smoke(tmp_path):
+    r = run("cpu.py", "--smoke", "--repeat", "1", "--json", str(tmp_path / "c.json"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert res["gflop"] > 0 and res["seconds"] > 0 and res["peak_rss_mb"] > 0 and res["tokens"] == 42
