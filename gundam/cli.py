@@ -3,19 +3,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
+from gundam.cost import parse_size
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
-        raise ValueError(f"size {text!r}: expected WIDTHxHEIGHT with positive integers, e.g. 2000x3000")
-    return int(m.group(1)), int(m.group(2))
 
 
 def cmd_encode(args) -> int:
@@ -73,16 +67,14 @@ def cmd_tokens(args) -> int:
     from gundam.preprocess import image_layout
 
     for item in args.items:
-        if re.fullmatch(r"\s*\d+\s*[xX]\s*\d+\s*", item):
-            w, h = parse_size(item)
-        else:
-            if not os.path.isfile(item):
-                raise ValueError(f"{item!r}: neither WIDTHxHEIGHT nor an existing image file")
+        if os.path.isfile(item):
             try:
                 with Image.open(item) as im:
                     w, h = im.size
             except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input
                 raise ValueError(f"image {item!r}: cannot read ({e})") from None
+        else:
+            w, h = parse_size(item)
         print(f"{item}: {w}x{h}")
         for name in MODES:
             lay = image_layout(w, h, name, args.max_crops)
@@ -112,14 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-crops", type=int, default=None)
     t.set_defaults(func=cmd_tokens)
 
-    try:
-        from gundam import cost
-    except ImportError:
-        cost = None
-    if cost is not None and hasattr(cost, "add_arguments"):
-        c = sub.add_parser("cost", help="analytic FLOPs, bytes and roofline per stage")
-        cost.add_arguments(c)
-        c.set_defaults(func=cost.run)
+    from gundam import cost
+    c = sub.add_parser("cost", help="analytic FLOPs, bytes and roofline per stage")
+    cost.add_arguments(c)
+    c.set_defaults(func=cost.run)
     return p
 
 
@@ -132,6 +120,9 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output closed early, e.g. piped into `head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
