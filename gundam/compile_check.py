@@ -10,15 +10,18 @@ Registering a kernel: give its module in `gundam.kernels` a `COMPILE_CONFIGS` li
   aligned: arg names that are 16-divisible in real launches (pointers, strides), as Triton's launcher
       would specialise them; or attrs: the raw ASTSource attrs {(index,): [["tt.divisibility", 16]]}
   num_warps (default 4), num_stages (default 3), expect_mma (default False), note (free text)
-`registered_configs()` finds them all; `compile_entry(entry, arch)` compiles one.
+`registered_configs()` finds them all; `compile_registered(archs)` compiles them all (in a subprocess when
+the Triton interpreter is on), `compile_kernel` / `compile_entry` compile one.
 """
 import importlib
+import json
 import os
 import pkgutil
 import re
 import subprocess
+import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -45,6 +48,7 @@ class CompileStats:
     num_warps: int
     num_stages: int
     note: str = ""
+    error: str = ""         # the compile failure, if any (compile_registered)
 
     @property
     def spills(self):
@@ -88,10 +92,12 @@ def _sass(cubin):
         return subprocess.run([_bin("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
 
 
-def compile_kernel(kernel, signature, constexprs, arch, *, num_warps=4, num_stages=3, aligned=(), attrs=None,
-                   name=None, note=""):
-    """Compile `kernel` for sm_<arch> and return its CompileStats. Raises if Triton or ptxas fails."""
-    if not isinstance(kernel, JITFunction):      # under TRITON_INTERPRET=1 @triton.jit gives an interpreter wrapper
+def _interpreting():
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _compile_here(kernel, signature, constexprs, arch, num_warps, num_stages, aligned, attrs, name, note):
+    if not isinstance(kernel, JITFunction):
         kernel = JITFunction(kernel.fn)
     names = list(signature)
     for a in aligned:
@@ -110,6 +116,46 @@ def compile_kernel(kernel, signature, constexprs, arch, *, num_warps=4, num_stag
                         has_mma=bool(mma), mma_kind=kind, num_warps=num_warps, num_stages=num_stages, note=note)
 
 
+def _run_worker(job):
+    """Run `job` in a fresh interpreter without TRITON_INTERPRET (the interpreter's @jit wrappers, including
+    triton.language's own helpers like tl.cdiv, cannot be compiled) and return its list of stats dicts."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", "from gundam.compile_check import _worker; _worker()"],
+                         input=json.dumps(job), capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"compile worker failed ({res.returncode}):\n{res.stderr[-4000:]}")
+    return [CompileStats(**d) for d in json.loads(res.stdout.strip().splitlines()[-1])]
+
+
+def _worker():
+    job = json.load(sys.stdin)
+    if job["kind"] == "registered":
+        stats = compile_registered(job["archs"], job["names"])
+    else:
+        kernel = getattr(importlib.import_module(job["module"]), job["qualname"])
+        attrs = {tuple(k): v for k, v in job["attrs"]}
+        stats = [_compile_here(kernel, job["signature"], job["constexprs"], job["arch"], job["num_warps"],
+                               job["num_stages"], job["aligned"], attrs, job["name"], job["note"])]
+    print(json.dumps([asdict(s) for s in stats]))
+
+
+def compile_kernel(kernel, signature, constexprs, arch, *, num_warps=4, num_stages=3, aligned=(), attrs=None,
+                   name=None, note=""):
+    """Compile `kernel` for sm_<arch> and return its CompileStats. Raises if Triton or ptxas fails.
+
+    aligned: arg names to specialise as 16-divisible (what Triton's launcher does for aligned pointers and
+    strides that are multiples of 16); attrs: raw ASTSource attrs, merged with those.
+    Under TRITON_INTERPRET=1 the compile runs in a subprocess (the kernel must be a module-level name)."""
+    if _interpreting():
+        fn = kernel.fn
+        job = dict(kind="kernel", module=fn.__module__, qualname=fn.__qualname__, signature=signature,
+                   constexprs=constexprs, arch=arch, num_warps=num_warps, num_stages=num_stages,
+                   aligned=list(aligned), attrs=[[list(k), v] for k, v in (attrs or {}).items()], name=name,
+                   note=note)
+        return _run_worker(job)[0]
+    return _compile_here(kernel, signature, constexprs, arch, num_warps, num_stages, aligned, attrs, name, note)
+
+
 def registered_configs():
     """All COMPILE_CONFIGS entries of the modules in gundam.kernels."""
     import gundam.kernels as pkg
@@ -121,10 +167,33 @@ def registered_configs():
 
 
 def compile_entry(entry, arch):
+    """Compile one COMPILE_CONFIGS entry for sm_<arch>."""
     return compile_kernel(entry["kernel"], entry["signature"], entry["constexprs"], arch,
                           num_warps=entry.get("num_warps", 4), num_stages=entry.get("num_stages", 3),
                           aligned=entry.get("aligned", ()), attrs=entry.get("attrs"), name=entry["name"],
                           note=entry.get("note", ""))
+
+
+def compile_registered(archs=ARCHS, names=None):
+    """CompileStats for every registered entry (or those named) x arch; a failed build has `error` set.
+
+    Under TRITON_INTERPRET=1 everything runs in one subprocess."""
+    if _interpreting():
+        return _run_worker(dict(kind="registered", archs=list(archs), names=names))
+    stats = []
+    for entry in registered_configs():
+        if names is not None and entry["name"] not in names:
+            continue
+        for arch in archs:
+            try:
+                stats.append(compile_entry(entry, arch))
+            except Exception as e:          # report the failure, keep compiling the rest
+                msg = f"{type(e).__name__}: {e}"
+                stats.append(CompileStats(name=entry["name"], arch=arch, regs=0, spill_stores=0, spill_loads=0,
+                                          shared_bytes=0, smem_limit=SMEM_LIMIT.get(arch, 0), has_mma=False,
+                                          mma_kind="", num_warps=entry.get("num_warps", 4),
+                                          num_stages=entry.get("num_stages", 3), error=msg[-2000:]))
+    return stats
 
 
 def format_table(stats):
@@ -132,6 +201,9 @@ def format_table(stats):
            f"{'smem KB':>8s} {'limit':>6s} {'MMA':>6s}  config"
     lines = [head, "-" * len(head)]
     for s in stats:
+        if s.error:
+            lines.append(f"{s.name:44s} {'sm_' + str(s.arch):>5s}  FAILED: {s.error.splitlines()[0][:80]}")
+            continue
         lines.append(f"{s.name:44s} {'sm_' + str(s.arch):>5s} {s.num_warps:5d} {s.num_stages:6d} {s.regs:5d} "
                      f"{s.spills:7d} {s.shared_bytes / 1024:8.1f} {s.smem_limit // 1024:6d} "
                      f"{s.mma_kind or 'none':>6s}  {s.note}")

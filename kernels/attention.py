@@ -1,0 +1,656 @@
+"""Segmented attention: every SAM window, every global view and every CLIP view of a batch in one launch.
+
+The packed token-major `qkv` buffer ([total_tokens, 3, heads, head_dim], a view of the fused qkv linear's
+[T, 3C] output) holds all views of a batch, each a row-major H x W grid at some token offset. A segment table
+lists the attention groups: a 14x14 window of a view (padded at the bottom/right edge), a whole view (SAM
+global blocks) or a class token + h*w tokens (CLIP). One launch computes all groups of a table:
+
+    out[q] = softmax_k(q . k * scale + bias[q, k]) v            per group, per head, fp32 softmax
+    bias[q, k] = q . Rh[qh - kh + GH - 1] + q . Rw[qw - kw + GW - 1]     (unscaled q; optional)
+
+Padded window positions are keys whose k and v are the qkv bias (the vendor pads the normed input with zeros
+*before* the qkv linear); they are not masked. Padded queries are computed but never stored.
+
+Design, and what it does for the H100 targets (bf16, head_dim 64):
+- No N x N tensor anywhere. The decomposed rel-pos terms rel_h[q, kh] = q . Rh[qh - kh + GH - 1] and
+  rel_w[q, kw] are projected once per query by `_relpos_kernel` (one tensor-core dot of a query block
+  against the group's (2S-1) x head_dim table; the per-query shift qh - kh is done by the scattered store)
+  into fp32 tables [heads, T, ~max GH] and [heads, T, ~max GW]: O(N * (H + W)) per head, 25 MB for a 1024
+  view's global block against 400 MB for the vendor's bf16 N x N bias. Computing the terms inside the
+  attention kernel would redo the projection for every key block or need a register gather; the separate
+  pass moves ~56 MB through HBM, estimated at 10-15% of the attention time for that block.
+- Key blocks are BLOCK_KH x BLOCK_KW sub-rectangles of the group grid, not runs of flat indices. The bias of
+  a block is then an outer sum of two thin tiles, rel_h[q, kh0:kh0+BLOCK_KH] + rel_w[q, kw0:kw0+BLOCK_KW]:
+  BLOCK_KH + BLOCK_KW fp32 loads per query per block (16 for an 8 x 8 block, vectorised and pipelined into
+  shared memory like K and V) instead of BLOCK_N gathers, and one add per score. The [M, KH, KW] -> [M, N]
+  reshape lands in the MMA accumulator layout with no layout conversion. Both tables are stored
+  pre-multiplied by log2(e), so scale and bias cost one FMA + one add per score over plain flash attention.
+  Out-of-group keys get -inf through the same two tiles.
+- Padded keys point at the bias row instead of a token row (a select on BLOCK_N row pointers), so K/V stay
+  plain masked loads that Triton turns into cp.async pipelines; no per-element select.
+- Query blocks are flat runs of the group's row-major query index; addresses come straight from the packed
+  layout (no window partition or unpartition copies) and only real query rows are stored, in place, in the
+  [T, heads * head_dim] output.
+- Grid (groups * query blocks of the largest group, heads): consecutive programs share a group's K/V in L2;
+  programs past the end of a smaller group return at once. Block sizes come from `choose_config` (a
+  heuristic on the group shapes); any BLOCK_M / BLOCK_KH / BLOCK_KW is correct. The production configs
+  compile for sm_80 and sm_90 without spills, with HMMA / HGMMA (bench/compile_report.py).
+"""
+import dataclasses
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+# Segment table columns (int32 [G, SEG_COLS]).
+SEG_TOKEN, SEG_H, SEG_W, SEG_ROW0, SEG_COL0, SEG_GH, SEG_GW, SEG_RH_OFF, SEG_RW_OFF = range(9)
+SEG_COLS = 9
+
+LOG2E = 1.4426950408889634
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------- segments
+
+@dataclass(frozen=True)
+class SegmentTable:
+    """One row per attention group (columns SEG_*), plus the host-side facts the launcher needs.
+
+    A row is (token offset of the view, view H, view W, group origin row, origin col, group rows GH,
+    group cols GW, first row of the group's Rh in the packed rel_pos_h, first row of its Rw in rel_pos_w).
+    Query/key i of a group sits at view position (row0 + i // GW, col0 + i % GW), token
+    offset + row * W + col; positions outside the H x W view are padding. A CLIP group is a 1 x (1 + h*w)
+    "view", so its tokens are contiguous with the class token first.
+    """
+    rows: torch.Tensor          # int32 [G, SEG_COLS], on the device of the qkv it will be used with
+    max_group_tokens: int       # max GH * GW: sizes the query-block grid
+    max_gh: int                 # widths of the per-token rel-pos tables
+    max_gw: int
+    end_token: int              # one past the last token any group touches
+    rel_sizes_h: tuple          # group heights in packed rel_pos_h order (table k has 2 * size - 1 rows)
+    rel_sizes_w: tuple
+    class_token: bool           # CLIP groups: no rel-pos
+    group_shapes: tuple = ()    # ((GH, GW), number of groups) pairs: block-size choice without a device sync
+
+    @property
+    def num_groups(self):
+        return self.rows.shape[0]
+
+    def to(self, device):
+        return dataclasses.replace(self, rows=self.rows.to(device))
+
+
+def _rel_offsets(sizes):
+    """Distinct sizes (ascending) -> {size: first row in the packed table}; tables have 2*size-1 rows."""
+    offsets, row = {}, 0
+    for s in sorted(set(sizes)):
+        offsets[s] = row
+        row += 2 * s - 1
+    return offsets
+
+
+def build_segments(views, window=None, *, class_token=False, device=None):
+    """Segment table for the views of a packed buffer.
+
+    views: list of (token_offset, H, W), one per view (CLIP: the h x w grid, the view then spans 1 + h*w
+    tokens from token_offset, class token first). window=None: one whole-view group per view (SAM global
+    blocks, CLIP); window=S: one group per S x S window, row-major over the windows of each view, padded at
+    the bottom/right edge. The packed rel-pos tables are ordered by `rel_sizes_h` / `rel_sizes_w`
+    (use `pack_rel_pos`).
+    """
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if class_token and window is not None:
+        raise ValueError(f"class_token groups are whole views; got window={window}")
+    spans = []
+    for v in views:
+        if len(v) != 3 or not all(isinstance(x, (int, np.integer)) for x in v):
+            raise ValueError(f"each view must be (token_offset, H, W) ints, got {v!r}")
+        off, h, w = (int(x) for x in v)
+        if off < 0 or h < 1 or w < 1:
+            raise ValueError(f"view needs token_offset >= 0 and H, W >= 1, got {v!r}")
+        spans.append((off, off + h * w + (1 if class_token else 0), h, w))
+    order = sorted(spans)
+    for a, b in zip(order, order[1:]):
+        if b[0] < a[1]:
+            raise ValueError(f"views overlap in the token buffer: tokens [{a[0]}, {a[1]}) and [{b[0]}, {b[1]})")
+
+    rows = []
+    if class_token:
+        for off, end, h, w in spans:
+            n = end - off                                   # class token + h*w grid tokens, one flat row
+            rows.append((off, 1, n, 0, 0, 1, n, 0, 0))
+        sizes_h, sizes_w = (), ()
+    elif window is None:
+        sizes_h = tuple(sorted({h for _, _, h, _ in spans}))
+        sizes_w = tuple(sorted({w for _, _, _, w in spans}))
+        off_h, off_w = _rel_offsets(sizes_h), _rel_offsets(sizes_w)
+        for off, _, h, w in spans:
+            rows.append((off, h, w, 0, 0, h, w, off_h[h], off_w[w]))
+    else:
+        sizes_h = sizes_w = (window,) if spans else ()
+        for off, _, h, w in spans:
+            for r0 in range(0, h, window):
+                for c0 in range(0, w, window):
+                    rows.append((off, h, w, r0, c0, window, window, 0, 0))
+    table = torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1, SEG_COLS)   # [G, 9]
+    return SegmentTable(
+        rows=table,
+        max_group_tokens=max((r[SEG_GH] * r[SEG_GW] for r in rows), default=0),
+        max_gh=max((r[SEG_GH] for r in rows), default=0),
+        max_gw=max((r[SEG_GW] for r in rows), default=0),
+        end_token=max((end for _, end, _, _ in spans), default=0),
+        rel_sizes_h=sizes_h, rel_sizes_w=sizes_w, class_token=class_token,
+        group_shapes=tuple(sorted(Counter((r[SEG_GH], r[SEG_GW]) for r in rows).items())),
+    )
+
+
+def pack_rel_pos(tables, sizes):
+    """Concatenate per-size rel-pos tables ((2*s-1) x head_dim each, in `sizes` order) into one packed table.
+
+    sizes is `segments.rel_sizes_h` (or `_w`); the segment rows address the result by RH_OFF / RW_OFF.
+    """
+    tables, sizes = list(tables), list(sizes)
+    if len(tables) != len(sizes):
+        raise ValueError(f"got {len(tables)} rel-pos tables for {len(sizes)} sizes {sizes}")
+    if not tables:
+        raise ValueError("no rel-pos tables to pack")
+    for t, s in zip(tables, sizes):
+        if t.dim() != 2 or t.shape[0] != 2 * s - 1:
+            raise ValueError(f"rel-pos table for size {s} must be ({2 * s - 1}, head_dim), got {tuple(t.shape)}")
+        if t.shape[1] != tables[0].shape[1] or t.dtype != tables[0].dtype:
+            raise ValueError(f"rel-pos tables disagree: {tuple(t.shape)} {t.dtype} vs "
+                             f"{tuple(tables[0].shape)} {tables[0].dtype}")
+    return torch.cat(tables, dim=0)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+@triton.jit
+def _relpos_kernel(
+    qkv_ptr, seg_ptr, rph_ptr, rpw_ptr, relh_ptr, relw_ptr,
+    n_qblocks,
+    stride_qkv_t, stride_qkv_h,
+    stride_seg, stride_rph, stride_rpw,
+    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_RH: tl.constexpr, BLOCK_RW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # rel_h[head, token(q), kh] = log2(e) * q . Rh[qh - kh + GH - 1] for every real query q of a group.
+    # One dot of the query block against all 2*GH-1 table rows gives q . Rh[i]; row i lands at
+    # kh = qh + GH - 1 - i (a per-query shift, done by the scattered store).
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    seg = pid // n_qblocks
+    qb = pid % n_qblocks
+    seg_row = seg_ptr + seg * stride_seg
+    tok0 = tl.load(seg_row + 0)
+    H = tl.load(seg_row + 1)
+    W = tl.load(seg_row + 2)
+    R0 = tl.load(seg_row + 3)
+    C0 = tl.load(seg_row + 4)
+    GH = tl.load(seg_row + 5)
+    GW = tl.load(seg_row + 6)
+    RH_OFF = tl.load(seg_row + 7)
+    RW_OFF = tl.load(seg_row + 8)
+    n_q = GH * GW
+    if qb * BLOCK_M >= n_q:
+        return
+
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_gh = offs_m // GW
+    q_gw = offs_m % GW
+    q_y = R0 + q_gh
+    q_x = C0 + q_gw
+    q_real = (offs_m < n_q) & (q_y < H) & (q_x < W)
+    q_tok = (tok0 + q_y * W + q_x).to(tl.int64)
+    q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
+                mask=q_real[:, None], other=0.0)
+
+    offs_rh = tl.arange(0, BLOCK_RH)
+    rh = tl.load(rph_ptr + (RH_OFF + offs_rh)[:, None] * stride_rph + offs_d[None, :],
+                 mask=(offs_rh < 2 * GH - 1)[:, None], other=0.0)
+    ph = tl.dot(q, tl.trans(rh), input_precision=DOT_PRECISION) * 1.4426950408889634   # * log2(e): [M, RH]
+    kh = q_gh[:, None] + GH - 1 - offs_rh[None, :]
+    ok_h = q_real[:, None] & (kh >= 0) & (kh < GH)
+    relh_rows = relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t
+    tl.store(relh_rows[:, None] + kh, ph, mask=ok_h)
+
+    offs_rw = tl.arange(0, BLOCK_RW)
+    rw = tl.load(rpw_ptr + (RW_OFF + offs_rw)[:, None] * stride_rpw + offs_d[None, :],
+                 mask=(offs_rw < 2 * GW - 1)[:, None], other=0.0)
+    pw = tl.dot(q, tl.trans(rw), input_precision=DOT_PRECISION) * 1.4426950408889634   # * log2(e): [M, RW]
+    kw = q_gw[:, None] + GW - 1 - offs_rw[None, :]
+    ok_w = q_real[:, None] & (kw >= 0) & (kw < GW)
+    relw_rows = relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t
+    tl.store(relw_rows[:, None] + kw, pw, mask=ok_w)
+
+
+@triton.jit
+def _attention_kernel(
+    qkv_ptr, kvpad_ptr, seg_ptr, relh_ptr, relw_ptr, out_ptr,
+    n_qblocks, qk_scale,
+    stride_qkv_t, stride_qkv_s, stride_qkv_h,
+    stride_kvpad_s, stride_kvpad_h,
+    stride_seg,
+    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t,
+    stride_out_t, stride_out_h,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_KW: tl.constexpr,
+    HAS_REL: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # program = (segment, query block) x head
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    seg = pid // n_qblocks
+    qb = pid % n_qblocks
+    seg_row = seg_ptr + seg * stride_seg
+    tok0 = tl.load(seg_row + 0)
+    H = tl.load(seg_row + 1)
+    W = tl.load(seg_row + 2)
+    R0 = tl.load(seg_row + 3)
+    C0 = tl.load(seg_row + 4)
+    GH = tl.load(seg_row + 5)
+    GW = tl.load(seg_row + 6)
+    n_q = GH * GW
+    if qb * BLOCK_M >= n_q:     # this group has fewer query blocks than the largest one
+        return
+
+    # queries: a flat run of the group's row-major index, addressed in the packed layout
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_y = R0 + offs_m // GW
+    q_x = C0 + offs_m % GW
+    q_real = (offs_m < n_q) & (q_y < H) & (q_x < W)      # padded / out-of-group rows: computed, not stored
+    q_tok = (tok0 + q_y * W + q_x).to(tl.int64)
+    q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
+                mask=q_real[:, None], other=0.0)
+    if HAS_REL:
+        relh_rows = relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t    # [BLOCK_M]
+        relw_rows = relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t
+
+    # keys: BLOCK_KH x BLOCK_KW sub-rectangles of the group grid; key j of a block is at (j // KW, j % KW)
+    BLOCK_N: tl.constexpr = BLOCK_KH * BLOCK_KW
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_kr = tl.arange(0, BLOCK_KH)
+    offs_kc = tl.arange(0, BLOCK_KW)
+    # padded keys read k, v from the qkv bias (the linear of a zero input)
+    pad_k_ptr = kvpad_ptr + 1 * stride_kvpad_s + head * stride_kvpad_h
+    pad_v_ptr = kvpad_ptr + 2 * stride_kvpad_s + head * stride_kvpad_h
+    n_col_tiles = tl.cdiv(GW, BLOCK_KW)
+    n_tiles = tl.cdiv(GH, BLOCK_KH) * n_col_tiles
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for t in range(0, n_tiles):
+        kh0 = (t // n_col_tiles) * BLOCK_KH
+        kw0 = (t % n_col_tiles) * BLOCK_KW
+        k_gh = kh0 + offs_n // BLOCK_KW
+        k_gw = kw0 + offs_n % BLOCK_KW
+        k_in = (k_gh < GH) & (k_gw < GW)                 # inside the group (padding included)
+        k_y = R0 + k_gh
+        k_x = C0 + k_gw
+        k_real = k_in & (k_y < H) & (k_x < W)
+        k_tok = (tok0 + k_y * W + k_x).to(tl.int64)
+        k_rows = tl.where(k_real, qkv_ptr + k_tok * stride_qkv_t + 1 * stride_qkv_s + head * stride_qkv_h,
+                          pad_k_ptr)
+        v_rows = tl.where(k_real, qkv_ptr + k_tok * stride_qkv_t + 2 * stride_qkv_s + head * stride_qkv_h,
+                          pad_v_ptr)
+        if ALIGNED:     # the select hides the rows' 16-byte alignment from Triton; without it no cp.async
+            k_rows = tl.multiple_of(k_rows, 16)
+            v_rows = tl.multiple_of(v_rows, 16)
+        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=k_in[:, None], other=0.0)      # [BLOCK_N, D]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                       # [BLOCK_M, BLOCK_N]
+
+        if HAS_REL:
+            # bias (log2 units) = rel_h[q, kh] + rel_w[q, kw], -inf outside the group
+            kr = kh0 + offs_kr
+            kc = kw0 + offs_kc
+            # table rows are padded to whole tiles, so only the row mask: the loads stay 16-byte vectors
+            bh = tl.load(relh_rows[:, None] + kr[None, :], mask=q_real[:, None], other=0.0)
+            bw = tl.load(relw_rows[:, None] + kc[None, :], mask=q_real[:, None], other=0.0)
+            bh = tl.where((kr < GH)[None, :], bh, float("-inf"))                     # [BLOCK_M, BLOCK_KH]
+            bw = tl.where((kc < GW)[None, :], bw, float("-inf"))                     # [BLOCK_M, BLOCK_KW]
+            bias = tl.reshape(bh[:, :, None] + bw[:, None, :], (BLOCK_M, BLOCK_N))   # [M, KH, KW] -> [M, N]
+            s = qk * qk_scale + bias
+        else:
+            s = qk * qk_scale + tl.where(k_in, 0.0, float("-inf"))[None, :]
+
+        # online softmax in base 2; every block has an in-group key, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_rows[:, None] + offs_d[None, :], mask=k_in[:, None], other=0.0)      # [BLOCK_N, D]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    out_ptrs = out_ptr + q_tok[:, None] * stride_out_t + head * stride_out_h + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_real[:, None])
+
+
+# ---------------------------------------------------------------------------------------------- heuristic
+
+def _pick_key_tile(shapes, block_n):
+    """(BLOCK_KH, BLOCK_KW) with BLOCK_KH * BLOCK_KW = block_n that wastes the fewest key slots.
+
+    shapes: {(GH, GW): number of groups}. Waste is weighted by the queries that see it; ties go to the
+    squarest tile (fewest bias loads per block: BLOCK_KH + BLOCK_KW), then to the wider one.
+    """
+    best = None
+    kw = 1
+    while kw <= block_n:
+        kh = block_n // kw
+        slots = sum(cnt * gh * gw * (-(-gh // kh) * kh) * (-(-gw // kw) * kw) for (gh, gw), cnt in shapes.items())
+        key = (slots, abs(math.log2(kw) - math.log2(kh)), -kw)
+        if best is None or key < best[0]:
+            best = (key, kh, kw)
+        kw *= 2
+    return best[1], best[2]
+
+
+def choose_config(segments, head_dim, dtype, *, block_m=None, block_n=None, num_warps=None, num_stages=None):
+    """Block sizes for a launch: dict(BLOCK_M, BLOCK_KH, BLOCK_KW, num_warps, num_stages).
+
+    - Large groups (SAM global: 1600 or 4096 tokens): 128 x 64 tiles, 8 warps (two Hopper warpgroups of
+      64 query rows), 3 stages of K/V in shared memory: the flash-attention shape for head_dim 64.
+    - Small groups (14 x 14 windows, CLIP's 101 / 257 tokens): 64 x 64 tiles, 4 warps: a 196-token window
+      is 4 programs per head of 4 key blocks each, CLIP's 257 tokens waste less of a
+      64-row block than of a 128-row one.
+    - The key tile is the sub-rectangle of the group grid that wastes the fewest key slots: 8 x 8 for
+      64 x 64 and 40 x 40 views (no waste, and 16 bias loads per query per block), 8 x 8 for 14 x 14
+      windows (2 x 2 tiles, 14 of 16 rows and columns used), 1 x 64 for CLIP's single-row groups.
+    - head_dim 128 and fp32 halve the key block to stay inside registers and shared memory.
+    These compile without spills for sm_80 and sm_90 (tests/test_compile.py, bench/compile_report.py).
+    Keyword overrides fix BLOCK_M / BLOCK_N (= BLOCK_KH * BLOCK_KW) / warps / stages and keep the tile
+    choice (bench/attention.py --sweep tries a few on a GPU).
+    """
+    big = segments.max_group_tokens >= 1024
+    default_m, default_n, default_warps = (128, 64, 8) if big else (64, 64, 4)
+    if head_dim > 64 or dtype == torch.float32:
+        default_n //= 2
+    block_m, block_n = block_m or default_m, block_n or default_n
+    shapes = dict(segments.group_shapes)
+    block_kh, block_kw = _pick_key_tile(shapes, block_n) if shapes else (1, block_n)
+    return dict(BLOCK_M=block_m, BLOCK_KH=block_kh, BLOCK_KW=block_kw, num_warps=num_warps or default_warps,
+                num_stages=num_stages or 3)
+
+
+def _round_up(x, m):
+    return -(-x // m) * m
+
+
+def _relpos_warps(block_rh, block_rw):
+    # the scattered store holds a 64-bit address per element: 8 warps for the 127-row tables of 64-wide views
+    return 8 if max(block_rh, block_rw) >= 128 else 4
+
+
+# ----------------------------------------------------------------------------------------------- launcher
+
+def _check_inputs(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale, dtypes=_DTYPES):
+    """All launch checks; returns (T, heads, head_dim, has_rel, scale)."""
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must be [total_tokens, 3, heads, head_dim], got {tuple(qkv.shape)}")
+    if qkv.dtype not in dtypes:
+        raise TypeError(f"qkv dtype must be one of {', '.join(str(d) for d in dtypes)}, got {qkv.dtype}")
+    T, _, heads, head_dim = qkv.shape
+    if head_dim not in (16, 32, 64, 128):
+        raise ValueError(f"head_dim must be a power of two in 16..128, got {head_dim}")
+    if qkv.stride(3) != 1:
+        raise ValueError(f"qkv's head_dim axis must be contiguous, got strides {qkv.stride()}")
+    if not isinstance(segments, SegmentTable):
+        raise TypeError(f"segments must be a SegmentTable (see build_segments), got {type(segments).__name__}")
+    rows = segments.rows
+    if rows.dim() != 2 or rows.shape[1] != SEG_COLS or rows.dtype != torch.int32:
+        raise ValueError(f"segment table must be int32 [G, {SEG_COLS}], got {rows.dtype} {tuple(rows.shape)}")
+    if rows.device != qkv.device:
+        raise ValueError(f"segment table is on {rows.device} but qkv is on {qkv.device}; use segments.to(device)")
+    if segments.end_token > T:
+        raise ValueError(f"segments reach token {segments.end_token} but qkv has only {T} tokens")
+
+    if (rel_pos_h is None) != (rel_pos_w is None):
+        raise ValueError("pass both rel_pos_h and rel_pos_w, or neither")
+    has_rel = rel_pos_h is not None
+    if has_rel:
+        if segments.class_token:
+            raise ValueError("class-token (CLIP) segments take no rel-pos tables")
+        for name, t, sizes in (("rel_pos_h", rel_pos_h, segments.rel_sizes_h),
+                               ("rel_pos_w", rel_pos_w, segments.rel_sizes_w)):
+            need = sum(2 * s - 1 for s in sizes)
+            if t.dim() != 2 or t.shape[1] != head_dim or t.shape[0] < need:
+                raise ValueError(f"{name} must be [{need}, {head_dim}] (packed for sizes {sizes}), got {tuple(t.shape)}")
+            if t.dtype != qkv.dtype:
+                raise TypeError(f"{name} dtype {t.dtype} does not match qkv dtype {qkv.dtype}")
+            if t.device != qkv.device:
+                raise ValueError(f"{name} is on {t.device} but qkv is on {qkv.device}")
+            if t.stride(1) != 1:
+                raise ValueError(f"{name} rows must be contiguous, got strides {t.stride()}")
+    if qkv_bias is not None:
+        if qkv_bias.numel() != 3 * heads * head_dim:
+            raise ValueError(f"qkv_bias must have 3 * heads * head_dim = {3 * heads * head_dim} elements, "
+                             f"got {tuple(qkv_bias.shape)}")
+        if qkv_bias.dtype != qkv.dtype:
+            raise TypeError(f"qkv_bias dtype {qkv_bias.dtype} does not match qkv dtype {qkv.dtype}")
+        if qkv_bias.device != qkv.device:
+            raise ValueError(f"qkv_bias is on {qkv_bias.device} but qkv is on {qkv.device}")
+    if out is not None:
+        if tuple(out.shape) != (T, heads * head_dim):
+            raise ValueError(f"out must be [{T}, {heads * head_dim}], got {tuple(out.shape)}")
+        if out.dtype != qkv.dtype:
+            raise TypeError(f"out dtype {out.dtype} does not match qkv dtype {qkv.dtype}")
+        if out.device != qkv.device:
+            raise ValueError(f"out is on {out.device} but qkv is on {qkv.device}")
+        if out.stride(1) != 1:
+            raise ValueError(f"out rows must be contiguous, got strides {out.stride()}")
+    if scale is None:
+        scale = head_dim ** -0.5
+    elif not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive float, got {scale!r}")
+    return T, heads, head_dim, has_rel, float(scale)
+
+
+def attention(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bias=None, out=None, scale=None,
+              config=None):
+    """Attention over every group of `segments` in one launch; returns out [T, heads * head_dim].
+
+    qkv: [T, 3, heads, head_dim] (e.g. `linear_out.view(T, 3, heads, head_dim)`), fp32/fp16/bf16.
+    segments: SegmentTable from build_segments, on qkv's device.
+    rel_pos_h, rel_pos_w: packed rel-pos tables (pack_rel_pos over segments.rel_sizes_*), or None for no bias.
+    qkv_bias: the qkv linear's bias (3 * heads * head_dim values): the k and v of padded window keys.
+        None means a bias-free linear, i.e. padded keys have k = v = 0 (still keys, not masked).
+    out: optional [T, heads * head_dim] output written in place; tokens outside every group are untouched.
+        Default: a new zero-filled tensor.
+    scale: logit scale, default head_dim ** -0.5.
+    config: optional dict overriding choose_config (BLOCK_M, BLOCK_KH, BLOCK_KW, num_warps, num_stages).
+    """
+    T, heads, head_dim, has_rel, scale = _check_inputs(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale)
+    if out is None:
+        out = torch.zeros(T, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
+    G = segments.num_groups
+    if G == 0 or heads == 0:
+        return out
+    cfg = choose_config(segments, head_dim, qkv.dtype)
+    if config is not None:
+        unknown = set(config) - set(cfg)
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; expected some of {sorted(cfg)}")
+        cfg.update(config)
+    for k in ("BLOCK_M", "BLOCK_KH", "BLOCK_KW"):
+        if cfg[k] < 1 or cfg[k] & (cfg[k] - 1):
+            raise ValueError(f"{k} must be a power of two, got {cfg[k]}")
+    if cfg["BLOCK_M"] < 16 or cfg["BLOCK_KH"] * cfg["BLOCK_KW"] < 16:
+        raise ValueError(f"BLOCK_M and BLOCK_KH * BLOCK_KW must be >= 16 (tensor-core tiles), got {cfg}")
+    dot_precision = "ieee" if qkv.dtype == torch.float32 else "tf32"   # "tf32" is ignored for 16-bit inputs
+
+    # k, v of padded keys: the qkv bias as one [3, heads, head_dim] row (zeros for a bias-free linear)
+    if qkv_bias is None:
+        kvpad = torch.zeros(3, heads, head_dim, device=qkv.device, dtype=qkv.dtype)
+    else:
+        kvpad = qkv_bias.reshape(3, heads, head_dim).contiguous()
+
+    if has_rel:
+        # per-token rel-pos projections, fp32, log2 units: [heads, T, >= max GH] and [heads, T, >= max GW].
+        # Rows are padded to whole key tiles (the kernel reads a tile past GH and discards it) and to a
+        # multiple of 16 (aligned rows); only the first GH (GW) entries of real tokens are written.
+        rh_len = _round_up(_round_up(segments.max_gh, cfg["BLOCK_KH"]), 16)
+        rw_len = _round_up(_round_up(segments.max_gw, cfg["BLOCK_KW"]), 16)
+        relh = torch.empty(heads, T, rh_len, device=qkv.device, dtype=torch.float32)
+        relw = torch.empty(heads, T, rw_len, device=qkv.device, dtype=torch.float32)
+        block_m_rel = 32
+        block_rh = max(16, triton.next_power_of_2(2 * segments.max_gh - 1))
+        block_rw = max(16, triton.next_power_of_2(2 * segments.max_gw - 1))
+        n_qb_rel = triton.cdiv(segments.max_group_tokens, block_m_rel)
+        _relpos_kernel[(G * n_qb_rel, heads)](
+            qkv, segments.rows, rel_pos_h, rel_pos_w, relh, relw,
+            n_qb_rel,
+            qkv.stride(0), qkv.stride(2),
+            segments.rows.stride(0), rel_pos_h.stride(0), rel_pos_w.stride(0),
+            relh.stride(0), relh.stride(1), relw.stride(0), relw.stride(1),
+            HEAD_DIM=head_dim, BLOCK_M=block_m_rel, BLOCK_RH=block_rh, BLOCK_RW=block_rw,
+            DOT_PRECISION=dot_precision, num_warps=_relpos_warps(block_rh, block_rw),
+        )
+    else:
+        relh = relw = torch.empty(1, device=qkv.device, dtype=torch.float32)     # unused (HAS_REL=False)
+
+    # every K/V row start (token rows and the bias row) 16-byte aligned -> vectorised, pipelined K/V loads
+    esize = qkv.element_size()
+    aligned = all(t.data_ptr() % 16 == 0 for t in (qkv, kvpad)) and all(
+        st * esize % 16 == 0 for st in (*qkv.stride()[:3], *kvpad.stride()[:2]))
+
+    n_qblocks = triton.cdiv(segments.max_group_tokens, cfg["BLOCK_M"])
+    _attention_kernel[(G * n_qblocks, heads)](
+        qkv, kvpad, segments.rows, relh, relw, out,
+        n_qblocks, scale * LOG2E,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        kvpad.stride(0), kvpad.stride(1),
+        segments.rows.stride(0),
+        relh.stride(0) if has_rel else 0, relh.stride(1) if has_rel else 0,
+        relw.stride(0) if has_rel else 0, relw.stride(1) if has_rel else 0,
+        out.stride(0), head_dim,
+        HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_KH=cfg["BLOCK_KH"], BLOCK_KW=cfg["BLOCK_KW"],
+        HAS_REL=has_rel, ALIGNED=aligned, DOT_PRECISION=dot_precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+def attention_reference(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bias=None, out=None, scale=None,
+                        compute_dtype=torch.float64):
+    """Pure-torch reference of `attention`: per group, gather (padding = qkv bias), materialised bias, softmax.
+
+    Same arguments as `attention` (float64 inputs allowed too); computes in `compute_dtype`."""
+    T, heads, head_dim, has_rel, scale = _check_inputs(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale,
+                                                       dtypes=(*_DTYPES, torch.float64))
+    if out is None:
+        out = torch.zeros(T, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
+    dev, cd = qkv.device, compute_dtype
+    pad = (torch.zeros(3, heads, head_dim, device=dev, dtype=cd) if qkv_bias is None
+           else qkv_bias.reshape(3, heads, head_dim).to(cd))
+    for tok0, H, W, r0, c0, GH, GW, rh_off, rw_off in segments.rows.cpu().tolist():
+        gy = torch.arange(GH, device=dev).repeat_interleave(GW)          # [n] group row of each position
+        gx = torch.arange(GW, device=dev).repeat(GH)                     # [n] group col
+        y, x = r0 + gy, c0 + gx
+        real = (y < H) & (x < W)
+        tok = tok0 + y * W + x
+        g = pad.expand(GH * GW, 3, heads, head_dim).clone()              # [n, 3, heads, hd]
+        g[real] = qkv[tok[real]].to(cd)
+        q, k, v = g.permute(1, 2, 0, 3).unbind(0)                        # each [heads, n, hd]
+        logits = (q @ k.transpose(1, 2)) * scale                         # [heads, n, n]
+        if has_rel:
+            Rh = rel_pos_h[rh_off:rh_off + 2 * GH - 1].to(cd)            # [2GH-1, hd]
+            Rw = rel_pos_w[rw_off:rw_off + 2 * GW - 1].to(cd)
+            Rh_rel = Rh[torch.arange(GH, device=dev)[:, None] - torch.arange(GH, device=dev)[None, :] + GH - 1]
+            Rw_rel = Rw[torch.arange(GW, device=dev)[:, None] - torch.arange(GW, device=dev)[None, :] + GW - 1]
+            rel_h = torch.einsum("hnd,nkd->hnk", q, Rh_rel[gy])          # [heads, n, GH]: q . Rh[qh - kh + GH-1]
+            rel_w = torch.einsum("hnd,nkd->hnk", q, Rw_rel[gx])          # [heads, n, GW]
+            logits = logits + rel_h[:, :, gy] + rel_w[:, :, gx]          # bias[h, q, key] materialised
+        o = torch.softmax(logits, dim=-1) @ v                            # [heads, n, hd]
+        o = o.transpose(0, 1).reshape(GH * GW, heads * head_dim)         # [n, heads * hd]
+        out[tok[real]] = o[real].to(out.dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ compile check
+
+def _attention_signature(dtype):
+    p = f"*{dtype}"
+    return {
+        "qkv_ptr": p, "kvpad_ptr": p, "seg_ptr": "*i32", "relh_ptr": "*fp32", "relw_ptr": "*fp32", "out_ptr": p,
+        "n_qblocks": "i32", "qk_scale": "fp32",
+        "stride_qkv_t": "i32", "stride_qkv_s": "i32", "stride_qkv_h": "i32",
+        "stride_kvpad_s": "i32", "stride_kvpad_h": "i32", "stride_seg": "i32",
+        "stride_relh_head": "i32", "stride_relh_t": "i32", "stride_relw_head": "i32", "stride_relw_t": "i32",
+        "stride_out_t": "i32", "stride_out_h": "i32",
+        "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_KH": "constexpr", "BLOCK_KW": "constexpr",
+        "HAS_REL": "constexpr", "ALIGNED": "constexpr", "DOT_PRECISION": "constexpr",
+    }
+
+
+def _relpos_signature(dtype):
+    p = f"*{dtype}"
+    return {
+        "qkv_ptr": p, "seg_ptr": "*i32", "rph_ptr": p, "rpw_ptr": p, "relh_ptr": "*fp32", "relw_ptr": "*fp32",
+        "n_qblocks": "i32", "stride_qkv_t": "i32", "stride_qkv_h": "i32",
+        "stride_seg": "i32", "stride_rph": "i32", "stride_rpw": "i32",
+        "stride_relh_head": "i32", "stride_relh_t": "i32", "stride_relw_head": "i32", "stride_relw_t": "i32",
+        "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_RH": "constexpr", "BLOCK_RW": "constexpr",
+        "DOT_PRECISION": "constexpr",
+    }
+
+
+def _production_configs():
+    """The launches of the real model (head_dim 64): what choose_config picks for them, per dtype."""
+    entries = []
+    cases = [   # name, views, window, class_token
+        ("sam-global-1024", [(0, 64, 64)], None, False),
+        ("sam-global-640", [(0, 40, 40)], None, False),
+        ("sam-global-mixed", [(0, 64, 64), (4096, 40, 40)], None, False),
+        ("sam-window-14", [(0, 64, 64), (4096, 40, 40)], 14, False),
+        ("clip-1024", [(0, 16, 16)], None, True),
+        ("clip-640", [(0, 10, 10)], None, True),
+    ]
+    # int args that are multiples of 16 in the real launches get Triton's divisibility specialisation
+    aligned = ["qkv_ptr", "kvpad_ptr", "seg_ptr", "relh_ptr", "relw_ptr", "out_ptr",
+               "stride_qkv_t", "stride_qkv_s", "stride_qkv_h", "stride_kvpad_s", "stride_kvpad_h",
+               "stride_relh_head", "stride_relh_t", "stride_relw_head", "stride_relw_t", "stride_out_t",
+               "stride_out_h"]
+    for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        for name, views, window, cls in cases:
+            seg = build_segments(views, window, class_token=cls)
+            cfg = choose_config(seg, 64, dtype)
+            has_rel = not cls
+            entries.append(dict(
+                name=f"attention/{name}/{tname}", kernel=_attention_kernel, signature=_attention_signature(tname),
+                constexprs=dict(HEAD_DIM=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_KH=cfg["BLOCK_KH"],
+                                BLOCK_KW=cfg["BLOCK_KW"], HAS_REL=has_rel, ALIGNED=True,
+                                DOT_PRECISION="tf32"),
+                aligned=[a for a in aligned if has_rel or not a.startswith("stride_rel")],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], expect_mma=True,
+                note=f"M{cfg['BLOCK_M']} N{cfg['BLOCK_KH']}x{cfg['BLOCK_KW']}",
+            ))
+        for name, size in (("relpos-global-1024", 64), ("relpos-window-14", 14)):
+            block_r = max(16, triton.next_power_of_2(2 * size - 1))
+            entries.append(dict(
+                name=f"attention/{name}/{tname}", kernel=_relpos_kernel, signature=_relpos_signature(tname),
+                constexprs=dict(HEAD_DIM=64, BLOCK_M=32, BLOCK_RH=block_r, BLOCK_RW=block_r, DOT_PRECISION="tf32"),
+                aligned=["qkv_ptr", "seg_ptr", "rph_ptr", "rpw_ptr", "relh_ptr", "relw_ptr", "stride_qkv_t",
+                         "stride_qkv_h", "stride_rph", "stride_rpw", "stride_relh_head", "stride_relh_t",
+                         "stride_relw_head", "stride_relw_t"],     # table rows are padded to multiples of 16
+                num_warps=_relpos_warps(block_r, block_r), num_stages=3, expect_mma=True, note=f"M32 R{block_r}",
+            ))
+    return entries
+
+
+# Entries for gundam.compile_check: compile without a GPU at the production block sizes.
+COMPILE_CONFIGS = _production_configs()
