@@ -16,8 +16,11 @@ import torch.nn.functional as F
 
 from gundam.config import ClipConfig, EncoderConfig, SamConfig
 
-# Elements of attention bias built at once (fp32: 128 MB). Bounds the memory of global blocks on 1024+ views.
-BIAS_CHUNK_ELEMENTS = 1 << 25
+# Elements of attention bias built at once (fp32: 64 MB). Bounds the memory of global blocks on 1024+ views.
+BIAS_CHUNK_ELEMENTS = 1 << 24
+# Tokens per chunk of SAM's attention (whole windows or views) and MLP: both are independent across views and
+# tokens, so chunks bound the memory of crop batches without changing the math.
+CHUNK_TOKENS = 4096
 
 
 class TableCache:
@@ -156,15 +159,23 @@ class SamBlock(nn.Module):
     def forward(self, x):
         shortcut = x
         x = self.norm1(x)
+        H, W = x.shape[1:3]
         if self.window_size:
-            H, W = x.shape[1:3]
             # padding happens before qkv: padded tokens become keys equal to the qkv bias (not masked)
-            x, padded = window_partition(x, self.window_size)
-            x = window_unpartition(self.attn(x), self.window_size, padded, (H, W))
-        else:
-            x = self.attn(x)
+            x, padded = window_partition(x, self.window_size)          # [B*nH*nW, S, S, C]
+        # windows and views are independent: attend a bounded number of tokens' worth of them at a time
+        per = max(1, CHUNK_TOKENS // (x.shape[1] * x.shape[2]))
+        x = torch.cat([self.attn(part) for part in x.split(per)])
+        if self.window_size:
+            x = window_unpartition(x, self.window_size, padded, (H, W))
         x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+        # the MLP runs on chunks of tokens: its [tokens, 4*C] hidden state dominates peak memory on crop batches
+        flat = x.reshape(-1, x.shape[-1])                               # [B*H*W, C]
+        out = torch.empty_like(flat)
+        for t0 in range(0, flat.shape[0], CHUNK_TOKENS):
+            t1 = t0 + CHUNK_TOKENS
+            out[t0:t1] = flat[t0:t1] + self.mlp(self.norm2(flat[t0:t1]))
+        return out.view(x.shape)
 
 
 class PatchEmbed(nn.Module):
