@@ -171,6 +171,27 @@ def pack_rel_pos(tables, sizes):
 # ------------------------------------------------------------------------------------------------ kernels
 
 @triton.jit
+def _group_queries(seg_ptr, stride_seg, pid, n_qblocks, BLOCK_M: tl.constexpr):
+    """Program pid's group row and query block: positions in the group, realness, packed token index."""
+    seg_row = seg_ptr + (pid // n_qblocks) * stride_seg
+    tok0 = tl.load(seg_row + 0)
+    H = tl.load(seg_row + 1)
+    W = tl.load(seg_row + 2)
+    R0 = tl.load(seg_row + 3)
+    C0 = tl.load(seg_row + 4)
+    GH = tl.load(seg_row + 5)
+    GW = tl.load(seg_row + 6)
+    # queries: a flat run of the group's row-major index, addressed in the packed layout
+    offs_m = (pid % n_qblocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_gh = offs_m // GW
+    q_gw = offs_m % GW
+    q_y = R0 + q_gh
+    q_x = C0 + q_gw
+    q_real = (offs_m < GH * GW) & (q_y < H) & (q_x < W)  # padded / out-of-group rows: computed, not stored
+    q_tok = (tok0 + q_y * W + q_x).to(tl.int64)
+    return seg_row, tok0, H, W, R0, C0, GH, GW, offs_m, q_gh, q_gw, q_real, q_tok
+
+@triton.jit
 def _relpos_kernel(
     qkv_ptr, seg_ptr, rph_ptr, rpw_ptr, relh_ptr, relw_ptr,
     n_qblocks,
@@ -185,30 +206,13 @@ def _relpos_kernel(
     # kh = qh + GH - 1 - i (a per-query shift, done by the scattered store).
     pid = tl.program_id(0)
     head = tl.program_id(1)
-    seg = pid // n_qblocks
-    qb = pid % n_qblocks
-    seg_row = seg_ptr + seg * stride_seg
-    tok0 = tl.load(seg_row + 0)
-    H = tl.load(seg_row + 1)
-    W = tl.load(seg_row + 2)
-    R0 = tl.load(seg_row + 3)
-    C0 = tl.load(seg_row + 4)
-    GH = tl.load(seg_row + 5)
-    GW = tl.load(seg_row + 6)
+    seg_row, tok0, H, W, R0, C0, GH, GW, offs_m, q_gh, q_gw, q_real, q_tok = _group_queries(
+        seg_ptr, stride_seg, pid, n_qblocks, BLOCK_M)
+    if (pid % n_qblocks) * BLOCK_M >= GH * GW:     # this group has fewer query blocks than the largest one
+        return
     RH_OFF = tl.load(seg_row + 7)
     RW_OFF = tl.load(seg_row + 8)
-    n_q = GH * GW
-    if qb * BLOCK_M >= n_q:
-        return
-
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_gh = offs_m // GW
-    q_gw = offs_m % GW
-    q_y = R0 + q_gh
-    q_x = C0 + q_gw
-    q_real = (offs_m < n_q) & (q_y < H) & (q_x < W)
-    q_tok = (tok0 + q_y * W + q_x).to(tl.int64)
     q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
                 mask=q_real[:, None], other=0.0)
 
@@ -246,27 +250,11 @@ def _attention_kernel(
     # program = (segment, query block) x head
     pid = tl.program_id(0)
     head = tl.program_id(1)
-    seg = pid // n_qblocks
-    qb = pid % n_qblocks
-    seg_row = seg_ptr + seg * stride_seg
-    tok0 = tl.load(seg_row + 0)
-    H = tl.load(seg_row + 1)
-    W = tl.load(seg_row + 2)
-    R0 = tl.load(seg_row + 3)
-    C0 = tl.load(seg_row + 4)
-    GH = tl.load(seg_row + 5)
-    GW = tl.load(seg_row + 6)
-    n_q = GH * GW
-    if qb * BLOCK_M >= n_q:     # this group has fewer query blocks than the largest one
+    seg_row, tok0, H, W, R0, C0, GH, GW, offs_m, q_gh, q_gw, q_real, q_tok = _group_queries(
+        seg_ptr, stride_seg, pid, n_qblocks, BLOCK_M)
+    if (pid % n_qblocks) * BLOCK_M >= GH * GW:     # this group has fewer query blocks than the largest one
         return
-
-    # queries: a flat run of the group's row-major index, addressed in the packed layout
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_y = R0 + offs_m // GW
-    q_x = C0 + offs_m % GW
-    q_real = (offs_m < n_q) & (q_y < H) & (q_x < W)      # padded / out-of-group rows: computed, not stored
-    q_tok = (tok0 + q_y * W + q_x).to(tl.int64)
     q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
                 mask=q_real[:, None], other=0.0)
     if HAS_REL:
