@@ -24,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchutil import peak_cuda_mb  # noqa: E402
 from gundam.kernels.attention import attention, build_segments, choose_config, pack_rel_pos
 
 CASES = {   # name: (view sides, window)
@@ -167,17 +168,6 @@ def flops(inp, head_dim, heads):
     return float((4 * n * n).sum()) * head_dim * heads
 
 
-def peak_mb(fn):
-    if not torch.cuda.is_available():
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in the Triton interpreter")
@@ -232,7 +222,7 @@ def main():
             except Exception as e:
                 print(f"{name:20s} {mname:25s} n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})")
                 continue
-            results.append((mname, ms, peak_mb(fn)))
+            results.append((mname, ms, peak_cuda_mb(fn)))
         flash_ms = next((ms for m, ms, _ in results if m.startswith("sdpa flash")), float("nan"))
         for mname, ms, mb in results:
             print(f"{name:20s} {mname:25s} {ms:9.3f} {fl / ms / 1e9:8.3f} {flash_ms / ms:8.2f} {mb:8.1f}")

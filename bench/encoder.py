@@ -21,6 +21,7 @@ if "--smoke" in sys.argv:
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchutil import peak_cuda_mb  # noqa: E402
 from gundam import cost  # noqa: E402
 from gundam.config import ClipConfig, EncoderConfig, Mode, SamConfig  # noqa: E402
 from gundam.encoder import GundamEncoder  # noqa: E402
@@ -28,18 +29,6 @@ from gundam.preprocess import preprocess  # noqa: E402
 
 # image sizes giving each Gundam grid (w x h tiles)
 GRIDS = {"none": (600, 800), "2x1": (1280, 640), "2x2": (1000, 1000), "3x2": (1900, 1250), "3x3": (1500, 1500)}
-
-
-def peak_activation_mb(fn, device):
-    """Peak CUDA memory above what was allocated before the call (weights, inputs), in MB; 0 on CPU."""
-    if device.type != "cuda":
-        return 0.0
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def timed(fn, device):
@@ -95,7 +84,7 @@ def main():
             for path, fn in paths.items():
                 with torch.inference_mode():
                     s = timed(fn, device)
-                    peak = peak_activation_mb(fn, device)
+                    peak = peak_cuda_mb(fn)
                 row = {"grid": name, "batch": n, "path": path, "ms": s * 1e3, "images_per_s": n / s,
                        "tflops": flops / s / 1e12, "floor_share": floor_s / s, "peak_activation_mb": peak, "gpu": gpu.name}
                 rows.append(row)

@@ -192,6 +192,18 @@ def _group_queries(seg_ptr, stride_seg, pid, n_qblocks, BLOCK_M: tl.constexpr):
     return seg_row, tok0, H, W, R0, C0, GH, GW, offs_m, q_gh, q_gw, q_real, q_tok
 
 @triton.jit
+def _store_rel(q, q_g, q_real, table_ptr, stride_table, OFF, G, offs_d, out_rows,
+               BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """out_rows[m, k] = log2(e) * q[m] . R[q_g[m] - k + G - 1] for k in [0, G), R = table rows OFF.. OFF+2G-2."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r = tl.load(table_ptr + (OFF + offs_r)[:, None] * stride_table + offs_d[None, :],
+                mask=(offs_r < 2 * G - 1)[:, None], other=0.0)
+    p = tl.dot(q, tl.trans(r), input_precision=DOT_PRECISION) * 1.4426950408889634   # * log2(e): [M, R]
+    k = q_g[:, None] + G - 1 - offs_r[None, :]                                    # table row i -> key k
+    tl.store(out_rows[:, None] + k, p, mask=q_real[:, None] & (k >= 0) & (k < G))
+
+
+@triton.jit
 def _relpos_kernel(
     qkv_ptr, seg_ptr, rph_ptr, rpw_ptr, relh_ptr, relw_ptr,
     n_qblocks,
@@ -216,23 +228,10 @@ def _relpos_kernel(
     q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
                 mask=q_real[:, None], other=0.0)
 
-    offs_rh = tl.arange(0, BLOCK_RH)
-    rh = tl.load(rph_ptr + (RH_OFF + offs_rh)[:, None] * stride_rph + offs_d[None, :],
-                 mask=(offs_rh < 2 * GH - 1)[:, None], other=0.0)
-    ph = tl.dot(q, tl.trans(rh), input_precision=DOT_PRECISION) * 1.4426950408889634   # * log2(e): [M, RH]
-    kh = q_gh[:, None] + GH - 1 - offs_rh[None, :]
-    ok_h = q_real[:, None] & (kh >= 0) & (kh < GH)
-    relh_rows = relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t
-    tl.store(relh_rows[:, None] + kh, ph, mask=ok_h)
-
-    offs_rw = tl.arange(0, BLOCK_RW)
-    rw = tl.load(rpw_ptr + (RW_OFF + offs_rw)[:, None] * stride_rpw + offs_d[None, :],
-                 mask=(offs_rw < 2 * GW - 1)[:, None], other=0.0)
-    pw = tl.dot(q, tl.trans(rw), input_precision=DOT_PRECISION) * 1.4426950408889634   # * log2(e): [M, RW]
-    kw = q_gw[:, None] + GW - 1 - offs_rw[None, :]
-    ok_w = q_real[:, None] & (kw >= 0) & (kw < GW)
-    relw_rows = relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t
-    tl.store(relw_rows[:, None] + kw, pw, mask=ok_w)
+    _store_rel(q, q_gh, q_real, rph_ptr, stride_rph, RH_OFF, GH, offs_d,
+               relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t, BLOCK_RH, DOT_PRECISION)
+    _store_rel(q, q_gw, q_real, rpw_ptr, stride_rpw, RW_OFF, GW, offs_d,
+               relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t, BLOCK_RW, DOT_PRECISION)
 
 
 @triton.jit
