@@ -381,6 +381,13 @@ def _relpos_warps(block_rh, block_rw):
 
 # ----------------------------------------------------------------------------------------------- launcher
 
+def _check_like(name, t, qkv):
+    if t.dtype != qkv.dtype:
+        raise TypeError(f"{name} dtype {t.dtype} does not match qkv dtype {qkv.dtype}")
+    if t.device != qkv.device:
+        raise ValueError(f"{name} is on {t.device} but qkv is on {qkv.device}")
+
+
 def _check_inputs(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale, dtypes=_DTYPES):
     """All launch checks; returns (T, heads, head_dim, has_rel, scale)."""
     if not isinstance(qkv, torch.Tensor):
@@ -415,27 +422,18 @@ def _check_inputs(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale, dty
             need = sum(2 * s - 1 for s in sizes)
             if t.dim() != 2 or t.shape[1] != head_dim or t.shape[0] < need:
                 raise ValueError(f"{name} must be [{need}, {head_dim}] (packed for sizes {sizes}), got {tuple(t.shape)}")
-            if t.dtype != qkv.dtype:
-                raise TypeError(f"{name} dtype {t.dtype} does not match qkv dtype {qkv.dtype}")
-            if t.device != qkv.device:
-                raise ValueError(f"{name} is on {t.device} but qkv is on {qkv.device}")
+            _check_like(name, t, qkv)
             if t.stride(1) != 1:
                 raise ValueError(f"{name} rows must be contiguous, got strides {t.stride()}")
     if qkv_bias is not None:
         if qkv_bias.numel() != 3 * heads * head_dim:
             raise ValueError(f"qkv_bias must have 3 * heads * head_dim = {3 * heads * head_dim} elements, "
                              f"got {tuple(qkv_bias.shape)}")
-        if qkv_bias.dtype != qkv.dtype:
-            raise TypeError(f"qkv_bias dtype {qkv_bias.dtype} does not match qkv dtype {qkv.dtype}")
-        if qkv_bias.device != qkv.device:
-            raise ValueError(f"qkv_bias is on {qkv_bias.device} but qkv is on {qkv.device}")
+        _check_like("qkv_bias", qkv_bias, qkv)
     if out is not None:
         if tuple(out.shape) != (T, heads * head_dim):
             raise ValueError(f"out must be [{T}, {heads * head_dim}], got {tuple(out.shape)}")
-        if out.dtype != qkv.dtype:
-            raise TypeError(f"out dtype {out.dtype} does not match qkv dtype {qkv.dtype}")
-        if out.device != qkv.device:
-            raise ValueError(f"out is on {out.device} but qkv is on {qkv.device}")
+        _check_like("out", out, qkv)
         if out.stride(1) != 1:
             raise ValueError(f"out rows must be contiguous, got strides {out.stride()}")
     if scale is None:
