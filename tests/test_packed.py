@@ -103,3 +103,17 @@ def test_triton_on_cpu_needs_interpreter(encoder, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         encoder(preprocess([page(300, 300, 0)], MODE), backend="triton")
+
+
+@pytest.mark.slow
+def test_triton_real_config_tiny_views():
+    """The real encoder's structure (12 heads of 64, 12 SAM blocks, 24 CLIP layers, 2048 -> 1280 projector) on
+    tiny views: ~3 minutes in the interpreter, so opt-in (`pytest -m slow`)."""
+    enc = randomize(GundamEncoder(EncoderConfig()), seed=3).eval()
+    batch = preprocess([page(1300, 650, 5), page(300, 200, 6)], MODE)
+    with torch.no_grad():
+        ref = enc(batch, backend="torch")
+        got = enc(batch, backend="triton")
+    err = (got.embeddings - ref.embeddings).abs()
+    scale = ref.embeddings.abs().max().item()
+    assert err.max() <= 1e-5 * scale, f"max {err.max():.3g} mean {err.mean():.3g} (scale {scale:.3g})"
