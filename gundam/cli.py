@@ -23,6 +23,8 @@ def cmd_encode(args) -> int:
     mode = resolve_mode(args.mode, args.max_crops)
     dtype = getattr(torch, DTYPES[args.dtype])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: expected a positive integer")
     for path in args.images:
         if not os.path.isfile(path):
             raise ValueError(f"image {path!r}: no such file")
@@ -35,27 +37,30 @@ def cmd_encode(args) -> int:
         print("weights: RANDOM (no --weights given): shapes and timings are real, embeddings are meaningless")
     print(f"mode: {args.mode} (base {mode.base_size}, crops {mode.image_size if mode.crop_mode else 'off'}, "
           f"max_crops {mode.max_crops}), dtype {DTYPES[args.dtype]}, device {device}")
-    results, names = [], []
-    bar = tqdm(args.images, unit="image", disable=len(args.images) < 2, file=sys.stderr)
-    for path in bar:
+    results = []
+    bar = tqdm(total=len(args.images), unit="image", disable=len(args.images) < 2, file=sys.stderr)
+    for i in range(0, len(args.images), args.batch_size):
+        paths = args.images[i:i + args.batch_size]
         t0 = time.perf_counter()
-        batch = preprocess([path], mode)
+        batch = preprocess(paths, mode)
         t_pre = time.perf_counter() - t0
         with torch.inference_mode():
             out = encoder(batch)
-        lay = batch.layouts[0]
+        # stage times are per batch: all its images went through the encoder together
         stages = "  ".join(f"{k} {v:.2f}s" for k, v in {"preprocess": t_pre, **out.timings}.items())
-        tqdm.write(f"{path}: {lay.width}x{lay.height}  grid {lay.grid[0]}x{lay.grid[1]}  crops {lay.n_crops}  "
-                   f"tokens {lay.tokens}  | {stages}")
-        results.append(out.embeddings.float().cpu())
-        names.append(path)
+        for path, lay in zip(paths, batch.layouts):
+            tqdm.write(f"{path}: {lay.width}x{lay.height}  grid {lay.grid[0]}x{lay.grid[1]}  crops {lay.n_crops}  "
+                       f"tokens {lay.tokens}")
+        tqdm.write(f"  batch of {len(paths)}: {stages}")
+        results += [e.float().cpu() for e in out.split()]
+        bar.update(len(paths))
+    bar.close()
     if args.out:
-        import torch
         from safetensors.torch import save_file
         lengths = [r.shape[0] for r in results]
         offsets = torch.tensor([0] + lengths).cumsum(0)
         save_file({"embeddings": torch.cat(results).contiguous(), "offsets": offsets},
-                  args.out, metadata={"images": "\n".join(names), "mode": args.mode})
+                  args.out, metadata={"images": "\n".join(args.images), "mode": args.mode})
         print(f"wrote {args.out}: embeddings [{int(offsets[-1])}, {results[0].shape[1]}], offsets [{len(offsets)}]")
     return 0
 
@@ -96,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     e.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--batch-size", type=int, default=1, help="images encoded together in one pass (default 1)")
     e.add_argument("--out", help="write the embeddings and offsets to this .safetensors file")
     e.set_defaults(func=cmd_encode)
 

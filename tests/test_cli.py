@@ -25,18 +25,20 @@ def test_encode_random_weights(tmp_path):
     img = tmp_path / "small.png"
     Image.new("RGB", (300, 200), (30, 60, 90)).save(img)
     out = tmp_path / "emb.safetensors"
-    r = run("encode", str(img), "--out", str(out))
+    r = run("encode", str(img), str(img), "--batch-size", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert "RANDOM" in r.stdout and "grid 1x1  crops 0  tokens 273" in r.stdout
+    assert "RANDOM" in r.stdout and "grid 1x1  crops 0  tokens 273" in r.stdout and "batch of 2" in r.stdout
     t = load_file(out)
-    assert t["embeddings"].shape == (273, 1280) and t["offsets"].tolist() == [0, 273]
+    assert t["embeddings"].shape == (546, 1280) and t["offsets"].tolist() == [0, 273, 546]
     assert torch.isfinite(t["embeddings"]).all()
+    assert torch.allclose(t["embeddings"][:273], t["embeddings"][273:], atol=1e-5)  # same image, same tokens
 
 
 def test_bad_input_is_one_line_error(tmp_path):
     (tmp_path / "x.png").write_text("hello")
     for args in (["encode", str(tmp_path / "missing.png")], ["encode", str(tmp_path / "x.png")],
-                 ["tokens", "12xx4"], ["encode", str(tmp_path / "x.png"), "--max-crops", "12"]):
+                 ["tokens", "12xx4"], ["encode", str(tmp_path / "x.png"), "--max-crops", "12"],
+                 ["encode", str(tmp_path / "x.png"), "--batch-size", "0"]):
         r = run(*args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
