@@ -43,8 +43,9 @@ and writes its outputs once (re-reads inside a kernel are taken to hit cache), p
 Matmul bias adds are taken to be in the GEMM epilogue in both models.
 
 Memory: `weight_bytes` = parameters the stage uses; `activation_bytes` (vendor) / `activation_bytes_fused` =
-peak of (inputs + outputs of one pass + tensors held across it, e.g. the residual stream), for what runs at
-once: one image's views of that kind for the vendor, all images' views for the fused path.
+peak of (inputs + outputs of one pass + tensors held across it, e.g. the residual stream; a pass done in place,
+like the fused path's GELU, counts its buffer once), for what runs at once: one image's views of that kind for
+the vendor, all images' views for the fused path.
 
 Roofline: a stage's floor time = max(matmul FLOPs / peak dense tensor FLOP/s, bytes / HBM bandwidth), bound by
 whichever is larger; `other_flops` are left out (they ride along the memory-bound passes). Stages run one after
@@ -209,9 +210,9 @@ class _Passes:
         self.bytes = 0
         self.peak = 0
 
-    def add(self, read, write, weights=0, held=0):
+    def add(self, read, write, weights=0, held=0, inplace=False):
         self.bytes += read + write + (weights if self.weights else 0)
-        self.peak = max(self.peak, read + write + held)
+        self.peak = max(self.peak, (max(read, write) if inplace else read + write) + held)
 
 
 @dataclass
@@ -350,7 +351,7 @@ def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
         f.add(X, X, 0, held)                                         # proj
         f.add(2 * X, 2 * X)                                          # residual + norm2
         f.add(X, F * X // C, 0, held)                                # lin1
-        f.add(F * X // C, F * X // C, 0, held)                       # gelu
+        f.add(F * X // C, F * X // C, 0, held, inplace=True)         # gelu, in place
         f.add(F * X // C, X, 0, held)                                # lin2
         if i == s.depth - 1:
             f.add(2 * X, X)                                          # last residual

@@ -69,7 +69,8 @@ def sam_packed(sam, groups):
         o = attn.attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=a.qkv.bias)   # [T, C]
         o = F.linear(o, a.proj.weight, a.proj.bias)
         h, x = layer_norm(o, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, residual=x)
-        mlp_out = blk.mlp.lin2(F.gelu(blk.mlp.lin1(h)))
+        # GELU in place: the [T, 4C] hidden state is the largest activation of the packed pass
+        mlp_out = blk.mlp.lin2(torch.ops.aten.gelu_(blk.mlp.lin1(h)))
     x = x + mlp_out
 
     outs, off = [], 0
@@ -118,6 +119,9 @@ def clip_packed(clip, sam_outs):
 
 def encode_packed(enc, batch):
     """Batch -> (embeddings [total_tokens, n_embed], offsets [n_images + 1]) through the Triton kernels."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in enc.parameters()):
+        raise RuntimeError("backend='triton' is inference-only (its kernels have no backward): call it under "
+                           "torch.no_grad() or torch.inference_mode(), or use backend='torch' to train")
     _, _, layout = _kernels()
     dev, dt = enc.device, enc.dtype
     groups = [batch.global_views.to(dev, dt)]

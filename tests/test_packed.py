@@ -117,3 +117,9 @@ def test_triton_real_config_tiny_views():
     err = (got.embeddings - ref.embeddings).abs()
     scale = ref.embeddings.abs().max().item()
     assert err.max() <= 1e-5 * scale, f"max {err.max():.3g} mean {err.mean():.3g} (scale {scale:.3g})"
+
+
+def test_triton_refuses_autograd(encoder):
+    enc = GundamEncoder(SMALL)   # parameters require grad, as after construction
+    with pytest.raises(RuntimeError, match="inference-only"):
+        enc(preprocess([page(300, 300, 0)], MODE), backend="triton")
