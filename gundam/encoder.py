@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from gundam.config import EncoderConfig, Mode
-from gundam.model import build_modules, encode_views
+from gundam.model import TableCache, build_modules, encode_views
 from gundam.packed import check_triton_available, encode_packed
 from gundam.preprocess import Batch, grid_layout
 
@@ -92,6 +92,12 @@ class GundamEncoder(nn.Module):
         if backend == "triton":
             check_triton_available(self.device)
         return backend
+
+    def clear_cache(self):
+        """Drop the cached position and rel-pos tables (needed only after writing weights through `.data`)."""
+        for m in self.modules():
+            if isinstance(getattr(m, "_cache", None), TableCache):
+                m._cache.clear()
 
     def encode_views(self, pixels: torch.Tensor) -> torch.Tensor:
         """Views of one size [B, 3, S, S] -> projected tokens [B, (S/64)^2, n_embed]."""

@@ -9,6 +9,7 @@ This path is the oracle for every Triton kernel and the CPU path.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn as nn
@@ -24,9 +25,14 @@ CHUNK_TOKENS = 4096
 
 
 class TableCache:
-    """Derived tables (resized position embeddings, gathered rel-pos) keyed by the parameter's identity and
-    version, so an in-place weight update or a new checkpoint invalidates them. Bypassed while autograd is
-    recording, so fine-tuning gets gradients through the interpolation."""
+    """Derived tables (resized position embeddings, gathered rel-pos) per parameter and view size.
+
+    An entry is valid while it belongs to the same parameter object (a weak reference, so a replaced
+    parameter never matches) with the same version counter, storage, dtype and device: in-place updates
+    (optimizer steps, `load_state_dict`, `.to()`) invalidate it. Writes through `param.data` bypass the version
+    counter: call `GundamEncoder.clear_cache()` after those. Bypassed while autograd is recording, so
+    fine-tuning gets gradients through the interpolation.
+    """
 
     def __init__(self):
         self.tables = {}
@@ -34,11 +40,15 @@ class TableCache:
     def get(self, param: torch.Tensor, key, fn):
         if torch.is_grad_enabled() and param.requires_grad:
             return fn()
-        full_key = (id(param), param._version, param.dtype, param.device, key)
-        if full_key not in self.tables:
-            self.tables = {k: v for k, v in self.tables.items() if k[0] != id(param) or k[1] == param._version}
-            self.tables[full_key] = fn()
-        return self.tables[full_key]
+        state = (param._version, param.data_ptr(), param.dtype, param.device)
+        entry = self.tables.get((id(param), key))
+        if entry is None or entry[0]() is not param or entry[1] != state:
+            entry = (weakref.ref(param), state, fn())
+            self.tables[(id(param), key)] = entry
+        return entry[2]
+
+    def clear(self):
+        self.tables.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------

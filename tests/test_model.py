@@ -154,8 +154,23 @@ def test_table_cache_invalidated_by_weight_update(tiny_encoder):
         fresh = GundamEncoder(TINY).eval()
         fresh.load_state_dict(enc.state_dict())
         c = fresh(x).embeddings
+        # a parameter replaced by a new object (load_state_dict(assign=True)) is never matched to old tables
+        sd = {k: v.clone() for k, v in enc.state_dict().items()}
+        sd["sam_model.pos_embed"].add_(1.0)
+        enc.load_state_dict(sd, assign=True)
+        d = enc(x).embeddings
+        fresh.load_state_dict(sd)
+        e = fresh(x).embeddings
+        # writes through .data skip the version counter: clear_cache() makes them visible
+        enc.sam_model.pos_embed.data.add_(1.0)
+        enc.clear_cache()
+        f = enc(x).embeddings
+        fresh.sam_model.pos_embed.add_(1.0)
+        g = fresh(x).embeddings
     assert not torch.allclose(a, b)
     torch.testing.assert_close(b, c)
+    torch.testing.assert_close(d, e)
+    torch.testing.assert_close(f, g)
 
 
 def test_gradients_flow_through_tables():
