@@ -5,7 +5,8 @@
     per_image = out.split()                             # [tokens_i, 1280] each
 
 `forward_vendor` is a drop-in for the vendor's `_pixel_values_to_embedding`. `backend` picks the pure-torch
-path ("torch"), the packed Triton path ("triton") or Triton on CUDA and torch elsewhere ("auto").
+path ("torch"), the packed Triton path ("triton", inference only) or Triton for inference on CUDA and torch
+otherwise ("auto").
 """
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ class GundamEncoder(nn.Module):
 
     def _resolve(self, backend):
         backend = _check_backend(backend or self.backend)
-        if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" else "torch"
+        if backend == "auto":  # the Triton kernels have no backward: train through the torch path
+            training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+            backend = "triton" if self.device.type == "cuda" and not training else "torch"
         if backend == "triton":
             check_triton_available(self.device)
         return backend
