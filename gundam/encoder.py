@@ -154,8 +154,7 @@ class GundamEncoder(nn.Module):
             if g.shape[-1] != g.shape[-2] or g.shape[-1] % base:
                 raise ValueError(f"pixel_values[{j}] is {tuple(g.shape)}: expected square views, a multiple of {base}")
             patches = _check_tensor(images_crop[j], "images_crop", (1, None, 3, None, None))[0]
-            sc = images_spatial_crop[j]
-            sc = torch.as_tensor(sc).reshape(-1)
+            sc = torch.as_tensor(images_spatial_crop[j]).reshape(-1)
             if sc.numel() != 2 or sc.is_floating_point():
                 raise ValueError(f"images_spatial_crop[{j}] = {sc.tolist()}: expected 2 integers [w_tiles, h_tiles]")
             w, h = int(sc[0]), int(sc[1])

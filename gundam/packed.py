@@ -139,8 +139,7 @@ def encode_packed(enc, batch):
     for i, lay in enumerate(batch.layouts):
         crops = tuple(range(crop, crop + lay.n_crops))
         crop += lay.n_crops
-        gw, gh = lay.grid if lay.n_crops else (1, 1)
-        images.append(layout.ImageViews(global_view=i, grid_w=gw, grid_h=gh, crop_views=crops))
+        images.append(layout.ImageViews(global_view=i, grid_w=lay.grid[0], grid_h=lay.grid[1], crop_views=crops))
     plan = layout.build_layout(images, sam_off, [v[0] for v in clip_views], q, device=dev)
     p = enc.projector.layers
     out = layout.project_and_layout(sam_tok, clip_tok, p.weight, p.bias, enc.image_newline.to(dt),

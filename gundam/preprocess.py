@@ -70,11 +70,16 @@ class ImageLayout:
 
     @property
     def qb(self) -> int:  # tokens per side of the global view
-        return math.ceil(self.mode.base_size / 16 / 4)
+        return tokens_per_side(self.mode.base_size)
 
     @property
     def qi(self) -> int:  # tokens per side of a crop
-        return math.ceil(self.mode.image_size / 16 / 4)
+        return tokens_per_side(self.mode.image_size)
+
+
+def tokens_per_side(size: int) -> int:
+    """Output tokens along a side of a `size` px view: 16 px patches, then net_2 and net_3 halve the grid."""
+    return math.ceil(size / 16 / 4)
 
 
 def image_layout(width: int, height: int, mode: str | Mode = "gundam", max_crops: int | None = None) -> ImageLayout:
@@ -85,7 +90,7 @@ def image_layout(width: int, height: int, mode: str | Mode = "gundam", max_crops
 def grid_layout(mode: Mode, grid: tuple[int, int], width: int = 0, height: int = 0) -> ImageLayout:
     """The layout of an image whose crop grid is already known."""
     w, h = grid
-    qb, qi = math.ceil(mode.base_size / 16 / 4), math.ceil(mode.image_size / 16 / 4)
+    qb, qi = tokens_per_side(mode.base_size), tokens_per_side(mode.image_size)
     n_crops = 0 if (w, h) == (1, 1) else w * h
     global_tokens = qb * (qb + 1)
     local_tokens = (h * qi) * (w * qi + 1) if n_crops else 0
