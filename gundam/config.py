@@ -1,32 +1,77 @@
-"""Configs of the DeepEncoder (SAM ViT-B -> CLIP-L -> linear projector) and the image modes.
+"""Configs of the DeepEncoder (SAM ViT-B -> CLIP-L -> linear projector), the image modes, and the size facts
+everything else calls: tokens per side of a view, which view sizes an encoder takes, the crop limits.
 
-Field names are the vendor's own constructor/config keywords, so any encoder the vendor code can build
-(including tiny ones for tests) is described by the same words.
+Field names are the vendor's own constructor/config keywords where the vendor has one, so any encoder the
+vendor code can build (including tiny ones for tests) is described by the same words.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
-MIN_CROPS_LIMIT, MAX_CROPS_LIMIT = 1, 9
+MIN_CROPS, MAX_CROPS = 2, 9   # crops per image the vendor allows (min_crops 2; max_crops 6 by default, up to 9)
+NECK_DOWNSAMPLE = 4           # SAM's net_2 and net_3 (stride 2 each) shrink the patch grid 4x per side
+
+
+def check_int(value, name: str, lo: int = 1, hi: int | None = None) -> int:
+    """`value` as an int (numpy integers too, never bools or floats) within [lo, hi], or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo or (hi is not None and value > hi):
+        want = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
+        raise ValueError(f"{name}={value!r}: expected {want}")
+    return int(value)
+
+
+def view_multiple(patch_size: int = 16) -> int:
+    """Pixels per output token along a side: one patch, times SAM's neck downsampling."""
+    return patch_size * NECK_DOWNSAMPLE
+
+
+def tokens_per_side(size: int, patch_size: int = 16) -> int:
+    """Output tokens along a side of a `size` px view (the vendor's ceil(size / 16 / 4), exact here because
+    views are multiples of 64); raises for a size the encoder cannot take."""
+    return check_view_size(size, "view size", patch_size) // view_multiple(patch_size)
+
+
+def check_view_size(size, name: str = "view size", patch_size: int = 16) -> int:
+    step = view_multiple(patch_size)
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0 or size % step:
+        raise ValueError(f"{name}={size!r}: expected a positive multiple of {step} px")
+    return int(size)
 
 
 @dataclass(frozen=True)
 class SamConfig:
-    """SAM ViT image encoder, as the vendor's `ImageEncoderViT(...)`; `net_2`/`net_3` are 256->512->1024."""
+    """SAM ViT image encoder, as the vendor's `ImageEncoderViT(...)`, plus the widths of the vendor's
+    `net_2` / `net_3` convs (hard-coded there as 256 -> 512 -> 1024)."""
     img_size: int = 1024          # pretrained view size: pos_embed is (img_size/patch_size)^2
     patch_size: int = 16
     embed_dim: int = 768
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    out_chans: int = 256
+    out_chans: int = 256          # neck width, the input of net_2
     window_size: int = 14
     global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    net_2_chans: int = 512
+    net_3_chans: int = 1024       # SAM's output channels: CLIP's token width, half of the projector's input
+    layer_norm_eps: float = 1e-6  # blocks' LayerNorms and the neck's LayerNorm2d
 
     def __post_init__(self):
         object.__setattr__(self, "global_attn_indexes", tuple(self.global_attn_indexes))
+        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "out_chans", "window_size",
+                     "net_2_chans", "net_3_chans"):
+            check_int(getattr(self, name), f"SamConfig.{name}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"SamConfig: embed_dim={self.embed_dim} is not a multiple of num_heads={self.num_heads}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"SamConfig: img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+        bad = [i for i in self.global_attn_indexes if not (isinstance(i, int) and 0 <= i < self.depth)]
+        if bad:
+            raise ValueError(f"SamConfig.global_attn_indexes={self.global_attn_indexes}: {bad} outside the "
+                             f"{self.depth} blocks (0..{self.depth - 1})")
+        if not (self.mlp_ratio > 0 and self.layer_norm_eps > 0):
+            raise ValueError(f"SamConfig: mlp_ratio={self.mlp_ratio}, layer_norm_eps={self.layer_norm_eps}: "
+                             f"expected positive numbers")
 
     @property
     def head_dim(self) -> int:
@@ -35,6 +80,10 @@ class SamConfig:
     @property
     def grid(self) -> int:
         return self.img_size // self.patch_size
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
 
 
 @dataclass(frozen=True)
@@ -50,9 +99,15 @@ class ClipConfig:
     pre_layernorm_epsilon: float = 1e-5
 
     def __post_init__(self):
+        for name in ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "image_size",
+                     "patch_size"):
+            check_int(getattr(self, name), f"ClipConfig.{name}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"ClipConfig: hidden_size={self.hidden_size} is not a multiple of "
                              f"num_attention_heads={self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ClipConfig: image_size={self.image_size} is not a multiple of "
+                             f"patch_size={self.patch_size}")
 
     @property
     def head_dim(self) -> int:
@@ -69,6 +124,10 @@ class ProjectorConfig:
     input_dim: int = 2048
     n_embed: int = 1280
 
+    def __post_init__(self):
+        check_int(self.input_dim, "ProjectorConfig.input_dim")
+        check_int(self.n_embed, "ProjectorConfig.n_embed")
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -77,12 +136,13 @@ class EncoderConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
 
     def __post_init__(self):
-        # SAM's last conv gives 1024 channels; CLIP consumes them as its tokens.
-        if self.clip.hidden_size != 1024:
-            raise ValueError(f"ClipConfig.hidden_size={self.clip.hidden_size}: must be 1024, the channels of SAM's net_3")
-        if self.projector.input_dim != self.clip.hidden_size + 1024:
+        # SAM's last conv gives the tokens CLIP consumes; the projector reads both side by side.
+        if self.clip.hidden_size != self.sam.net_3_chans:
+            raise ValueError(f"ClipConfig.hidden_size={self.clip.hidden_size}: must equal "
+                             f"SamConfig.net_3_chans={self.sam.net_3_chans} (SAM's output is CLIP's input)")
+        if self.projector.input_dim != self.clip.hidden_size + self.sam.net_3_chans:
             raise ValueError(f"ProjectorConfig.input_dim={self.projector.input_dim}: expected "
-                             f"{self.clip.hidden_size + 1024} (CLIP hidden + SAM net_3 channels)")
+                             f"{self.clip.hidden_size + self.sam.net_3_chans} (CLIP hidden + SAM net_3 channels)")
 
     @staticmethod
     def deepseek_ocr() -> "EncoderConfig":
@@ -91,27 +151,51 @@ class EncoderConfig:
 
     @property
     def downsample(self) -> int:
-        """Pixels per output token along a side: patch size x 4 (net_2 and net_3 halve the grid each)."""
-        return self.sam.patch_size * 4
+        """Pixels per output token along a side."""
+        return view_multiple(self.sam.patch_size)
+
+    def tokens_per_side(self, size: int, name: str = "view size") -> int:
+        """Output tokens along a side of a `size` px view; raises for a size this encoder cannot take."""
+        return check_view_size(size, name, self.sam.patch_size) // self.downsample
+
+
+def _check_crops(min_crops, max_crops, what="Mode"):
+    lo = check_int(min_crops, f"{what} min_crops", MIN_CROPS, MAX_CROPS)
+    hi = check_int(max_crops, f"{what} max_crops", MIN_CROPS, MAX_CROPS)
+    if lo > hi:
+        raise ValueError(f"{what} min_crops={lo} > max_crops={hi}: expected "
+                         f"{MIN_CROPS} <= min_crops <= max_crops <= {MAX_CROPS}")
 
 
 @dataclass(frozen=True)
 class Mode:
-    """How an image becomes views: a `base_size` global view, and `image_size` crops when `crop_mode` is on."""
+    """How an image becomes views: a `base_size` global view, and `image_size` crops when `crop_mode` is on
+    (the crop grid has `min_crops..max_crops` tiles). Sizes are multiples of 64 px (the vendor's token count
+    is size / 64 per side)."""
     base_size: int
     image_size: int
     crop_mode: bool
-    min_crops: int = 2
+    min_crops: int = MIN_CROPS
     max_crops: int = 6
 
     def __post_init__(self):
-        for name in ("base_size", "image_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0 or v % 64:
-                raise ValueError(f"Mode.{name}={v!r}: expected a positive multiple of 64")
-        if not (MIN_CROPS_LIMIT <= self.min_crops <= self.max_crops <= MAX_CROPS_LIMIT):
-            raise ValueError(f"Mode crops min={self.min_crops} max={self.max_crops}: expected "
-                             f"{MIN_CROPS_LIMIT} <= min_crops <= max_crops <= {MAX_CROPS_LIMIT}")
+        object.__setattr__(self, "base_size", check_view_size(self.base_size, "Mode.base_size"))
+        object.__setattr__(self, "image_size", check_view_size(self.image_size, "Mode.image_size"))
+        if not isinstance(self.crop_mode, bool):
+            raise ValueError(f"Mode.crop_mode={self.crop_mode!r}: expected True or False")
+        _check_crops(self.min_crops, self.max_crops)
+        object.__setattr__(self, "min_crops", int(self.min_crops))
+        object.__setattr__(self, "max_crops", int(self.max_crops))
+
+    @property
+    def qb(self) -> int:
+        """Tokens per side of the global view."""
+        return tokens_per_side(self.base_size)
+
+    @property
+    def qi(self) -> int:
+        """Tokens per side of a crop."""
+        return tokens_per_side(self.image_size)
 
 
 MODES: dict[str, Mode] = {
@@ -125,7 +209,7 @@ MODES: dict[str, Mode] = {
 
 
 def resolve_mode(mode: str | Mode = "gundam", max_crops: int | None = None) -> Mode:
-    """A mode name or `Mode`, with `max_crops` (2..9) overriding the mode's own when given."""
+    """A mode name or `Mode`, with `max_crops` (MIN_CROPS..MAX_CROPS) overriding the mode's own when given."""
     if isinstance(mode, str):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)} or a Mode(...)")
@@ -133,8 +217,7 @@ def resolve_mode(mode: str | Mode = "gundam", max_crops: int | None = None) -> M
     elif not isinstance(mode, Mode):
         raise TypeError(f"mode={mode!r}: expected a mode name or a Mode")
     if max_crops is not None:
-        if isinstance(max_crops, bool) or not isinstance(max_crops, int) or not (2 <= max_crops <= MAX_CROPS_LIMIT):
-            raise ValueError(f"max_crops={max_crops!r}: expected an integer in 2..{MAX_CROPS_LIMIT}")
+        max_crops = check_int(max_crops, "max_crops", MIN_CROPS, MAX_CROPS)
         if max_crops < mode.min_crops:
             raise ValueError(f"max_crops={max_crops} is below the mode's min_crops={mode.min_crops}")
         mode = Mode(mode.base_size, mode.image_size, mode.crop_mode, mode.min_crops, max_crops)
