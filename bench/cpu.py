@@ -19,9 +19,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from gundam.cost import parse_size
-from gundam.config import ClipConfig, EncoderConfig, Mode, SamConfig
-from gundam.encoder import GundamEncoder
-from gundam.preprocess import preprocess
+from gundam import ClipConfig, EncoderConfig, GundamEncoder, Mode, SamConfig, preprocess
 
 
 def rss_mb() -> float:

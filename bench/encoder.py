@@ -23,9 +23,7 @@ from PIL import Image  # noqa: E402
 
 from benchutil import peak_cuda_mb  # noqa: E402
 from gundam import cost  # noqa: E402
-from gundam.config import ClipConfig, EncoderConfig, Mode, SamConfig  # noqa: E402
-from gundam.encoder import GundamEncoder  # noqa: E402
-from gundam.preprocess import preprocess  # noqa: E402
+from gundam import ClipConfig, EncoderConfig, GundamEncoder, Mode, SamConfig, preprocess  # noqa: E402
 
 # image sizes giving each Gundam grid (w x h tiles)
 GRIDS = {"none": (600, 800), "2x1": (1280, 640), "2x2": (1000, 1000), "3x2": (1900, 1250), "3x3": (1500, 1500)}

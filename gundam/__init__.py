@@ -1,4 +1,21 @@
-"""gundam: DeepSeek-OCR's vision encoder (DeepEncoder) in Gundam dynamic-crop mode, fast and exact."""
-from gundam.config import ClipConfig, EncoderConfig, Mode, MODES, ProjectorConfig, SamConfig
+"""gundam: DeepSeek-OCR's vision encoder (DeepEncoder) in Gundam dynamic-crop mode, fast and exact.
+
+    import gundam
+    enc = gundam.GundamEncoder.from_pretrained("DeepSeek-OCR/")
+    out = enc(gundam.preprocess(["page.png"]))        # EncoderOutput: packed embeddings + offsets
+
+Data path: images -> `preprocess` (gundam.images) -> `Batch` -> `GundamEncoder` (gundam.encoder: the torch
+path in gundam.model, the Triton path in gundam.packed) -> `EncoderOutput`, laid out as gundam.layout says.
+"""
+from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, ProjectorConfig, SamConfig
+from gundam.cost import estimate
+from gundam.encoder import EncoderOutput, GundamEncoder
+from gundam.images import Batch, preprocess
+from gundam.layout import count_image_tokens, crop_grid
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "GundamEncoder", "EncoderOutput", "Batch", "preprocess", "crop_grid", "count_image_tokens",
+    "EncoderConfig", "SamConfig", "ClipConfig", "ProjectorConfig", "Mode", "MODES", "estimate",
+]

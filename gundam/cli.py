@@ -18,7 +18,7 @@ def cmd_encode(args) -> int:
 
     from gundam.config import EncoderConfig, resolve_mode
     from gundam.encoder import GundamEncoder
-    from gundam.preprocess import preprocess
+    from gundam.images import preprocess
 
     mode = resolve_mode(args.mode, args.max_crops)
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -69,7 +69,7 @@ def cmd_tokens(args) -> int:
     from PIL import Image
 
     from gundam.config import MODES
-    from gundam.preprocess import image_layout
+    from gundam.layout import image_layout
 
     for item in args.items:
         if os.path.isfile(item):

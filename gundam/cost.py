@@ -5,7 +5,7 @@
     r.floor("h100")                                    # {stage: (Floor vendor, Floor fused)}
 
 Stages: `sam_global`, `sam_crops`, `clip_global`, `clip_crops`, `projector_layout`. The view layout (crop grid,
-crops, tokens) comes from `gundam.preprocess.image_layout`, so the model never sees crops that preprocessing does
+crops, tokens) comes from `gundam.layout.image_layout`, so the model never sees crops that preprocessing does
 not make (crop mode off, or the small-image rule `width <= 640 and height <= 640`).
 
 FLOPs
@@ -64,7 +64,7 @@ import sys
 from dataclasses import dataclass, field
 
 from gundam.config import MODES, EncoderConfig, Mode, resolve_mode
-from gundam.preprocess import ImageLayout, image_layout
+from gundam.layout import ImageLayout, image_layout
 
 STAGES = ("sam_global", "sam_crops", "clip_global", "clip_crops", "projector_layout")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}

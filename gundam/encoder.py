@@ -1,8 +1,8 @@
 """`GundamEncoder`: the DeepEncoder as one module, for a batch of images in any mix of crop grids.
 
-    enc = GundamEncoder.from_pretrained("DeepSeek-OCR/", dtype=torch.bfloat16, device="cuda")
-    out = enc(preprocess(["page1.png", "page2.png"]))   # EncoderOutput
-    per_image = out.split()                             # [tokens_i, 1280] each
+    enc = gundam.GundamEncoder.from_pretrained("DeepSeek-OCR/", dtype=torch.bfloat16, device="cuda")
+    out = enc(gundam.preprocess(["page1.png", "page2.png"]))   # EncoderOutput
+    per_image = out.split()                                    # [tokens_i, 1280] each
 
 `forward_vendor` is a drop-in for the vendor's `_pixel_values_to_embedding`. `backend` picks the pure-torch
 path ("torch"), the packed Triton path ("triton", inference only) or Triton for inference on CUDA and torch
@@ -17,11 +17,40 @@ import torch
 import torch.nn as nn
 
 from gundam.config import EncoderConfig, Mode
-from gundam.model import TableCache, build_modules, encode_views
+from gundam.images import Batch, normalize
+from gundam.layout import grid_layout, layout_tokens
+from gundam.model import build_modules, encode_views
 from gundam.packed import check_triton_available, encode_packed
-from gundam.preprocess import Batch, grid_layout
 
 BACKENDS = ("auto", "torch", "triton")
+STAGES = ("sam", "clip", "layout")   # `EncoderOutput.timings` keys, both backends ("layout": projector + layout)
+
+
+class StageTimer:
+    """Seconds per stage of one forward. On CUDA, events are recorded between stages and read only when the
+    timings are asked for, so timing adds no host synchronisation to the forward."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = [("start", self._now())]
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def mark(self, stage: str):
+        self.marks.append((stage, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+        out = dict.fromkeys(STAGES, 0.0)
+        for (_, t0), (stage, t1) in zip(self.marks, self.marks[1:]):
+            out[stage] += t0.elapsed_time(t1) / 1e3 if self.cuda else t1 - t0
+        return out
 
 
 @dataclass
@@ -29,27 +58,15 @@ class EncoderOutput:
     """All images' tokens packed: image i is embeddings[offsets[i]:offsets[i+1]]."""
     embeddings: torch.Tensor          # [total_tokens, n_embed]
     offsets: torch.Tensor             # [n_images + 1], int64, on the CPU
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    timer: StageTimer | None = field(default=None, repr=False)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds per stage ("sam", "clip", "layout") of the forward that made this output."""
+        return self.timer.seconds() if self.timer else {}
 
     def split(self) -> list[torch.Tensor]:
         return list(torch.split(self.embeddings, torch.diff(self.offsets).tolist()))
-
-
-def layout_tokens(global_tokens, local_tokens, grid, newline, separator):
-    """One image's output rows (vendor order): local grid rows + newline each, global rows + newline each,
-    separator. global_tokens [qb*qb, D]; local_tokens [n_crops, qi*qi, D] in row-major tile order, or None."""
-    D = global_tokens.shape[-1]
-    rows = []
-    if local_tokens is not None:
-        w, h = grid
-        qi = int(round(local_tokens.shape[1] ** 0.5))
-        local = local_tokens.view(h, w, qi, qi, D).permute(0, 2, 1, 3, 4).reshape(h * qi, w * qi, D)
-        rows.append(torch.cat([local, newline.expand(h * qi, 1, D)], dim=1).reshape(-1, D))
-    qb = int(round(global_tokens.shape[0] ** 0.5))
-    glob = global_tokens.view(qb, qb, D)
-    rows.append(torch.cat([glob, newline.expand(qb, 1, D)], dim=1).reshape(-1, D))
-    rows.append(separator[None])
-    return torch.cat(rows, dim=0)
 
 
 class GundamEncoder(nn.Module):
@@ -97,42 +114,45 @@ class GundamEncoder(nn.Module):
 
     def clear_cache(self):
         """Drop the cached position and rel-pos tables (needed only after writing weights through `.data`)."""
-        for m in self.modules():
-            if isinstance(getattr(m, "_cache", None), TableCache):
-                m._cache.clear()
+        self.sam_model.tables.clear()
+        self.vision_model.embeddings.tables.clear()
 
-    def encode_views(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_views(self, pixels: torch.Tensor, mark=None) -> torch.Tensor:
         """Views of one size [B, 3, S, S] -> projected tokens [B, (S/64)^2, n_embed]."""
-        return encode_views(self.sam_model, self.vision_model, self.projector, pixels)
+        return encode_views(self.sam_model, self.vision_model, self.projector, pixels, mark)
 
     def forward(self, batch: Batch, backend: str | None = None) -> EncoderOutput:
         backend = self._resolve(backend)
         if not isinstance(batch, Batch):
-            raise TypeError(f"batch of type {type(batch).__name__}: expected gundam.Batch (see gundam.preprocess)")
-        _check_sizes(batch.mode, self.config)
+            raise TypeError(f"batch of type {type(batch).__name__}: expected a gundam.Batch (from gundam.preprocess)")
+        self._check_batch(batch)
+        timer = StageTimer(self.device)
         if backend == "triton":
-            t0 = time.perf_counter()
-            embeddings, offsets = encode_packed(self, batch)
-            return EncoderOutput(embeddings, offsets, {"encode": time.perf_counter() - t0})
+            return EncoderOutput(encode_packed(self, batch, timer), batch.offsets, timer)
         dev, dt = self.device, self.dtype
-        timings = {}
-        t0 = time.perf_counter()
-        glob = self.encode_views(batch.global_views.to(dev, dt))              # [n_images, qb*qb, D]
-        timings["global"] = time.perf_counter() - t0
-        local = None
-        if batch.crops.shape[0]:
-            t0 = time.perf_counter()
-            local = self.encode_views(batch.crops.to(dev, dt))                 # [n_crops, qi*qi, D]
-            timings["crops"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        glob = self.encode_views(self.pixels(batch.global_views), timer.mark)    # [n_images, qb*qb, D]
+        local = self.encode_views(self.pixels(batch.crops), timer.mark) if batch.crops.shape[0] else None
         out, start = [], 0
-        for i, layout in enumerate(batch.layouts):
-            crops = local[start:start + layout.n_crops] if layout.n_crops else None
-            start += layout.n_crops
-            out.append(layout_tokens(glob[i], crops, layout.grid, self.image_newline.to(dt), self.view_seperator.to(dt)))
-        timings["layout"] = time.perf_counter() - t0
-        offsets = torch.tensor([0] + [t.shape[0] for t in out]).cumsum(0)
-        return EncoderOutput(torch.cat(out), offsets, timings)
+        newline, separator = self.image_newline.to(dt), self.view_seperator.to(dt)
+        for i, lay in enumerate(batch.layouts):
+            crops = local[start:start + lay.n_crops] if lay.n_crops else None   # [n_crops, qi*qi, D]
+            start += lay.n_crops
+            out.append(layout_tokens(lay, glob[i], crops, newline, separator))
+        timer.mark("layout")
+        return EncoderOutput(torch.cat(out), batch.offsets, timer)
+
+    def pixels(self, views: torch.Tensor) -> torch.Tensor:
+        """Batch pixels (uint8 or normalised float) -> normalised, on this encoder's device and dtype."""
+        return normalize(views.to(self.device, non_blocking=True), self.dtype)
+
+    def _check_batch(self, batch: Batch):
+        """The batch's token layout must be what this encoder makes of its view sizes."""
+        m = batch.mode
+        for name, size, q in (("base_size", m.base_size, m.qb), ("image_size", m.image_size, m.qi)):
+            made = self.config.tokens_per_side(size, f"mode {name}")
+            if made != q:
+                raise ValueError(f"mode {name}={size}: this encoder makes {made} tokens per side, the batch's "
+                                 f"layout expects {q} (SamConfig.patch_size={self.config.sam.patch_size})")
 
     @torch.no_grad()
     def forward_vendor(self, pixel_values, images_crop, images_spatial_crop, backend: str | None = None):
@@ -147,7 +167,7 @@ class GundamEncoder(nn.Module):
         if _num_images(images_crop, "images_crop") != n or _num_images(images_spatial_crop, "images_spatial_crop") != n:
             raise ValueError(f"forward_vendor: pixel_values, images_crop and images_spatial_crop must have the same "
                              f"number of images, got {n}, {len(images_crop)}, {len(images_spatial_crop)}")
-        base = self.config.sam.patch_size * 4
+        base = self.config.downsample
         globals_, crops, grids = [], [], []
         for j in range(n):
             g = _check_tensor(pixel_values[j], "pixel_values", (1, 3, None, None))[0]
@@ -179,7 +199,7 @@ class GundamEncoder(nn.Module):
         mode = Mode(B, S, bool(crops))
         layouts = [grid_layout(mode, grid) for grid in grids]
         batch = Batch(torch.stack(globals_).float(), torch.cat(crops).float() if crops else torch.zeros(0, 3, S, S),
-                      grids, layouts, mode)
+                      layouts, mode)
         return self.forward(batch, backend).split()
 
 
@@ -187,14 +207,6 @@ def _check_backend(backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     return backend
-
-
-def _check_sizes(mode: Mode, cfg: EncoderConfig):
-    step = cfg.downsample
-    for name in ("base_size", "image_size"):
-        v = getattr(mode, name)
-        if v % step:
-            raise ValueError(f"mode {name}={v}: expected a multiple of {step} for this encoder")
 
 
 def _num_images(x, name):

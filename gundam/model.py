@@ -74,9 +74,8 @@ def resize_rel_pos(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def rel_pos_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
-    """(2G-1, C) learned table -> [size, size, C] with table[q, k] = R[q - k + size - 1] (vendor `get_rel_pos`
+    """(2*size-1, C) table -> [size, size, C] with table[q, k] = R[q - k + size - 1] (vendor `get_rel_pos`
     with equal query and key sizes)."""
-    rel_pos = resize_rel_pos(rel_pos, size)
     coords = torch.arange(size, device=rel_pos.device)
     return rel_pos[(coords[:, None] - coords[None, :]) + (size - 1)]
 
@@ -104,7 +103,7 @@ def attention_with_rel_pos(q, k, v, Rh, Rw, H, W):
 
 
 class SamAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, rel_size: int, cache: TableCache):
+    def __init__(self, dim: int, num_heads: int, rel_size: int, tables: TableCache):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3)
@@ -113,15 +112,23 @@ class SamAttention(nn.Module):
         # zero init like the vendor (use_rel_pos, rel_pos_zero_init)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_size - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_size - 1, head_dim))
-        self._cache = cache
+        self.tables = tables
+
+    def rel_pos_h_for(self, size: int) -> torch.Tensor:
+        """rel_pos_h resized for a group of `size` rows: [2*size-1, head_dim] (cached per size)."""
+        return self.tables.get(self.rel_pos_h, ("resized", size), lambda: resize_rel_pos(self.rel_pos_h, size))
+
+    def rel_pos_w_for(self, size: int) -> torch.Tensor:
+        """rel_pos_w resized for a group of `size` columns: [2*size-1, head_dim] (cached per size)."""
+        return self.tables.get(self.rel_pos_w, ("resized", size), lambda: resize_rel_pos(self.rel_pos_w, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         nh = self.num_heads
         qkv = self.qkv(x).reshape(B, H * W, 3, nh, -1).permute(2, 0, 3, 1, 4)  # [3, B, nh, N, d]
         q, k, v = qkv.reshape(3, B, nh, H * W, -1).unbind(0)  # one contiguous copy, as the vendor
-        Rh = self._cache.get(self.rel_pos_h, H, lambda: rel_pos_table(self.rel_pos_h, H))
-        Rw = self._cache.get(self.rel_pos_w, W, lambda: rel_pos_table(self.rel_pos_w, W))
+        Rh = self.tables.get(self.rel_pos_h, H, lambda: rel_pos_table(self.rel_pos_h_for(H), H))
+        Rw = self.tables.get(self.rel_pos_w, W, lambda: rel_pos_table(self.rel_pos_w_for(W), W))
         x = attention_with_rel_pos(q, k, v, Rh, Rw, H, W)                   # [B, nh, N, d]
         x = x.view(B, nh, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, C)
         return self.proj(x)
@@ -157,14 +164,14 @@ def window_unpartition(windows: torch.Tensor, S: int, padded: tuple[int, int], h
 
 
 class SamBlock(nn.Module):
-    def __init__(self, cfg: SamConfig, window_size: int, cache: TableCache):
+    def __init__(self, cfg: SamConfig, window_size: int, tables: TableCache):
         super().__init__()
         dim = cfg.embed_dim
         self.window_size = window_size
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = SamAttention(dim, cfg.num_heads, window_size or cfg.grid, cache)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.attn = SamAttention(dim, cfg.num_heads, window_size or cfg.grid, tables)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.mlp = MLPBlock(dim, cfg.mlp_dim)
 
     def forward(self, x):
         shortcut = x
@@ -200,7 +207,7 @@ class PatchEmbed(nn.Module):
 class LayerNorm2d(nn.Module):
     """LayerNorm over channels of [B, C, H, W], the vendor's explicit formula."""
 
-    def __init__(self, channels: int, eps: float = 1e-6):
+    def __init__(self, channels: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
@@ -214,42 +221,42 @@ class LayerNorm2d(nn.Module):
 
 
 class Sam(nn.Module):
-    """SAM ViT-B image encoder: [B, 3, S, S] -> [B, 1024, S/64, S/64]."""
+    """SAM ViT-B image encoder: [B, 3, S, S] -> [B, net_3_chans, S/64, S/64]."""
 
     def __init__(self, cfg: SamConfig):
         super().__init__()
         self.cfg = cfg
-        self._cache = TableCache()
+        self.tables = TableCache()
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid, cfg.grid, cfg.embed_dim))
         self.blocks = nn.ModuleList(
-            SamBlock(cfg, 0 if i in cfg.global_attn_indexes else cfg.window_size, self._cache)
+            SamBlock(cfg, 0 if i in cfg.global_attn_indexes else cfg.window_size, self.tables)
             for i in range(cfg.depth))
-        c = cfg.out_chans
+        c, eps = cfg.out_chans, cfg.layer_norm_eps
         self.neck = nn.Sequential(
-            nn.Conv2d(cfg.embed_dim, c, kernel_size=1, bias=False), LayerNorm2d(c),
-            nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False), LayerNorm2d(c))
-        self.net_2 = nn.Conv2d(256, 512, kernel_size=3, stride=2, padding=1, bias=False)
-        self.net_3 = nn.Conv2d(512, 1024, kernel_size=3, stride=2, padding=1, bias=False)
+            nn.Conv2d(cfg.embed_dim, c, kernel_size=1, bias=False), LayerNorm2d(c, eps),
+            nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False), LayerNorm2d(c, eps))
+        # net_2 and net_3 halve the grid each (NECK_DOWNSAMPLE in gundam.config)
+        self.net_2 = nn.Conv2d(c, cfg.net_2_chans, kernel_size=3, stride=2, padding=1, bias=False)
+        self.net_3 = nn.Conv2d(cfg.net_2_chans, cfg.net_3_chans, kernel_size=3, stride=2, padding=1, bias=False)
 
     def pos_embed_for(self, grid: int) -> torch.Tensor:
-        return self._cache.get(self.pos_embed, grid, lambda: resize_pos_embed(self.pos_embed, grid))
+        return self.tables.get(self.pos_embed, grid, lambda: resize_pos_embed(self.pos_embed, grid))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)                       # [B, g, g, C]
         x = x + self.pos_embed_for(x.shape[1])
         for blk in self.blocks:
             x = blk(x)
-        x = self.neck(x.permute(0, 3, 1, 2))          # [B, 256, g, g]
-        return self.net_3(self.net_2(x))              # [B, 1024, g/4, g/4]
+        x = self.neck(x.permute(0, 3, 1, 2))          # [B, out_chans, g, g]
+        return self.net_3(self.net_2(x))              # [B, net_3_chans, g/4, g/4]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # CLIP-L
 
-def resize_clip_pos(pos: torch.Tensor, tokens: int) -> torch.Tensor:
-    """[1 + G*G, C] -> [tokens, C]: the class row kept, the grid bicubic-resized (vendor `get_abs_pos`)."""
-    src, tgt = int(math.sqrt(pos.shape[0] - 1)), int(math.sqrt(tokens))
+def resize_clip_pos(pos: torch.Tensor, src: int, tgt: int) -> torch.Tensor:
+    """[1 + src*src, C] -> [1 + tgt*tgt, C]: the class row kept, the grid bicubic-resized (vendor `get_abs_pos`)."""
     if src == tgt:
         return pos
     C = pos.shape[-1]
@@ -260,20 +267,26 @@ def resize_clip_pos(pos: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 class ClipEmbeddings(nn.Module):
-    def __init__(self, cfg: ClipConfig, cache: TableCache):
+    def __init__(self, cfg: ClipConfig, tables: TableCache):
         super().__init__()
+        self.grid = cfg.grid
         self.class_embedding = nn.Parameter(torch.randn(cfg.hidden_size))
         self.position_embedding = nn.Embedding(cfg.grid ** 2 + 1, cfg.hidden_size)
-        self._cache = cache
+        self.tables = tables
         # The vendor's unused `patch_embedding` conv and `position_ids` buffer are not kept: SAM's output
         # replaces the patch embedding. Loading ignores those keys.
 
-    def forward(self, patch_embeds: torch.Tensor) -> torch.Tensor:
-        x = patch_embeds.flatten(2).transpose(1, 2)                 # [B, 1024, h, w] -> [B, h*w, 1024]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1)                               # [B, 1 + h*w, 1024]
+    def position_embedding_for(self, grid: int) -> torch.Tensor:
+        """Position table for a class token and a grid x grid view: [1 + grid*grid, C] (cached per size)."""
         w = self.position_embedding.weight
-        return x + self._cache.get(w, x.shape[1], lambda: resize_clip_pos(w, x.shape[1]))
+        return self.tables.get(w, grid, lambda: resize_clip_pos(w, self.grid, grid))
+
+    def forward(self, patch_embeds: torch.Tensor) -> torch.Tensor:
+        B, C, h, w = patch_embeds.shape                             # square views: h == w
+        x = patch_embeds.flatten(2).transpose(1, 2)                 # [B, C, h, w] -> [B, h*w, C]
+        cls = self.class_embedding.to(x.dtype).expand(B, 1, -1)
+        x = torch.cat([cls, x], dim=1)                               # [B, 1 + h*w, C]
+        return x + self.position_embedding_for(h)
 
 
 class ClipAttention(nn.Module):
@@ -329,7 +342,7 @@ class ClipTransformer(nn.Module):
 
 
 class Clip(nn.Module):
-    """CLIP-L on SAM's features: [B, 1024, h, w] -> [B, 1 + h*w, 1024] (class token first, no post-norm)."""
+    """CLIP-L on SAM's features: [B, C, h, w] -> [B, 1 + h*w, C] (class token first, no post-norm)."""
 
     def __init__(self, cfg: ClipConfig):
         super().__init__()
@@ -352,12 +365,18 @@ class Projector(nn.Module):
         return self.layers(x)
 
 
-def encode_views(sam: Sam, clip: Clip, projector: Projector, pixels: torch.Tensor) -> torch.Tensor:
-    """Views of one size [B, 3, S, S] -> projected tokens [B, (S/64)^2, n_embed], row-major per view."""
-    sam_out = sam(pixels)                                            # [B, 1024, q, q]
-    clip_out = clip(pixels, sam_out)                                 # [B, 1 + q*q, 1024]
-    feats = torch.cat([clip_out[:, 1:], sam_out.flatten(2).permute(0, 2, 1)], dim=-1)  # [B, q*q, 2048]
-    return projector(feats)
+def encode_views(sam: Sam, clip: Clip, projector: Projector, pixels: torch.Tensor, mark=None) -> torch.Tensor:
+    """Views of one size [B, 3, S, S] -> projected tokens [B, (S/64)^2, n_embed], row-major per view.
+    `mark(stage)` is called after each stage ("sam", "clip", "layout") when given (timing)."""
+    mark = mark or (lambda stage: None)
+    sam_out = sam(pixels)                                            # [B, C, q, q]
+    mark("sam")
+    clip_out = clip(pixels, sam_out)                                 # [B, 1 + q*q, C]
+    mark("clip")
+    feats = torch.cat([clip_out[:, 1:], sam_out.flatten(2).permute(0, 2, 1)], dim=-1)  # [B, q*q, 2C]
+    out = projector(feats)
+    mark("layout")
+    return out
 
 
 def build_modules(cfg: EncoderConfig):

@@ -6,17 +6,24 @@ GELU) run once per layer over the whole buffer, whatever the number of images an
 per layer over a segment table (every window, or every whole view); convolutions run once per view size.
 The projector and the newline/separator layout are one kernel writing straight into the packed output.
 
+Everything the pass needs to know about the batch's shape (view offsets, segment tables, the output row map)
+is a function of its signature (each image's grid and the view sizes) and is built once per signature.
+
 The linears stay on torch (cuBLAS): at these shapes ([T, 768] x [768, 2304] and up) they run near the
 tensor-core peak, and their bias/GELU epilogues are a few percent of the time.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from gundam.model import quick_gelu, resize_clip_pos, resize_rel_pos
+from gundam.layout import ImageLayout, grid_layout, layout_tokens
+from gundam.model import quick_gelu
 
 
 def check_triton_available(device: torch.device):
@@ -27,121 +34,140 @@ def check_triton_available(device: torch.device):
 
 def _kernels():
     # imported late: TRITON_INTERPRET must be set before triton is first imported
-    from gundam.kernels import attention as attn
-    from gundam.kernels import layernorm, layout
-    return attn, layernorm.layer_norm, layout
+    from gundam.kernels import attention, layernorm, layout
+    return attention, layernorm, layout
 
 
-def sam_packed(sam, groups):
-    """groups: list of [B, 3, S, S] pixel batches (one per view size) -> list of [B, 1024, q, q]."""
-    attn, layer_norm, _ = _kernels()
+@dataclass(frozen=True)
+class Plan:
+    """Host-built facts of one packed pass; views are in pass order (global views, then crops)."""
+    seg_window: object          # SegmentTable: every window of every view (SAM window blocks)
+    seg_global: object          # SegmentTable: every whole view (SAM global blocks)
+    seg_clip: object            # SegmentTable: every view with its class token (CLIP)
+    row_map: object             # RowMap of the output rows
+
+
+@functools.lru_cache(maxsize=64)
+def make_plan(layouts: tuple[ImageLayout, ...], patch_size: int, window: int, device: torch.device) -> Plan:
+    attn, _, layout_kernel = _kernels()
+    mode = layouts[0].mode
+    # (patch grid, output grid) per view: global views first, then every crop in image and tile order
+    sizes = [(mode.base_size // patch_size, layouts[0].qb)] * len(layouts)
+    sizes += [(mode.image_size // patch_size, layouts[0].qi)] * sum(l.n_crops for l in layouts)
+
+    def pack(sides, class_token=0):  # square views one after another in a packed buffer
+        offsets = itertools.accumulate([class_token + n * n for n in sides], initial=0)
+        return [attn.View(off, n, n) for off, n in zip(offsets, sides)]
+
+    sam_views = pack([g for g, _ in sizes])                 # SAM blocks' token grids
+    clip_views = pack([q for _, q in sizes], class_token=1)  # CLIP: class token, then the q x q grid
+    out_views = pack([q for _, q in sizes])                 # SAM's output grids, token-major
+
+    # Row map: the one torch layout, run on (CLIP row, SAM row) index pairs instead of embeddings.
+    def index_rows(v):  # [q*q, 2]
+        t = torch.arange(out_views[v].h * out_views[v].w)
+        return torch.stack([clip_views[v].offset + 1 + t, out_views[v].offset + t], dim=1)
+
+    newline = torch.tensor([layout_kernel.NEWLINE, -1])
+    separator = torch.tensor([layout_kernel.SEPARATOR, -1])
+    rows, crop = [], len(layouts)
+    for i, lay in enumerate(layouts):
+        local = torch.stack([index_rows(v) for v in range(crop, crop + lay.n_crops)]) if lay.n_crops else None
+        crop += lay.n_crops
+        rows.append(layout_tokens(lay, index_rows(i), local, newline, separator))
+    return Plan(
+        seg_window=attn.build_segments(sam_views, window, device=device),
+        seg_global=attn.build_segments(sam_views, None, device=device),
+        seg_clip=attn.build_segments(clip_views, class_token=True, device=device),
+        row_map=layout_kernel.RowMap.from_host(torch.cat(rows), device=device),
+    )
+
+
+def sam_packed(sam, groups, plan: Plan, timer):
+    """groups: list of [B, 3, S, S] pixel batches (one per view size, in plan order) -> list of
+    [B, net_3_chans, q, q]."""
+    attn, ln, _ = _kernels()
     cfg = sam.cfg
     C, nh = cfg.embed_dim, cfg.num_heads
     # patch embedding per size, then one token-major buffer [T, C]
-    xs, views, shapes, off = [], [], [], 0
+    xs = []
     for pixels in groups:
         x = sam.patch_embed(pixels)                                     # [B, g, g, C]
         B, g = x.shape[0], x.shape[1]
         xs.append((x + sam.pos_embed_for(g)).reshape(B * g * g, C))
-        views += [(off + b * g * g, g, g) for b in range(B)]
-        shapes.append((B, g))
-        off += B * g * g
     x = torch.cat(xs)                                                   # [T, C]
-    T, dev = x.shape[0], x.device
-    seg_window = attn.build_segments(views, cfg.window_size, device=dev)
-    seg_global = attn.build_segments(views, None, device=dev)
+    T = x.shape[0]
 
     mlp_out = None
     for blk in sam.blocks:
         a = blk.attn
         if mlp_out is None:
-            h = layer_norm(x, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
+            h = ln.layer_norm(x, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
         else:
-            h, x = layer_norm(mlp_out, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, residual=x)
+            h, x = ln.layer_norm(mlp_out, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, residual=x)
         qkv = F.linear(h, a.qkv.weight, a.qkv.bias).view(T, 3, nh, C // nh)
-        if blk.window_size:
-            seg = seg_window
-            rh, rw = resize_rel_pos(a.rel_pos_h, blk.window_size), resize_rel_pos(a.rel_pos_w, blk.window_size)
-        else:
-            seg = seg_global
-            rh = attn.pack_rel_pos([_rel(sam, a.rel_pos_h, s) for s in seg.rel_sizes_h], seg.rel_sizes_h)
-            rw = attn.pack_rel_pos([_rel(sam, a.rel_pos_w, s) for s in seg.rel_sizes_w], seg.rel_sizes_w)
+        seg = plan.seg_window if blk.window_size else plan.seg_global
+        rh = attn.pack_rel_pos([a.rel_pos_h_for(s) for s in seg.rel_sizes_h], seg.rel_sizes_h)
+        rw = attn.pack_rel_pos([a.rel_pos_w_for(s) for s in seg.rel_sizes_w], seg.rel_sizes_w)
         o = attn.attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=a.qkv.bias)   # [T, C]
         o = F.linear(o, a.proj.weight, a.proj.bias)
-        h, x = layer_norm(o, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, residual=x)
+        h, x = ln.layer_norm(o, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, residual=x)
         # GELU in place: the [T, 4C] hidden state is the largest activation of the packed pass
         mlp_out = blk.mlp.lin2(torch.ops.aten.gelu_(blk.mlp.lin1(h)))
     x = x + mlp_out
 
     outs, off = [], 0
-    for B, g in shapes:
+    for pixels in groups:
+        B, g = pixels.shape[0], pixels.shape[-1] // cfg.patch_size
         grid = x[off:off + B * g * g].view(B, g, g, C).permute(0, 3, 1, 2)   # [B, C, g, g]
-        outs.append(sam.net_3(sam.net_2(sam.neck(grid))))                  # [B, 1024, g/4, g/4]
+        outs.append(sam.net_3(sam.net_2(sam.neck(grid))))                  # [B, net_3_chans, g/4, g/4]
         off += B * g * g
+    timer.mark("sam")
     return outs
 
 
-def _rel(sam, table, size):
-    return sam._cache.get(table, ("packed", size), lambda: resize_rel_pos(table, size))
-
-
-def clip_packed(clip, sam_outs):
-    """list of SAM outputs [B, 1024, q, q] -> packed CLIP tokens [T, 1024] (per view: class token + q*q),
-    and the per-view (offset, q, q)."""
-    attn, layer_norm, _ = _kernels()
+def clip_packed(clip, sam_outs, plan: Plan, timer):
+    """list of SAM outputs [B, C, q, q] -> packed CLIP tokens [T, C] (per view: class token + q*q)."""
+    attn, ln, _ = _kernels()
     cfg = clip.cfg
     nh, C = cfg.num_attention_heads, cfg.hidden_size
-    xs, views, off = [], [], 0
-    for s in sam_outs:
-        x = clip.embeddings(s)                                          # [B, 1 + q*q, C]
-        B, n = x.shape[:2]
-        q = s.shape[-1]
-        xs.append(x.reshape(B * n, C))
-        views += [(off + b * n, q, q) for b in range(B)]
-        off += B * n
-    x = torch.cat(xs)                                                   # [T, C]
+    x = torch.cat([clip.embeddings(s).flatten(0, 1) for s in sam_outs])  # [B, 1 + q*q, C] each -> [T, C]
     T = x.shape[0]
-    seg = attn.build_segments(views, class_token=True, device=x.device)
-    x = layer_norm(x, clip.pre_layrnorm.weight, clip.pre_layrnorm.bias, clip.pre_layrnorm.eps)
+    x = ln.layer_norm(x, clip.pre_layrnorm.weight, clip.pre_layrnorm.bias, clip.pre_layrnorm.eps)
     mlp_out = None
     for layer in clip.transformer.layers:
         ln1, ln2, sa = layer.layer_norm1, layer.layer_norm2, layer.self_attn
         if mlp_out is None:
-            h = layer_norm(x, ln1.weight, ln1.bias, ln1.eps)
+            h = ln.layer_norm(x, ln1.weight, ln1.bias, ln1.eps)
         else:
-            h, x = layer_norm(mlp_out, ln1.weight, ln1.bias, ln1.eps, residual=x)
+            h, x = ln.layer_norm(mlp_out, ln1.weight, ln1.bias, ln1.eps, residual=x)
         qkv = F.linear(h, sa.qkv_proj.weight, sa.qkv_proj.bias).view(T, 3, nh, C // nh)
-        o = F.linear(attn.attention(qkv, seg), sa.out_proj.weight, sa.out_proj.bias)
-        h, x = layer_norm(o, ln2.weight, ln2.bias, ln2.eps, residual=x)
+        o = F.linear(attn.attention(qkv, plan.seg_clip), sa.out_proj.weight, sa.out_proj.bias)
+        h, x = ln.layer_norm(o, ln2.weight, ln2.bias, ln2.eps, residual=x)
         mlp_out = layer.mlp.fc2(quick_gelu(layer.mlp.fc1(h)))
-    return x + mlp_out, views
+    x = x + mlp_out
+    timer.mark("clip")
+    return x
 
 
-def encode_packed(enc, batch):
-    """Batch -> (embeddings [total_tokens, n_embed], offsets [n_images + 1]) through the Triton kernels."""
+def encode_packed(enc, batch, timer) -> torch.Tensor:
+    """Batch -> embeddings [total_tokens, n_embed] through the Triton kernels."""
     if torch.is_grad_enabled() and any(p.requires_grad for p in enc.parameters()):
         raise RuntimeError("backend='triton' is inference-only (its kernels have no backward): call it under "
                            "torch.no_grad() or torch.inference_mode(), or use backend='torch' to train")
-    _, _, layout = _kernels()
+    _, _, layout_kernel = _kernels()
     dev, dt = enc.device, enc.dtype
-    groups = [batch.global_views.to(dev, dt)]
+    signature = tuple(grid_layout(lay.mode, lay.grid) for lay in batch.layouts)   # sizes of the images dropped
+    plan = make_plan(signature, enc.config.sam.patch_size, enc.config.sam.window_size, dev)
+    groups = [enc.pixels(batch.global_views)]
     if batch.crops.shape[0]:
-        groups.append(batch.crops.to(dev, dt))
-    sam_outs = sam_packed(enc.sam_model, groups)
-    clip_tok, clip_views = clip_packed(enc.vision_model, sam_outs)
+        groups.append(enc.pixels(batch.crops))
+    sam_outs = sam_packed(enc.sam_model, groups, plan, timer)
+    clip_tok = clip_packed(enc.vision_model, sam_outs, plan, timer)
     # SAM tokens token-major, views in the same order as CLIP's
-    sam_tok = torch.cat([s.flatten(2).transpose(1, 2).reshape(-1, s.shape[1]) for s in sam_outs])  # [T, 1024]
-    q = [v[1] for v in clip_views]
-    sam_off = [0]
-    for qv in q[:-1]:
-        sam_off.append(sam_off[-1] + qv * qv)
-    images, crop = [], batch.n_images                     # crops follow the global views in view order
-    for i, lay in enumerate(batch.layouts):
-        crops = tuple(range(crop, crop + lay.n_crops))
-        crop += lay.n_crops
-        images.append(layout.ImageViews(global_view=i, grid_w=lay.grid[0], grid_h=lay.grid[1], crop_views=crops))
-    plan = layout.build_layout(images, sam_off, [v[0] for v in clip_views], q, device=dev)
+    sam_tok = torch.cat([s.flatten(2).transpose(1, 2).reshape(-1, s.shape[1]) for s in sam_outs])  # [T, C]
     p = enc.projector.layers
-    out = layout.project_and_layout(sam_tok, clip_tok, p.weight, p.bias, enc.image_newline.to(dt),
-                                    enc.view_seperator.to(dt), plan)
-    return out, plan.out_offsets.cpu()
+    out = layout_kernel.project_and_layout(sam_tok, clip_tok, p.weight, p.bias, enc.image_newline.to(dt),
+                                           enc.view_seperator.to(dt), plan.row_map)
+    timer.mark("layout")
+    return out

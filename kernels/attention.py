@@ -40,18 +40,30 @@ import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-# Segment table columns (int32 [G, SEG_COLS]).
+from gundam.kernels.launch import FLOAT_DTYPES, check_tensor, resolve_config
+
+# Segment table columns (int32 [G, SEG_COLS]), and the same indices as constexprs for the kernels.
 SEG_TOKEN, SEG_H, SEG_W, SEG_ROW0, SEG_COL0, SEG_GH, SEG_GW, SEG_RH_OFF, SEG_RW_OFF = range(9)
 SEG_COLS = 9
+_TOKEN, _H, _W, _ROW0, _COL0, _GH, _GW, _RH_OFF, _RW_OFF = map(tl.constexpr, (
+    SEG_TOKEN, SEG_H, SEG_W, SEG_ROW0, SEG_COL0, SEG_GH, SEG_GW, SEG_RH_OFF, SEG_RW_OFF))
 
 LOG2E = 1.4426950408889634
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class View(NamedTuple):
+    """One view in a packed token buffer: a row-major h x w grid starting at token `offset` (CLIP: the class
+    token sits at `offset`, the grid follows it)."""
+    offset: int
+    h: int
+    w: int
 
 
 # ----------------------------------------------------------------------------------------------- segments
@@ -96,8 +108,8 @@ def _rel_offsets(sizes):
 def build_segments(views, window=None, *, class_token=False, device=None):
     """Segment table for the views of a packed buffer.
 
-    views: list of (token_offset, H, W), one per view (CLIP: the h x w grid, the view then spans 1 + h*w
-    tokens from token_offset, class token first). window=None: one whole-view group per view (SAM global
+    views: list of View (offset, h, w), one per view (CLIP: the h x w grid, the view then spans 1 + h*w
+    tokens from offset, class token first). window=None: one whole-view group per view (SAM global
     blocks, CLIP); window=S: one group per S x S window, row-major over the windows of each view, padded at
     the bottom/right edge. The packed rel-pos tables are ordered by `rel_sizes_h` / `rel_sizes_w`
     (use `pack_rel_pos`).
@@ -109,10 +121,10 @@ def build_segments(views, window=None, *, class_token=False, device=None):
     spans = []
     for v in views:
         if len(v) != 3 or not all(isinstance(x, (int, np.integer)) for x in v):
-            raise ValueError(f"each view must be (token_offset, H, W) ints, got {v!r}")
+            raise ValueError(f"build_segments: view {v!r}, expected View(offset, h, w) of ints")
         off, h, w = (int(x) for x in v)
         if off < 0 or h < 1 or w < 1:
-            raise ValueError(f"view needs token_offset >= 0 and H, W >= 1, got {v!r}")
+            raise ValueError(f"build_segments: view {v!r}, expected offset >= 0 and h, w >= 1")
         spans.append((off, off + h * w + (1 if class_token else 0), h, w))
     order = sorted(spans)
     for a, b in zip(order, order[1:]):
@@ -174,13 +186,13 @@ def pack_rel_pos(tables, sizes):
 def _group_queries(seg_ptr, stride_seg, pid, n_qblocks, BLOCK_M: tl.constexpr):
     """Program pid's group row and query block: positions in the group, realness, packed token index."""
     seg_row = seg_ptr + (pid // n_qblocks) * stride_seg
-    tok0 = tl.load(seg_row + 0)
-    H = tl.load(seg_row + 1)
-    W = tl.load(seg_row + 2)
-    R0 = tl.load(seg_row + 3)
-    C0 = tl.load(seg_row + 4)
-    GH = tl.load(seg_row + 5)
-    GW = tl.load(seg_row + 6)
+    tok0 = tl.load(seg_row + _TOKEN)
+    H = tl.load(seg_row + _H)
+    W = tl.load(seg_row + _W)
+    R0 = tl.load(seg_row + _ROW0)
+    C0 = tl.load(seg_row + _COL0)
+    GH = tl.load(seg_row + _GH)
+    GW = tl.load(seg_row + _GW)
     # queries: a flat run of the group's row-major index, addressed in the packed layout
     offs_m = (pid % n_qblocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     q_gh = offs_m // GW
@@ -222,8 +234,8 @@ def _relpos_kernel(
         seg_ptr, stride_seg, pid, n_qblocks, BLOCK_M)
     if (pid % n_qblocks) * BLOCK_M >= GH * GW:     # this group has fewer query blocks than the largest one
         return
-    RH_OFF = tl.load(seg_row + 7)
-    RW_OFF = tl.load(seg_row + 8)
+    RH_OFF = tl.load(seg_row + _RH_OFF)
+    RW_OFF = tl.load(seg_row + _RW_OFF)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
                 mask=q_real[:, None], other=0.0)
@@ -381,65 +393,39 @@ def _relpos_warps(block_rh, block_rw):
 
 # ----------------------------------------------------------------------------------------------- launcher
 
-def _check_like(name, t, qkv):
-    if t.dtype != qkv.dtype:
-        raise TypeError(f"{name} dtype {t.dtype} does not match qkv dtype {qkv.dtype}")
-    if t.device != qkv.device:
-        raise ValueError(f"{name} is on {t.device} but qkv is on {qkv.device}")
-
-
-def _check_inputs(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale, dtypes=_DTYPES):
+def _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale, dtypes=FLOAT_DTYPES):
     """All launch checks; returns (T, heads, head_dim, has_rel, scale)."""
-    if not isinstance(qkv, torch.Tensor):
-        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
-    if qkv.dim() != 4 or qkv.shape[1] != 3:
-        raise ValueError(f"qkv must be [total_tokens, 3, heads, head_dim], got {tuple(qkv.shape)}")
-    if qkv.dtype not in dtypes:
-        raise TypeError(f"qkv dtype must be one of {', '.join(str(d) for d in dtypes)}, got {qkv.dtype}")
-    T, _, heads, head_dim = qkv.shape
+    check_tensor(fn, "qkv", qkv, ndim=4, dtypes=dtypes, unit_stride=True)
+    T, three, heads, head_dim = qkv.shape
+    if three != 3:
+        raise ValueError(f"{fn}: qkv has shape {tuple(qkv.shape)}, expected (total_tokens, 3, heads, head_dim)")
     if head_dim not in (16, 32, 64, 128):
-        raise ValueError(f"head_dim must be a power of two in 16..128, got {head_dim}")
-    if qkv.stride(3) != 1:
-        raise ValueError(f"qkv's head_dim axis must be contiguous, got strides {qkv.stride()}")
+        raise ValueError(f"{fn}: qkv has head_dim {head_dim}, expected a power of two in 16..128")
+    like = dict(dtype=qkv.dtype, device=qkv.device)
     if not isinstance(segments, SegmentTable):
-        raise TypeError(f"segments must be a SegmentTable (see build_segments), got {type(segments).__name__}")
-    rows = segments.rows
-    if rows.dim() != 2 or rows.shape[1] != SEG_COLS or rows.dtype != torch.int32:
-        raise ValueError(f"segment table must be int32 [G, {SEG_COLS}], got {rows.dtype} {tuple(rows.shape)}")
-    if rows.device != qkv.device:
-        raise ValueError(f"segment table is on {rows.device} but qkv is on {qkv.device}; use segments.to(device)")
+        raise TypeError(f"{fn}: segments is a {type(segments).__name__}, expected a SegmentTable (build_segments)")
+    check_tensor(fn, "segments.rows", segments.rows, shape=(None, SEG_COLS), dtype=torch.int32, device=qkv.device)
     if segments.end_token > T:
-        raise ValueError(f"segments reach token {segments.end_token} but qkv has only {T} tokens")
+        raise ValueError(f"{fn}: segments reach token {segments.end_token}, expected at most qkv's {T} tokens")
 
     if (rel_pos_h is None) != (rel_pos_w is None):
-        raise ValueError("pass both rel_pos_h and rel_pos_w, or neither")
+        raise ValueError(f"{fn}: got only one of rel_pos_h and rel_pos_w, expected both or neither")
     has_rel = rel_pos_h is not None
     if has_rel:
         if segments.class_token:
-            raise ValueError("class-token (CLIP) segments take no rel-pos tables")
+            raise ValueError(f"{fn}: rel-pos tables given for class-token (CLIP) segments, expected none")
         for name, t, sizes in (("rel_pos_h", rel_pos_h, segments.rel_sizes_h),
                                ("rel_pos_w", rel_pos_w, segments.rel_sizes_w)):
             need = sum(2 * s - 1 for s in sizes)
-            if t.dim() != 2 or t.shape[1] != head_dim or t.shape[0] < need:
-                raise ValueError(f"{name} must be [{need}, {head_dim}] (packed for sizes {sizes}), got {tuple(t.shape)}")
-            _check_like(name, t, qkv)
-            if t.stride(1) != 1:
-                raise ValueError(f"{name} rows must be contiguous, got strides {t.stride()}")
+            check_tensor(fn, name, t, shape=(need, head_dim), unit_stride=True, **like)
     if qkv_bias is not None:
-        if qkv_bias.numel() != 3 * heads * head_dim:
-            raise ValueError(f"qkv_bias must have 3 * heads * head_dim = {3 * heads * head_dim} elements, "
-                             f"got {tuple(qkv_bias.shape)}")
-        _check_like("qkv_bias", qkv_bias, qkv)
+        check_tensor(fn, "qkv_bias", qkv_bias, shape=(3 * heads * head_dim,), **like)
     if out is not None:
-        if tuple(out.shape) != (T, heads * head_dim):
-            raise ValueError(f"out must be [{T}, {heads * head_dim}], got {tuple(out.shape)}")
-        _check_like("out", out, qkv)
-        if out.stride(1) != 1:
-            raise ValueError(f"out rows must be contiguous, got strides {out.stride()}")
+        check_tensor(fn, "out", out, shape=(T, heads * head_dim), unit_stride=True, **like)
     if scale is None:
         scale = head_dim ** -0.5
-    elif not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive float, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"{fn}: scale={scale!r}, expected a positive float")
     return T, heads, head_dim, has_rel, float(scale)
 
 
@@ -455,25 +441,20 @@ def attention(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bias=None, o
     out: optional [T, heads * head_dim] output written in place; tokens outside every group are untouched.
         Default: a new zero-filled tensor.
     scale: logit scale, default head_dim ** -0.5.
-    config: optional dict overriding choose_config (BLOCK_M, BLOCK_KH, BLOCK_KW, num_warps, num_stages).
+    config: overrides of choose_config (BLOCK_M, BLOCK_KH, BLOCK_KW, num_warps, num_stages).
     """
-    T, heads, head_dim, has_rel, scale = _check_inputs(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale)
+    fn = "attention"
+    T, heads, head_dim, has_rel, scale = _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale)
     if out is None:
         out = torch.zeros(T, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     G = segments.num_groups
     if G == 0 or heads == 0:
         return out
-    cfg = choose_config(segments, head_dim, qkv.dtype)
-    if config is not None:
-        unknown = set(config) - set(cfg)
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; expected some of {sorted(cfg)}")
-        cfg.update(config)
-    for k in ("BLOCK_M", "BLOCK_KH", "BLOCK_KW"):
-        if cfg[k] < 1 or cfg[k] & (cfg[k] - 1):
-            raise ValueError(f"{k} must be a power of two, got {cfg[k]}")
+    cfg = resolve_config(fn, choose_config(segments, head_dim, qkv.dtype), config,
+                         pow2=("BLOCK_M", "BLOCK_KH", "BLOCK_KW", "num_warps"))
     if cfg["BLOCK_M"] < 16 or cfg["BLOCK_KH"] * cfg["BLOCK_KW"] < 16:
-        raise ValueError(f"BLOCK_M and BLOCK_KH * BLOCK_KW must be >= 16 (tensor-core tiles), got {cfg}")
+        raise ValueError(f"{fn}: config BLOCK_M={cfg['BLOCK_M']}, BLOCK_KH*BLOCK_KW={cfg['BLOCK_KH'] * cfg['BLOCK_KW']}, "
+                         f"expected both >= 16 (tensor-core tiles)")
     dot_precision = "ieee" if qkv.dtype == torch.float32 else "tf32"   # "tf32" is ignored for 16-bit inputs
 
     # k, v of padded keys: the qkv bias as one [3, heads, head_dim] row (zeros for a bias-free linear)
@@ -535,8 +516,8 @@ def attention_reference(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bi
     """Pure-torch reference of `attention`: per group, gather (padding = qkv bias), materialised bias, softmax.
 
     Same arguments as `attention` (float64 inputs allowed too); computes in `compute_dtype`."""
-    T, heads, head_dim, has_rel, scale = _check_inputs(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale,
-                                                       dtypes=(*_DTYPES, torch.float64))
+    T, heads, head_dim, has_rel, scale = _check_inputs("attention_reference", qkv, segments, rel_pos_h, rel_pos_w,
+                                                       qkv_bias, out, scale, dtypes=(*FLOAT_DTYPES, torch.float64))
     if out is None:
         out = torch.zeros(T, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     dev, cd = qkv.device, compute_dtype

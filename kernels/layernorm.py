@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gundam.kernels.launch import FLOAT_DTYPES, check_tensor, resolve_config
+
 
 @triton.jit
 def _layer_norm_kernel(
@@ -39,66 +41,44 @@ def _layer_norm_kernel(
     tl.store(y_ptr + row * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+def default_config(C):
+    # ~8 elements per thread: 16-byte vector loads for 16-bit dtypes and no register pressure.
+    return dict(num_warps=min(max(triton.next_power_of_2(C) // 256, 1), 8))
 
 
-def _check_rows(name, t, C, dtype, device):
-    if t.dim() != 2:
-        raise ValueError(f"layer_norm: {name} must be 2-D [T, C], got shape {tuple(t.shape)}")
-    if t.shape[1] != C:
-        raise ValueError(f"layer_norm: {name} has {t.shape[1]} channels, expected C={C}")
-    if t.dtype != dtype:
-        raise ValueError(f"layer_norm: {name} has dtype {t.dtype}, expected {dtype} (the dtype of x)")
-    if t.device != device:
-        raise ValueError(f"layer_norm: {name} is on {t.device}, expected {device} (the device of x)")
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"layer_norm: {name} must have unit stride along C (row stride is fine), "
-                         f"got strides {t.stride()}")
-
-
-def layer_norm(x, weight, bias, eps, residual=None):
+def layer_norm(x, weight, bias, eps, residual=None, *, config=None):
     """LN(x) * weight + bias over the last dim of x [T, C]; returns y [T, C] in x's dtype.
 
     With residual [T, C]: h = x + residual, returns (LN(h) * weight + bias, h).
     Rows may be strided (e.g. a column slice of a wider buffer); C must be contiguous.
+    config: overrides of default_config (num_warps).
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"layer_norm: x must be a 2-D tensor [T, C], got {getattr(x, 'shape', type(x))}")
+    fn = "layer_norm"
+    check_tensor(fn, "x", x, ndim=2, dtypes=FLOAT_DTYPES, unit_stride=True)
     T, C = x.shape
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"layer_norm: x has dtype {x.dtype}, expected one of {_DTYPES}")
     if C == 0:
-        raise ValueError("layer_norm: x has C=0 channels, expected C >= 1")
-    _check_rows("x", x, C, x.dtype, x.device)
+        raise ValueError(f"{fn}: x has shape {tuple(x.shape)}, expected C >= 1 channels")
+    like = dict(dtype=x.dtype, device=x.device)
     if residual is not None:
-        _check_rows("residual", residual, C, x.dtype, x.device)
-        if residual.shape[0] != T:
-            raise ValueError(f"layer_norm: residual has {residual.shape[0]} rows, expected T={T} (rows of x)")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p.shape != (C,):
-            raise ValueError(f"layer_norm: {name} has shape {tuple(p.shape)}, expected ({C},)")
-        if p.dtype != x.dtype:
-            raise ValueError(f"layer_norm: {name} has dtype {p.dtype}, expected {x.dtype} (the dtype of x)")
-        if p.device != x.device:
-            raise ValueError(f"layer_norm: {name} is on {p.device}, expected {x.device} (the device of x)")
+        check_tensor(fn, "residual", residual, shape=(T, C), unit_stride=True, **like)
+    check_tensor(fn, "weight", weight, shape=(C,), **like)
+    check_tensor(fn, "bias", bias, shape=(C,), **like)
     if not eps > 0:
-        raise ValueError(f"layer_norm: eps={eps}, expected a positive float")
-    weight, bias = weight.contiguous(), bias.contiguous()
-
+        raise ValueError(f"{fn}: eps={eps}, expected a positive float")
     BLOCK_N = triton.next_power_of_2(C)
     if BLOCK_N > 16384:
-        raise ValueError(f"layer_norm: C={C} is too wide for one row per program, expected C <= 16384")
-    # ~8 elements per thread: 16-byte vector loads for 16-bit dtypes and no register pressure.
-    num_warps = min(max(BLOCK_N // 256, 1), 8)
-    y = torch.empty((T, C), dtype=x.dtype, device=x.device)
-    h = torch.empty((T, C), dtype=x.dtype, device=x.device) if residual is not None else y
+        raise ValueError(f"{fn}: x has C={C} channels, expected C <= 16384 (one row per program)")
+    cfg = resolve_config(fn, default_config(C), config, pow2=("num_warps",))
+    weight, bias = weight.contiguous(), bias.contiguous()
+    y = torch.empty((T, C), **like)
+    h = torch.empty((T, C), **like) if residual is not None else y
     r = residual if residual is not None else x
     if T > 0:
         _layer_norm_kernel[(T,)](
             x, r, weight, bias, y, h,
             C, float(eps),
             x.stride(0), r.stride(0), y.stride(0), h.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N, num_warps=num_warps,
+            HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N, num_warps=cfg["num_warps"],
         )
     return (y, h) if residual is not None else y
 
@@ -123,7 +103,7 @@ def _config(dtype, C, has_residual):
         # What the JIT specializes for 16-byte aligned tensors with C and row strides multiples of 16.
         attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(_layer_norm_kernel.arg_names)
                if name.endswith("_ptr") or name.startswith("stride_") or name == "C"},
-        num_warps=min(max(BLOCK_N // 256, 1), 8),
+        num_warps=default_config(C)["num_warps"],
         name=f"layer_norm_{dtype}_C{C}{'_residual' if has_residual else ''}",
     )
 

@@ -1,7 +1,3 @@
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +9,8 @@ import gundam.kernels.attention as attn_mod
 from gundam.kernels.attention import (SEG_GH, SEG_GW, SEG_RH_OFF, SEG_RW_OFF, attention, attention_reference,
                                       build_segments, choose_config, pack_rel_pos)
 
-DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 1e-2)]
+from testutils import DTYPES, assert_close
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,18 +31,12 @@ def _packed(views, heads, head_dim, dtype, seed, *, window=None, class_token=Fal
     return qkv, seg, rh, rw, qkv_bias
 
 
-def _assert_close(got, want, atol, rtol, what):
-    err = (got.double() - want.double()).abs()
-    assert torch.allclose(got.double(), want.double(), atol=atol, rtol=rtol), \
-        f"{what}: max abs err {err.max().item():.3e}, mean abs err {err.mean().item():.3e}"
-
-
 def _check(views, heads, head_dim, dtype, atol, rtol, seed, what, *, config=None, **kw):
     qkv, seg, rh, rw, b = _packed(views, heads, head_dim, dtype, seed, **kw)
     got = attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b, config=config)
     want = attention_reference(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b)   # float64 compute
     assert got.dtype == dtype and got.shape == (qkv.shape[0], heads * head_dim)
-    _assert_close(got, want, atol, rtol, what)
+    assert_close(got, want, atol, rtol, what)
     return got
 
 
@@ -123,7 +114,7 @@ def test_out_in_place_leaves_other_tokens_untouched():
     assert res.data_ptr() == out.data_ptr()
     assert torch.equal(out[:5], torch.full((5, 32), 7.0)) and torch.equal(out[54:], torch.full((6, 32), 7.0))
     want = attention_reference(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b)
-    _assert_close(out[5:54], want[5:54], 1e-5, 1e-5, "in-place out")
+    assert_close(out[5:54], want[5:54], 1e-5, 1e-5, "in-place out")
 
 
 def test_strided_qkv_view_of_linear_output():
@@ -138,7 +129,7 @@ def test_strided_qkv_view_of_linear_output():
     b = torch.randn(3 * heads * hd, generator=g) * 0.5
     got = attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b)
     want = attention_reference(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b)
-    _assert_close(got, want, 1e-5, 1e-5, "strided qkv")
+    assert_close(got, want, 1e-5, 1e-5, "strided qkv")
 
 
 def test_one_launch_for_a_mixed_batch(monkeypatch):
@@ -224,9 +215,9 @@ def test_reference_and_kernel_match_the_vendor_computation(window):
     rel_h = pack_rel_pos([tables[s][0] for s in seg.rel_sizes_h], seg.rel_sizes_h)
     rel_w = pack_rel_pos([tables[s][1] for s in seg.rel_sizes_w], seg.rel_sizes_w)
     ref = attention_reference(qkv, seg, rel_pos_h=rel_h, rel_pos_w=rel_w, qkv_bias=b_qkv)
-    _assert_close(ref, want, 1e-10, 1e-10, f"reference vs vendor window={window}")
+    assert_close(ref, want, 1e-10, 1e-10, f"reference vs vendor window={window}")
     got = attention(qkv.float(), seg, rel_pos_h=rel_h.float(), rel_pos_w=rel_w.float(), qkv_bias=b_qkv.float())
-    _assert_close(got, want, 1e-5, 1e-5, f"kernel vs vendor window={window}")
+    assert_close(got, want, 1e-5, 1e-5, f"kernel vs vendor window={window}")
 
 
 # ------------------------------------------------------------------------------------ segments, config, errors
@@ -275,28 +266,30 @@ def test_choose_config_production_tiles():
 
 def test_errors_are_clear():
     qkv, seg, rh, rw, b = _packed([(0, 6, 6)], 2, 16, torch.float32, 14, window=4)
-    with pytest.raises(ValueError, match=r"\[total_tokens, 3, heads, head_dim\]"):
+    with pytest.raises(ValueError, match=r"attention: qkv has shape \(36, 96\), expected 4 dims"):
         attention(qkv.view(36, 3 * 2 * 16), seg)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match=r"attention: qkv has dtype torch.int32, expected one of"):
         attention(qkv.to(torch.int32), seg)
-    with pytest.raises(ValueError, match="head_dim"):
+    with pytest.raises(ValueError, match="qkv has head_dim 12, expected a power of two"):
         attention(qkv[..., :12], seg)
-    with pytest.raises(ValueError, match="only 30 tokens"):
+    with pytest.raises(ValueError, match="segments reach token 36, expected at most qkv's 30 tokens"):
         attention(qkv[:30], seg)
-    with pytest.raises(ValueError, match="both rel_pos_h and rel_pos_w"):
+    with pytest.raises(ValueError, match="only one of rel_pos_h and rel_pos_w"):
         attention(qkv, seg, rel_pos_h=rh)
-    with pytest.raises(ValueError, match=r"rel_pos_h must be \[7, 16\]"):
+    with pytest.raises(ValueError, match=r"rel_pos_h has shape \(5, 16\), expected \(7, 16\)"):
         attention(qkv, seg, rel_pos_h=rh[:5], rel_pos_w=rw)
-    with pytest.raises(TypeError, match="rel_pos_w dtype"):
+    with pytest.raises(TypeError, match="rel_pos_w has dtype torch.float16, expected torch.float32"):
         attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw.half())
-    with pytest.raises(ValueError, match="qkv_bias must have .* = 96 elements"):
+    with pytest.raises(ValueError, match=r"qkv_bias has shape \(10,\), expected \(96\)"):
         attention(qkv, seg, qkv_bias=b[:10])
-    with pytest.raises(ValueError, match=r"out must be \[36, 32\]"):
+    with pytest.raises(ValueError, match=r"out has shape \(36, 16\), expected \(36, 32\)"):
         attention(qkv, seg, out=torch.empty(36, 16))
-    with pytest.raises(TypeError, match="SegmentTable"):
+    with pytest.raises(TypeError, match="segments is a Tensor, expected a SegmentTable"):
         attention(qkv, seg.rows)
-    with pytest.raises(ValueError, match="BLOCK_KW must be a power of two"):
+    with pytest.raises(ValueError, match="config BLOCK_KW=6, expected a power of two"):
         attention(qkv, seg, config=dict(BLOCK_KW=6))
+    with pytest.raises(ValueError, match=r"config keys \['BLOCK_Q'\] unknown"):
+        attention(qkv, seg, config=dict(BLOCK_Q=16))
     with pytest.raises(ValueError, match="views overlap"):
         build_segments([(0, 4, 4), (10, 4, 4)])
     with pytest.raises(ValueError, match="window must be"):
@@ -309,8 +302,7 @@ def test_errors_are_clear():
 # ------------------------------------------------------------------------------------------------- benchmark
 
 def test_bench_smoke():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "attention.py"), "--smoke", "--sweep"], env=env,
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "attention.py"), "--smoke", "--sweep"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "global-1024" in res.stdout and "windows" in res.stdout and "M32" in res.stdout

@@ -1,6 +1,5 @@
 """The benchmarks' own code runs (on CPU, tiny configs)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(script, *args):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
     return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
-                          timeout=900, env=env)
+                          timeout=900)
 
 
 def test_encoder_bench_smoke(tmp_path):

@@ -16,7 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, SamConfig
 from gundam.cost import GPUS, STAGES, add_arguments, estimate, parse_size, run
 from gundam.encoder import GundamEncoder
-from gundam.preprocess import image_layout, preprocess
+from gundam import preprocess
+from gundam.layout import image_layout
 
 TOL = 0.005  # the bound; the counts are in fact exact
 

@@ -1,13 +1,9 @@
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
 import pytest
 import torch
 
 from gundam.kernels.layernorm import layer_norm, layer_norm_reference
 
-DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 1e-2)]
+from testutils import DTYPES, assert_close
 
 
 def _inputs(T, C, dtype, seed):
@@ -18,12 +14,6 @@ def _inputs(T, C, dtype, seed):
     w = (torch.randn(C, generator=g) * 0.5 + 1).to(dtype)
     b = torch.randn(C, generator=g).to(dtype)
     return x, r, w, b
-
-
-def _assert_close(got, want, atol, rtol, what):
-    err = (got.double() - want.double()).abs()
-    assert torch.allclose(got.double(), want.double(), atol=atol, rtol=rtol), \
-        f"{what}: max abs err {err.max().item():.3e}, mean abs err {err.mean().item():.3e}"
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
@@ -41,7 +31,7 @@ def test_layer_norm_matches_float64(dtype, atol, rtol, T, C, eps, residual):
         src = x
     assert y.dtype == dtype and y.shape == (T, C)
     want = layer_norm_reference(src.double(), w.double(), b.double(), eps)
-    _assert_close(y, want, atol, rtol, f"y {dtype} C={C} residual={residual}")
+    assert_close(y, want, atol, rtol, f"y {dtype} C={C} residual={residual}")
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
@@ -54,8 +44,8 @@ def test_layer_norm_strided_rows(dtype, atol, rtol):
     w, b = torch.randn(C, generator=g).to(dtype), torch.randn(C, generator=g).to(dtype)
     y, h = layer_norm(x, w, b, eps, residual=r)
     assert torch.equal(h, x + r)
-    _assert_close(y, layer_norm_reference(h.double(), w.double(), b.double(), eps), atol, rtol, "strided y")
-    _assert_close(layer_norm(x, w, b, eps), layer_norm_reference(x.double(), w.double(), b.double(), eps),
+    assert_close(y, layer_norm_reference(h.double(), w.double(), b.double(), eps), atol, rtol, "strided y")
+    assert_close(layer_norm(x, w, b, eps), layer_norm_reference(x.double(), w.double(), b.double(), eps),
                   atol, rtol, "strided y without residual")
 
 
@@ -67,21 +57,23 @@ def test_layer_norm_empty():
 
 def test_layer_norm_bad_inputs():
     x, r, w, b = _inputs(4, 48, torch.float32, seed=0)
-    with pytest.raises(ValueError, match=r"x must be a 2-D tensor"):
+    with pytest.raises(ValueError, match=r"layer_norm: x has shape \(48,\), expected 2 dims"):
         layer_norm(x[0], w, b, 1e-6)
-    with pytest.raises(ValueError, match=r"x has dtype torch.int32"):
+    with pytest.raises(TypeError, match=r"layer_norm: x has dtype torch.int32, expected one of"):
         layer_norm(x.to(torch.int32), w, b, 1e-6)
-    with pytest.raises(ValueError, match=r"weight has shape \(47,\), expected \(48,\)"):
+    with pytest.raises(ValueError, match=r"weight has shape \(47,\), expected \(48\)"):
         layer_norm(x, w[:47], b, 1e-6)
-    with pytest.raises(ValueError, match=r"bias has dtype torch.float16, expected torch.float32"):
+    with pytest.raises(TypeError, match=r"bias has dtype torch.float16, expected torch.float32"):
         layer_norm(x, w, b.half(), 1e-6)
-    with pytest.raises(ValueError, match=r"residual has 3 rows, expected T=4"):
+    with pytest.raises(ValueError, match=r"residual has shape \(3, 48\), expected \(4, 48\)"):
         layer_norm(x, w, b, 1e-6, residual=r[:3])
-    with pytest.raises(ValueError, match=r"residual has 40 channels, expected C=48"):
+    with pytest.raises(ValueError, match=r"residual has shape \(4, 40\), expected \(4, 48\)"):
         layer_norm(x, w, b, 1e-6, residual=r[:, :40])
-    with pytest.raises(ValueError, match=r"residual has dtype torch.float16"):
+    with pytest.raises(TypeError, match=r"residual has dtype torch.float16"):
         layer_norm(x, w, b, 1e-6, residual=r.half())
-    with pytest.raises(ValueError, match=r"x must have unit stride along C"):
+    with pytest.raises(ValueError, match=r"x has strides \(1, 4\), expected a contiguous last dim"):
         layer_norm(torch.randn(48, 4).t(), w, b, 1e-6)
     with pytest.raises(ValueError, match=r"eps=0"):
         layer_norm(x, w, b, 0)
+    with pytest.raises(ValueError, match=r"config num_warps=3, expected a power of two"):
+        layer_norm(x, w, b, 1e-6, config=dict(num_warps=3))

@@ -3,10 +3,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import TINY, TINY_MODE, randomize
+import gundam
+from gundam import GundamEncoder, preprocess
 from gundam import model as M
-from gundam.encoder import GundamEncoder
-from gundam.preprocess import preprocess
+from testutils import TINY, TINY_MODE, randomize
 
 
 def images(seed=0):
@@ -78,8 +78,8 @@ def naive_rel_pos_attention(q, k, v, rel_h_table, rel_w_table, H, W):
     """Float64, one (query, key) pair at a time: bias = q.Rh[qh-kh+S-1] + q.Rw[qw-kw+S-1]."""
     B, nh, N, d = q.shape
     q, k, v = q.double(), k.double(), v.double()
-    Rh = M.rel_pos_table(rel_h_table.float(), H).double()   # resized like the vendor, then gathered
-    Rw = M.rel_pos_table(rel_w_table.float(), W).double()
+    Rh = M.rel_pos_table(M.resize_rel_pos(rel_h_table.float(), H), H).double()   # resized like the vendor,
+    Rw = M.rel_pos_table(M.resize_rel_pos(rel_w_table.float(), W), W).double()   # then gathered
     qh = torch.arange(N) // W
     qw = torch.arange(N) % W
     bias = torch.empty(B, nh, N, N, dtype=torch.float64)
@@ -95,7 +95,7 @@ def test_rel_pos_attention_against_naive(H, W, table, monkeypatch):
     B, nh, d = 2, 3, 8
     q, k, v = (torch.randn(B, nh, H * W, d, generator=g) for _ in range(3))
     rh, rw = torch.randn(table, d, generator=g), torch.randn(table, d, generator=g)
-    Rh, Rw = M.rel_pos_table(rh, H), M.rel_pos_table(rw, W)
+    Rh, Rw = M.rel_pos_table(M.resize_rel_pos(rh, H), H), M.rel_pos_table(M.resize_rel_pos(rw, W), W)
     ref = naive_rel_pos_attention(q, k, v, rh, rw, H, W)
     full = M.attention_with_rel_pos(q, k, v, Rh, Rw, H, W)
     monkeypatch.setattr(M, "BIAS_CHUNK_ELEMENTS", B * nh * H * W * 5)  # 5 query rows per chunk
@@ -243,3 +243,11 @@ def test_forward_vendor_bad_input(tiny_encoder, batch):
         tiny_encoder.forward_vendor("x", ic, sc)
     with pytest.raises(ValueError, match="backend"):
         tiny_encoder.forward_vendor(pv, ic, sc, backend="cuda")
+
+
+def test_uint8_pixels_equal_preprocessed_floats(tiny_encoder, batch):
+    # uint8 pixels, normalised on the encoder's device, give the very same tokens as preprocess's floats
+    to_u8 = lambda x: torch.round((x.double() + 1) * 127.5).to(torch.uint8)   # exact inverse on 0..255
+    u8 = gundam.Batch(to_u8(batch.global_views), to_u8(batch.crops), batch.layouts, batch.mode)
+    with torch.no_grad():
+        assert torch.equal(tiny_encoder(u8).embeddings, tiny_encoder(batch).embeddings)

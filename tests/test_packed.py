@@ -1,13 +1,10 @@
 """The packed Triton path (Triton's interpreter on CPU) against the torch path."""
 import pytest
 import torch
-from PIL import Image
 from torch.overrides import TorchFunctionMode
 
-from conftest import randomize
-from gundam.config import ClipConfig, EncoderConfig, Mode, SamConfig
-from gundam.encoder import GundamEncoder
-from gundam.preprocess import preprocess
+from gundam import ClipConfig, EncoderConfig, GundamEncoder, Mode, SamConfig, preprocess
+from testutils import page, randomize
 
 # Smaller than TINY so the interpreter stays quick: global views 192 px (grid 12, pos/rel tables resized),
 # crops 128 px (grid 8); windows of 5 need padding on both; CLIP keeps its real 1024 width.
@@ -16,11 +13,6 @@ SMALL = EncoderConfig(
     clip=ClipConfig(num_layers=1, num_attention_heads=16, ffn_hidden_size=64, image_size=28, patch_size=14),
 )
 MODE = Mode(192, 128, True)
-
-
-def page(w, h, seed):
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(h // 16, w // 16, 3, generator=g) * 255).to(torch.uint8).numpy()).resize((w, h))
 
 
 @pytest.fixture(scope="module")

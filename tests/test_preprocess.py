@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from gundam import preprocess as pp
-from gundam.config import MODES, Mode, resolve_mode
-from gundam.preprocess import Batch, count_image_tokens, crop_grid, image_layout, preprocess
+from gundam import MODES, Batch, Mode, count_image_tokens, crop_grid, preprocess
+from gundam import images
+from gundam.config import MAX_CROPS, MIN_CROPS, resolve_mode
+from gundam.layout import image_layout
 
 
 def brute_force_grid(width, height, image_size, min_crops, max_crops):
@@ -98,9 +99,14 @@ def test_mode_validation():
             resolve_mode("gundam", bad)
     with pytest.raises(ValueError, match="multiple of 64"):
         Mode(1000, 640, True)
-    assert resolve_mode("gundam", 9).max_crops == 9
+    assert resolve_mode("gundam", 9).max_crops == 9 and resolve_mode("gundam", np.int64(3)).max_crops == 3
     with pytest.raises(ValueError, match="width"):
         crop_grid(0, 100)
+    # one set of crop limits everywhere: a Mode cannot allow what resolve_mode refuses
+    assert (MIN_CROPS, MAX_CROPS) == (2, 9)
+    for lo, hi in ((1, 6), (2, 10), (5, 4)):
+        with pytest.raises(ValueError, match="crops"):
+            Mode(1024, 640, True, lo, hi)
 
 
 def test_pixels_global_view_and_crops():
@@ -175,7 +181,7 @@ def test_bad_files(tmp_path, monkeypatch):
         preprocess(trunc)
     with pytest.raises(ValueError, match="non-empty"):
         preprocess(Image.new("RGB", (0, 10)))
-    monkeypatch.setattr(pp, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ValueError, match="at most 1000"):
         preprocess(Image.new("RGB", (40, 40)))
     with pytest.raises(TypeError, match="expected a PIL image or a path"):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TINY, randomize
-from gundam.encoder import GundamEncoder
+from testutils import TINY, randomize
+from gundam import GundamEncoder
 from gundam.weights import load_encoder_state_dict
 
 

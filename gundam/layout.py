@@ -1,0 +1,104 @@
+"""The output layout of an image: its crop grid, its views and where each output token goes. One home for it:
+preprocessing, both encoder paths, the layout kernel's row map and the cost model all call this module.
+
+Output rows of one image, in the vendor's order: the local grid when there are crops (`h*qi` rows of `w*qi`
+tokens, crops placed by tile, each row followed by `image_newline`), then `qb` global rows of `qb` tokens each
+followed by `image_newline`, then `view_seperator`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gundam.config import Mode, check_int, resolve_mode
+
+SMALL_IMAGE = 640          # vendor rule: an image with both sides <= 640 px is never cropped, in every mode
+
+
+def _candidate_grids(min_crops: int, max_crops: int) -> list[tuple[int, int]]:
+    # The vendor builds a set and sorts it by tile count; among equal counts the set's iteration order
+    # decides, and that order decides exact ties. Built by the same expression, the order is the same.
+    grids = set((i, j) for n in range(min_crops, max_crops + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                if min_crops <= i * j <= max_crops)
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def _closest_grid(width: int, height: int, mode: Mode) -> tuple[int, int]:
+    aspect = width / height
+    best_diff, best = float("inf"), (1, 1)
+    for w, h in _candidate_grids(mode.min_crops, mode.max_crops):
+        diff = abs(aspect - w / h)
+        if diff < best_diff:
+            best_diff, best = diff, (w, h)
+        elif diff == best_diff and width * height > 0.5 * mode.image_size * mode.image_size * w * h:
+            best = (w, h)
+    return best
+
+
+def crop_grid(width: int, height: int, mode: str | Mode = "gundam", max_crops: int | None = None) -> tuple[int, int]:
+    """(w_tiles, h_tiles) of the crop grid; (1, 1) means no crops."""
+    width, height = check_int(width, "image width"), check_int(height, "image height")
+    mode = resolve_mode(mode, max_crops)
+    if not mode.crop_mode or (width <= SMALL_IMAGE and height <= SMALL_IMAGE):
+        return (1, 1)
+    return _closest_grid(width, height, mode)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Views and output tokens of one image. Tokens: `qb*(qb+1)` global + `(h*qi)*(w*qi+1)` local + 1."""
+    width: int
+    height: int
+    mode: Mode
+    grid: tuple[int, int]       # (w_tiles, h_tiles); (1, 1) = no crops
+    n_crops: int                # 0 when the grid is 1x1
+    qb: int                     # tokens per side of the global view
+    qi: int                     # tokens per side of a crop
+    global_tokens: int
+    local_tokens: int
+    tokens: int
+
+
+def grid_layout(mode: Mode, grid: tuple[int, int], width: int = 0, height: int = 0) -> ImageLayout:
+    """The layout of an image whose crop grid is already known."""
+    w, h = grid
+    qb, qi = mode.qb, mode.qi
+    n_crops = 0 if (w, h) == (1, 1) else w * h
+    global_tokens = qb * (qb + 1)
+    local_tokens = (h * qi) * (w * qi + 1) if n_crops else 0
+    return ImageLayout(int(width), int(height), mode, (w, h), n_crops, qb, qi, global_tokens, local_tokens,
+                       global_tokens + local_tokens + 1)
+
+
+def image_layout(width: int, height: int, mode: str | Mode = "gundam", max_crops: int | None = None) -> ImageLayout:
+    mode = resolve_mode(mode, max_crops)
+    return grid_layout(mode, crop_grid(width, height, mode), width, height)
+
+
+def count_image_tokens(width: int, height: int, mode: str | Mode = "gundam", max_crops: int | None = None) -> int:
+    """Number of vision tokens the language model sees for one image (newlines and separator included)."""
+    return image_layout(width, height, mode, max_crops).tokens
+
+
+def layout_tokens(layout: ImageLayout, global_tokens: torch.Tensor, local_tokens: torch.Tensor | None,
+                  newline: torch.Tensor, separator: torch.Tensor) -> torch.Tensor:
+    """One image's output rows [layout.tokens, D] in the vendor's order.
+
+    global_tokens [qb*qb, D] row-major; local_tokens [n_crops, qi*qi, D] in row-major tile order (None without
+    crops); newline, separator [D]. Any dtype: the Triton path runs it on index rows to build its row map.
+    """
+    D = global_tokens.shape[-1]
+    (w, h), qb, qi = layout.grid, layout.qb, layout.qi
+
+    def with_newlines(grid):  # [R, C, D] -> [R * (C + 1), D]
+        R = grid.shape[0]
+        return torch.cat([grid, newline.view(1, 1, D).expand(R, 1, D)], dim=1).reshape(-1, D)
+
+    rows = []
+    if layout.n_crops:
+        tiles = local_tokens.reshape(h, w, qi, qi, D)                          # [tile row, tile col, y, x, D]
+        rows.append(with_newlines(tiles.permute(0, 2, 1, 3, 4).reshape(h * qi, w * qi, D)))
+    rows.append(with_newlines(global_tokens.reshape(qb, qb, D)))
+    rows.append(separator.view(1, D))
+    return torch.cat(rows)

@@ -1,0 +1,42 @@
+"""Shared by the tests: tiny encoder configs, random weights and pages, and close-enough assertions."""
+import torch
+from PIL import Image
+
+from gundam.config import ClipConfig, EncoderConfig, Mode, SamConfig
+
+# (dtype, atol, rtol) rows for kernel-vs-reference tests on CPU (the interpreter has no bf16 arithmetic).
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 1e-2)]
+
+# A tiny encoder with the real structure: window and global SAM blocks, windows that need padding
+# (view grids 12 and 16 with window 5), CLIP with a resized position grid, the real 2048 -> 1280 projector.
+TINY = EncoderConfig(
+    sam=SamConfig(img_size=256, embed_dim=48, depth=3, num_heads=3, window_size=5, global_attn_indexes=(1,)),
+    clip=ClipConfig(num_layers=2, num_attention_heads=16, ffn_hidden_size=96, image_size=42, patch_size=14),
+)
+TINY_MODE = Mode(base_size=256, image_size=192, crop_mode=True)
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random (the vendor init leaves pos_embed and rel-pos at zero, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            scale = 0.5 if p.dim() == 1 else 1.0 / max(1, p[0].numel()) ** 0.5
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if name.endswith("norm1.weight") else 0.0))
+    return module
+
+
+def page(w: int, h: int, seed: int, cell: int = 16) -> Image.Image:
+    """A random w x h RGB image with structure at `cell` px (smooth enough that resizing matters)."""
+    g = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(max(1, h // cell), max(1, w // cell), 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(arr).resize((w, h))
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float, what: str = ""):
+    """allclose in float64, with the max and mean absolute error in the failure message."""
+    got, want = got.double(), want.double()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got - want).abs()
+    assert torch.allclose(got, want, atol=atol, rtol=rtol), \
+        f"{what}: max abs err {err.max().item():.3e}, mean abs err {err.mean().item():.3e}"
