@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from gundam.layout import ImageLayout, grid_layout, layout_tokens
-from gundam.model import quick_gelu
 
 
 def check_triton_available(device: torch.device):
@@ -33,9 +32,10 @@ def check_triton_available(device: torch.device):
 
 
 def _kernels():
-    # imported late: TRITON_INTERPRET must be set before triton is first imported
-    from gundam.kernels import attention, layernorm, layout
-    return attention, layernorm, layout
+    """gundam.kernels with its modules loaded, imported late: TRITON_INTERPRET must be set before triton is
+    first imported, and `import gundam` does not import triton."""
+    import gundam.kernels.activation, gundam.kernels.attention, gundam.kernels.layernorm, gundam.kernels.layout  # noqa: E401,F401
+    return gundam.kernels
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ class Plan:
 
 @functools.lru_cache(maxsize=64)
 def make_plan(layouts: tuple[ImageLayout, ...], patch_size: int, window: int, device: torch.device) -> Plan:
-    attn, _, layout_kernel = _kernels()
+    K = _kernels()
+    attn = K.attention
     mode = layouts[0].mode
     # (patch grid, output grid) per view: global views first, then every crop in image and tile order
     sizes = [(mode.base_size // patch_size, layouts[0].qb)] * len(layouts)
@@ -68,8 +69,8 @@ def make_plan(layouts: tuple[ImageLayout, ...], patch_size: int, window: int, de
         t = torch.arange(out_views[v].h * out_views[v].w)
         return torch.stack([clip_views[v].offset + 1 + t, out_views[v].offset + t], dim=1)
 
-    newline = torch.tensor([layout_kernel.NEWLINE, -1])
-    separator = torch.tensor([layout_kernel.SEPARATOR, -1])
+    newline = torch.tensor([K.layout.NEWLINE, -1])
+    separator = torch.tensor([K.layout.SEPARATOR, -1])
     rows, crop = [], len(layouts)
     for i, lay in enumerate(layouts):
         local = torch.stack([index_rows(v) for v in range(crop, crop + lay.n_crops)]) if lay.n_crops else None
@@ -79,14 +80,14 @@ def make_plan(layouts: tuple[ImageLayout, ...], patch_size: int, window: int, de
         seg_window=attn.build_segments(sam_views, window, device=device),
         seg_global=attn.build_segments(sam_views, None, device=device),
         seg_clip=attn.build_segments(clip_views, class_token=True, device=device),
-        row_map=layout_kernel.RowMap.from_host(torch.cat(rows), device=device),
+        row_map=K.layout.RowMap.from_host(torch.cat(rows), device=device),
     )
 
 
 def sam_packed(sam, groups, plan: Plan, timer):
     """groups: list of [B, 3, S, S] pixel batches (one per view size, in plan order) -> list of
     [B, net_3_chans, q, q]."""
-    attn, ln, _ = _kernels()
+    K = _kernels()
     cfg = sam.cfg
     C, nh = cfg.embed_dim, cfg.num_heads
     # patch embedding per size, then one token-major buffer [T, C]
@@ -102,16 +103,16 @@ def sam_packed(sam, groups, plan: Plan, timer):
     for blk in sam.blocks:
         a = blk.attn
         if mlp_out is None:
-            h = ln.layer_norm(x, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
+            h = K.layernorm.layer_norm(x, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
         else:
-            h, x = ln.layer_norm(mlp_out, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, residual=x)
+            h, x = K.layernorm.layer_norm(mlp_out, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, residual=x)
         qkv = F.linear(h, a.qkv.weight, a.qkv.bias).view(T, 3, nh, C // nh)
         seg = plan.seg_window if blk.window_size else plan.seg_global
-        rh = attn.pack_rel_pos([a.rel_pos_h_for(s) for s in seg.rel_sizes_h], seg.rel_sizes_h)
-        rw = attn.pack_rel_pos([a.rel_pos_w_for(s) for s in seg.rel_sizes_w], seg.rel_sizes_w)
-        o = attn.attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=a.qkv.bias)   # [T, C]
+        rh = K.attention.pack_rel_pos([a.rel_pos_h_for(s) for s in seg.rel_sizes_h], seg.rel_sizes_h)
+        rw = K.attention.pack_rel_pos([a.rel_pos_w_for(s) for s in seg.rel_sizes_w], seg.rel_sizes_w)
+        o = K.attention.attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=a.qkv.bias)   # [T, C]
         o = F.linear(o, a.proj.weight, a.proj.bias)
-        h, x = ln.layer_norm(o, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, residual=x)
+        h, x = K.layernorm.layer_norm(o, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, residual=x)
         # GELU in place: the [T, 4C] hidden state is the largest activation of the packed pass
         mlp_out = blk.mlp.lin2(torch.ops.aten.gelu_(blk.mlp.lin1(h)))
     x = x + mlp_out
@@ -128,23 +129,23 @@ def sam_packed(sam, groups, plan: Plan, timer):
 
 def clip_packed(clip, sam_outs, plan: Plan, timer):
     """list of SAM outputs [B, C, q, q] -> packed CLIP tokens [T, C] (per view: class token + q*q)."""
-    attn, ln, _ = _kernels()
+    K = _kernels()
     cfg = clip.cfg
     nh, C = cfg.num_attention_heads, cfg.hidden_size
     x = torch.cat([clip.embeddings(s).flatten(0, 1) for s in sam_outs])  # [B, 1 + q*q, C] each -> [T, C]
     T = x.shape[0]
-    x = ln.layer_norm(x, clip.pre_layrnorm.weight, clip.pre_layrnorm.bias, clip.pre_layrnorm.eps)
+    x = K.layernorm.layer_norm(x, clip.pre_layrnorm.weight, clip.pre_layrnorm.bias, clip.pre_layrnorm.eps)
     mlp_out = None
     for layer in clip.transformer.layers:
         ln1, ln2, sa = layer.layer_norm1, layer.layer_norm2, layer.self_attn
         if mlp_out is None:
-            h = ln.layer_norm(x, ln1.weight, ln1.bias, ln1.eps)
+            h = K.layernorm.layer_norm(x, ln1.weight, ln1.bias, ln1.eps)
         else:
-            h, x = ln.layer_norm(mlp_out, ln1.weight, ln1.bias, ln1.eps, residual=x)
+            h, x = K.layernorm.layer_norm(mlp_out, ln1.weight, ln1.bias, ln1.eps, residual=x)
         qkv = F.linear(h, sa.qkv_proj.weight, sa.qkv_proj.bias).view(T, 3, nh, C // nh)
-        o = F.linear(attn.attention(qkv, plan.seg_clip), sa.out_proj.weight, sa.out_proj.bias)
-        h, x = ln.layer_norm(o, ln2.weight, ln2.bias, ln2.eps, residual=x)
-        mlp_out = layer.mlp.fc2(quick_gelu(layer.mlp.fc1(h)))
+        o = F.linear(K.attention.attention(qkv, plan.seg_clip), sa.out_proj.weight, sa.out_proj.bias)
+        h, x = K.layernorm.layer_norm(o, ln2.weight, ln2.bias, ln2.eps, residual=x)
+        mlp_out = layer.mlp.fc2(K.activation.quick_gelu_(layer.mlp.fc1(h)))   # one in-place pass, not three
     x = x + mlp_out
     timer.mark("clip")
     return x
@@ -155,7 +156,7 @@ def encode_packed(enc, batch, timer) -> torch.Tensor:
     if torch.is_grad_enabled() and any(p.requires_grad for p in enc.parameters()):
         raise RuntimeError("backend='triton' is inference-only (its kernels have no backward): call it under "
                            "torch.no_grad() or torch.inference_mode(), or use backend='torch' to train")
-    _, _, layout_kernel = _kernels()
+    K = _kernels()
     dev, dt = enc.device, enc.dtype
     signature = tuple(grid_layout(lay.mode, lay.grid) for lay in batch.layouts)   # sizes of the images dropped
     plan = make_plan(signature, enc.config.sam.patch_size, enc.config.sam.window_size, dev)
@@ -167,7 +168,7 @@ def encode_packed(enc, batch, timer) -> torch.Tensor:
     # SAM tokens token-major, views in the same order as CLIP's
     sam_tok = torch.cat([s.flatten(2).transpose(1, 2).reshape(-1, s.shape[1]) for s in sam_outs])  # [T, C]
     p = enc.projector.layers
-    out = layout_kernel.project_and_layout(sam_tok, clip_tok, p.weight, p.bias, enc.image_newline.to(dt),
+    out = K.layout.project_and_layout(sam_tok, clip_tok, p.weight, p.bias, enc.image_newline.to(dt),
                                            enc.view_seperator.to(dt), plan.row_map)
     timer.mark("layout")
     return out

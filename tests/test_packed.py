@@ -2,6 +2,7 @@
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gundam import ClipConfig, EncoderConfig, GundamEncoder, Mode, SamConfig, preprocess
 from testutils import page, randomize
@@ -65,13 +66,18 @@ class CountLaunches:
         return lambda *args, **kwargs: self.log.append(self.name)
 
 
-def count(encoder, batch, monkeypatch):
-    from gundam.kernels import attention, layernorm, layout
-    log = []
-    for mod in (attention, layernorm, layout):
+def stub_kernels(monkeypatch, log):
+    """Every @triton.jit kernel of gundam.kernels replaced by a CountLaunches that appends to `log`."""
+    from gundam.kernels import activation, attention, layernorm, layout
+    for mod in (activation, attention, layernorm, layout):
         for name in dir(mod):
             if name.startswith("_") and name.endswith("_kernel"):
                 monkeypatch.setattr(mod, name, CountLaunches(name, log))
+
+
+def count(encoder, batch, monkeypatch):
+    log = []
+    stub_kernels(monkeypatch, log)
     with torch.no_grad(), CountOps() as ops:
         encoder(batch, backend="triton")
     monkeypatch.undo()
@@ -89,6 +95,44 @@ def test_launch_count_independent_of_images_and_crops(encoder, monkeypatch):
     assert len(launches_1) > 0 and "_attention_kernel" in launches_1
     assert launches_1 == launches_4, (launches_1, launches_4)
     assert ops_1 == ops_4, f"torch ops: {len(ops_1)} for 1 image, {len(ops_4)} for 4"
+
+
+class DeviceReads(TorchDispatchMode):
+    """Records every op that makes the host wait for a device value: reading a scalar out of a device tensor
+    (.item(), int(), bool(), .tolist()) or copying device memory to the host (.cpu(), .to("cpu"))."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        on_device = [a.device for a in args if isinstance(a, torch.Tensor) and a.device.type != "cpu"]
+        if func is torch.ops.aten._local_scalar_dense.default and on_device:
+            self.reads.append(str(func))
+        elif on_device and isinstance(out, torch.Tensor) and out.device.type == "cpu":
+            self.reads.append(f"{func} {on_device[0]} -> cpu")
+        return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_forward_never_waits_for_the_device(monkeypatch, backend):
+    # The whole host path on the meta device, which holds no values: any read of a device value would either
+    # be recorded or fail. Kernel launches are recorded, not run. The first call (which builds the plan on
+    # the host and uploads it) and a repeated call are both checked.
+    with torch.device("meta"):
+        enc = GundamEncoder(SMALL).eval()
+    batch = preprocess([page(1300, 650, 0), page(300, 200, 1), page(700, 2100, 2)], MODE)
+    launches = []
+    stub_kernels(monkeypatch, launches)
+    for _ in range(2):
+        with torch.no_grad(), DeviceReads() as mode:
+            out = enc(batch, backend=backend)
+        assert mode.reads == [], mode.reads
+        assert out.embeddings.device.type == "meta" and out.embeddings.shape == (sum(batch.tokens), 1280)
+        assert out.offsets.tolist() == [0, *torch.tensor(batch.tokens).cumsum(0).tolist()]
+    assert (len(launches) > 0) == (backend == "triton")
 
 
 def test_triton_on_cpu_needs_interpreter(encoder, monkeypatch):
