@@ -30,9 +30,9 @@ class StageTimer:
     """Seconds per stage of one forward. On CUDA, events are recorded between stages and read only when the
     timings are asked for, so timing adds no host synchronisation to the forward."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks = [("start", self._now())]
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.cuda, self.enabled = device.type == "cuda", enabled
+        self.marks = [("start", self._now())] if enabled else []
 
     def _now(self):
         if self.cuda:
@@ -42,9 +42,12 @@ class StageTimer:
         return time.perf_counter()
 
     def mark(self, stage: str):
-        self.marks.append((stage, self._now()))
+        if self.enabled:
+            self.marks.append((stage, self._now()))
 
     def seconds(self) -> dict[str, float]:
+        if not self.enabled:
+            return {}
         if self.cuda:
             self.marks[-1][1].synchronize()
         out = dict.fromkeys(STAGES, 0.0)
@@ -140,6 +143,12 @@ class GundamEncoder(nn.Module):
             out.append(layout_tokens(lay, glob[i], crops, newline, separator))
         timer.mark("layout")
         return EncoderOutput(torch.cat(out), batch.offsets, timer)
+
+    def capture(self, batch: Batch, warmup: int = 2):
+        """The Triton forward for batches shaped like `batch` (same modes and crop grids, in order), captured in
+        a CUDA graph: `graph = enc.capture(batch); out = graph(next_batch)`. See gundam.graphs."""
+        from gundam.graphs import CapturedEncoder
+        return CapturedEncoder(self, batch, warmup)
 
     def pixels(self, views: torch.Tensor) -> torch.Tensor:
         """Batch pixels (uint8 or normalised float) -> normalised, on this encoder's device and dtype."""

@@ -120,6 +120,11 @@ class Batch:
         """int64 [n_images + 1]: image i's tokens are rows offsets[i]:offsets[i + 1] of the encoder output."""
         return torch.tensor([0] + self.tokens, dtype=torch.int64).cumsum(0)
 
+    def pin_memory(self) -> "Batch":
+        """The pixels in page-locked memory, so the upload to a GPU is asynchronous (DataLoader calls this
+        with pin_memory=True)."""
+        return Batch(self.global_views.pin_memory(), self.crops.pin_memory(), self.layouts, self.mode)
+
     def to(self, device=None, dtype=None) -> "Batch":
         return Batch(self.global_views.to(device=device, dtype=dtype), self.crops.to(device=device, dtype=dtype),
                      self.layouts, self.mode)

@@ -84,6 +84,11 @@ def make_plan(layouts: tuple[ImageLayout, ...], patch_size: int, window: int, de
     )
 
 
+def signature(batch) -> tuple[ImageLayout, ...]:
+    """What the packed pass's shapes depend on: each image's layout, without the image's own size."""
+    return tuple(grid_layout(lay.mode, lay.grid) for lay in batch.layouts)
+
+
 def sam_packed(sam, groups, plan: Plan, timer):
     """groups: list of [B, 3, S, S] pixel batches (one per view size, in plan order) -> list of
     [B, net_3_chans, q, q]."""
@@ -158,8 +163,7 @@ def encode_packed(enc, batch, timer) -> torch.Tensor:
                            "torch.no_grad() or torch.inference_mode(), or use backend='torch' to train")
     K = _kernels()
     dev, dt = enc.device, enc.dtype
-    signature = tuple(grid_layout(lay.mode, lay.grid) for lay in batch.layouts)   # sizes of the images dropped
-    plan = make_plan(signature, enc.config.sam.patch_size, enc.config.sam.window_size, dev)
+    plan = make_plan(signature(batch), enc.config.sam.patch_size, enc.config.sam.window_size, dev)
     groups = [enc.pixels(batch.global_views)]
     if batch.crops.shape[0]:
         groups.append(enc.pixels(batch.crops))

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,10 +17,18 @@ def run(script, *args):
 def test_encoder_bench_smoke(tmp_path):
     r = run("encoder.py", "--smoke", "--json", str(tmp_path / "r.json"))
     assert r.returncode == 0, r.stderr
-    rows = json.loads((tmp_path / "r.json").read_text())
+    res = json.loads((tmp_path / "r.json").read_text())
+    rows = res["rows"]
+    assert res["environment"]["torch"] == torch.__version__
     assert {(row["grid"], row["path"]) for row in rows} == {(g, p) for g in ("none", "2x1")
                                                              for p in ("triton", "torch", "per-image")}
-    assert all(row["ms"] > 0 and row["tflops"] > 0 for row in rows)
+    assert all(0 < row["ms_min"] <= row["ms_median"] and row["tflops"] > 0 for row in rows)
+    for row in rows:
+        if row["path"] == "triton":   # fp32 in the interpreter: the Triton output is the torch path's
+            err = row["error_vs_torch"]
+            assert err["max_abs"] <= 1e-4 * err["ref_max_abs"], err
+        if row["path"] in ("triton", "torch"):
+            assert set(row["stages"]) == {"sam", "clip", "layout"} and all(v["ms"] > 0 for v in row["stages"].values())
 
 
 def test_cpu_bench_smoke(tmp_path):
