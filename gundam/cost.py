@@ -231,16 +231,6 @@ def _stage(count: _Count, vendor: _Passes, fused: _Passes, weights: int, passes:
                      vendor.peak, fused.peak)
 
 
-def _conv_out(n: int, k: int, s: int, p: int) -> int:
-    return (n + 2 * p - k) // s + 1
-
-
-def _sam_grids(cfg: EncoderConfig, size: int) -> tuple[int, int]:
-    """(patch grid g, output grid q) of a `size` px view: g = size/patch, net_2 and net_3 halve it."""
-    g = _conv_out(size, cfg.sam.patch_size, cfg.sam.patch_size, 0)
-    return g, _conv_out(_conv_out(g, 3, 2, 1), 3, 2, 1)
-
-
 def _pos_resize_bytes(src: int, dst: int, C: int, e: int) -> int:
     """Vendor position-table resize per pass: cast to fp32, bicubic, cast back ([src^2, C] -> [dst^2, C])."""
     if src == dst:
@@ -253,21 +243,21 @@ def _pos_resize_bytes(src: int, dst: int, C: int, e: int) -> int:
 
 def sam_weight_elems(cfg: EncoderConfig) -> int:
     s = cfg.sam
-    C, hd, F = s.embed_dim, s.head_dim, int(s.embed_dim * s.mlp_ratio)
+    C, hd, F = s.embed_dim, s.head_dim, s.mlp_dim
     n = 3 * s.patch_size ** 2 * C + C + s.grid ** 2 * C
     for i in range(s.depth):
         rel = s.grid if i in s.global_attn_indexes else s.window_size
         n += 4 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * (2 * rel - 1) * hd + (F * C + F) + (C * F + C)
-    o = s.out_chans
-    return n + C * o + 2 * o + o * o * 9 + 2 * o + 256 * 512 * 9 + 512 * 1024 * 9
+    o, o2, o3 = s.out_chans, s.net_2_chans, s.net_3_chans
+    return n + C * o + 2 * o + o * o * 9 + 2 * o + o * o2 * 9 + o2 * o3 * 9
 
 
 def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
     """B views of `size` px through SAM, as one pass: (_Count, vendor _Passes, fused _Passes without weights,
     fused weight bytes)."""
     s = cfg.sam
-    C, nh, hd, F, ws = s.embed_dim, s.num_heads, s.head_dim, int(s.embed_dim * s.mlp_ratio), s.window_size
-    g, q = _sam_grids(cfg, size)
+    C, nh, hd, F, ws = s.embed_dim, s.num_heads, s.head_dim, s.mlp_dim, s.window_size
+    g, q = size // s.patch_size, cfg.tokens_per_side(size)  # patch grid, output grid
     T = B * g * g
     n = _Count()
     v, f = _Passes(), _Passes(weights=False)
@@ -356,14 +346,15 @@ def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
         if i == s.depth - 1:
             f.add(2 * X, X)                                          # last residual
 
-    # neck: conv1x1, LayerNorm2d, conv3x3, LayerNorm2d; net_2, net_3 (stride 2)
-    o = s.out_chans
-    g2 = _conv_out(g, 3, 2, 1)
+    # neck: conv1x1, LayerNorm2d, conv3x3, LayerNorm2d; net_2, net_3 (3x3, stride 2, pad 1: each halves the
+    # grid exactly, since views are multiples of the encoder's downsampling)
+    o, o2, o3 = s.out_chans, s.net_2_chans, s.net_3_chans
+    g2 = g // 2
     X, Y = T * C * e, T * o * e
     n.matmul(2 * T * o * C + 2 * T * o * o * 9)
-    n.matmul(2 * B * g2 * g2 * 512 * 256 * 9 + 2 * B * q * q * 1024 * 512 * 9)
+    n.matmul(2 * B * g2 * g2 * o2 * o * 9 + 2 * B * q * q * o3 * o2 * 9)
     n.other += 2 * 7 * T * o
-    w1, w2, w3, w4, wn = C * o * e, o * o * 9 * e, 256 * 512 * 9 * e, 512 * 1024 * 9 * e, 2 * o * e
+    w1, w2, w3, w4, wn = C * o * e, o * o * 9 * e, o * o2 * 9 * e, o2 * o3 * 9 * e, 2 * o * e
     wb += w1 + w2 + w3 + w4 + 2 * wn
     for p in (v, f):
         p.add(X, Y, w1)
@@ -374,8 +365,8 @@ def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
     v.peak, f.peak = max(v.peak, 3 * Y), max(f.peak, 2 * Y)
     for p in (v, f):
         p.add(Y, Y, w2)
-        p.add(Y, B * g2 * g2 * 512 * e, w3)
-        p.add(B * g2 * g2 * 512 * e, B * q * q * 1024 * e, w4)
+        p.add(Y, B * g2 * g2 * o2 * e, w3)
+        p.add(B * g2 * g2 * o2 * e, B * q * q * o3 * e, w4)
     return n, v, f, wb
 
 
@@ -393,7 +384,7 @@ def _clip(cfg: EncoderConfig, size: int, B: int, e: int):
     """B views of `size` px through CLIP-L, as one pass (same return as `_sam`)."""
     c = cfg.clip
     C, nh, hd, F = c.hidden_size, c.num_attention_heads, c.head_dim, c.ffn_hidden_size
-    _, q = _sam_grids(cfg, size)
+    q = cfg.tokens_per_side(size)
     N = 1 + q * q
     T = B * N
     n = _Count()
@@ -453,10 +444,8 @@ def estimate(width: int, height: int, mode: str | Mode = "gundam", max_crops: in
     e = DTYPE_BYTES[dt]
     layout = image_layout(width, height, mode, max_crops)
     m = layout.mode
-    for name in ("base_size", "image_size"):
-        if getattr(m, name) % config.downsample:
-            raise ValueError(f"mode {name}={getattr(m, name)}: expected a multiple of {config.downsample} "
-                             f"for this encoder")
+    config.tokens_per_side(m.base_size, "mode base_size")  # raises for a view size this encoder cannot take
+    config.tokens_per_side(m.image_size, "mode image_size")
     k = layout.n_crops
     stages = {name: StageCost() for name in STAGES}
     for kind, size, views in (("global", m.base_size, 1), ("crops", m.image_size, k)):
@@ -495,8 +484,7 @@ def _projector_weight_elems(cfg: EncoderConfig) -> int:
 def _projector_layout(cfg: EncoderConfig, layout: ImageLayout, batch: int, e: int) -> StageCost:
     """Projector on cat(CLIP tokens, SAM tokens) of every view, then the layout rows (newlines, separator)."""
     m, Din, D = layout.mode, cfg.projector.input_dim, cfg.projector.n_embed
-    _, qb = _sam_grids(cfg, m.base_size)
-    _, qi = _sam_grids(cfg, m.image_size)
+    qb, qi = cfg.tokens_per_side(m.base_size), cfg.tokens_per_side(m.image_size)
     wgt = (_projector_weight_elems(cfg) + 2 * D) * e
     w_proj = _projector_weight_elems(cfg) * e
     views = [(qb * qb, qb)] + ([(layout.n_crops * qi * qi, layout.grid[1] * qi)] if layout.n_crops else [])
