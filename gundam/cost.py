@@ -487,21 +487,22 @@ def _projector_layout(cfg: EncoderConfig, layout: ImageLayout, batch: int, e: in
     qb, qi = cfg.tokens_per_side(m.base_size), cfg.tokens_per_side(m.image_size)
     wgt = (_projector_weight_elems(cfg) + 2 * D) * e
     w_proj = _projector_weight_elems(cfg) * e
-    views = [(qb * qb, qb)] + ([(layout.n_crops * qi * qi, layout.grid[1] * qi)] if layout.n_crops else [])
+    # (tokens, newline rows, crops?) of one image's global view and its crops
+    views = [(qb * qb, qb, False)] + ([(layout.n_crops * qi * qi, layout.grid[1] * qi, True)] if layout.n_crops else [])
     rows = layout.tokens  # output rows of one image, newlines and separator included
     n = _Count()
     v = _Passes()
-    for t, nrows in views:  # vendor, per image: global view, crops
+    for t, nrows, crops in views:  # vendor, per image: global view, crops
         n.matmul(2 * t * Din * D)
         n.other += t * D
         v.add(t * Din * e, t * Din * e)                  # cat(clip[:, 1:], sam.flatten(2).T)
         v.add(t * Din * e, t * D * e, w_proj, t * Din * e)
-        if t != qb * qb:
-            v.add(t * D * e, t * D * e)                  # crops: tile permute copy
+        if crops:
+            v.add(t * D * e, t * D * e)                  # tile permute copy
         v.add(t * D * e + D * e, (t + nrows) * D * e)    # cat with newlines
     v.add(rows * D * e, rows * D * e)                    # final cat with the separator
     f = _Passes()
-    tokens = sum(t for t, _ in views) * batch
+    tokens = sum(t for t, _, _ in views) * batch
     f.add(tokens * Din * e, rows * batch * D * e, wgt)   # one kernel: both halves in, final rows out
     n.mm, n.mm_fused, n.other = n.mm * batch, n.mm * batch, n.other * batch
     return StageCost(n.mm, n.mm_fused, n.other, v.bytes * batch, f.bytes, wgt, v.peak, f.peak)
