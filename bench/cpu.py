@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from gundam.cost import parse_size
+from gundam.cli import parse_size
 from gundam.config import ClipConfig, EncoderConfig, Mode, SamConfig
 from gundam.encoder import GundamEncoder
 from gundam.preprocess import preprocess
