@@ -6,7 +6,7 @@ registers, spills, shared memory and tensor-core MMA use.
 import argparse
 import sys
 
-from gundam.compile_check import ARCHS, compile_registered, format_table, registered_configs
+from gundam.kernels.compile_check import ARCHS, compile_registered, format_table, registered_configs
 
 
 def main():

@@ -2,14 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
 import time
 
-from gundam.cost import parse_size
-
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'2000x3000' -> (2000, 3000)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m[1]) <= 0 or int(m[2]) <= 0:
+        raise ValueError(f"image size {text!r}: expected WIDTHxHEIGHT in pixels, positive integers, e.g. 2000x3000")
+    return int(m[1]), int(m[2])
 
 
 def cmd_encode(args) -> int:
@@ -17,12 +25,12 @@ def cmd_encode(args) -> int:
     from tqdm import tqdm
 
     from gundam.config import EncoderConfig, resolve_mode
-    from gundam.encoder import GundamEncoder
+    from gundam.encoder import GundamEncoder, default_dtype
     from gundam.images import preprocess
 
     mode = resolve_mode(args.mode, args.max_crops)
-    dtype = getattr(torch, DTYPES[args.dtype])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: expected a positive integer")
     for path in args.images:
@@ -36,7 +44,7 @@ def cmd_encode(args) -> int:
         encoder = GundamEncoder(EncoderConfig.deepseek_ocr(), backend=args.backend).to(device, dtype).eval()
         print("weights: RANDOM (no --weights given): shapes and timings are real, embeddings are meaningless")
     print(f"mode: {args.mode} (base {mode.base_size}, crops {mode.image_size if mode.crop_mode else 'off'}, "
-          f"max_crops {mode.max_crops}), dtype {DTYPES[args.dtype]}, device {device}")
+          f"max_crops {mode.max_crops}), dtype {str(dtype).removeprefix('torch.')}, device {device}")
     results = []
     bar = tqdm(total=len(args.images), unit="image", disable=len(args.images) < 2, file=sys.stderr)
     for i in range(0, len(args.images), args.batch_size):
@@ -87,8 +95,33 @@ def cmd_tokens(args) -> int:
     return 0
 
 
+def cmd_cost(args) -> int:
+    from gundam.cost import estimate
+    from gundam.cost_report import format_report, plot, sweep, write_csv
+
+    sizes = [parse_size(s) for s in args.sizes]
+    if args.sweep:
+        rows = sweep(args.mode, args.max_crops, gpu=args.gpu, dtype=args.dtype)
+        write_csv(rows, args.out)
+        png = os.path.splitext(args.out)[0] + ".png"
+        made = plot(rows, png, args.gpu)
+        print(f"wrote {args.out} ({len(rows)} rows)" + (f" and {png}" if made else
+                                                        " (no PNG: install matplotlib, the `plot` extra)"))
+        if not sizes:
+            return 0
+    if not sizes:
+        raise ValueError("gundam cost: no image size given: expected WIDTHxHEIGHT (e.g. 2000x3000) or --sweep")
+    reports = [estimate(w, h, args.mode, args.max_crops, args.batch, args.dtype) for w, h in sizes]
+    if args.json:
+        out = [r.to_dict(args.gpu) for r in reports]
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+    else:
+        print("\n\n".join(format_report(r, args.gpu) for r in reports))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from gundam.config import MODES
+    from gundam.config import MAX_CROPS, MIN_CROPS, MODES
 
     p = argparse.ArgumentParser(prog="gundam", description="DeepSeek-OCR vision encoder (DeepEncoder), Gundam mode")
     sub = p.add_subparsers(dest="command", required=True)
@@ -96,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("encode", help="encode images and print views, tokens and time per stage")
     e.add_argument("images", nargs="+", metavar="IMAGE")
     e.add_argument("--mode", default="gundam", choices=list(MODES))
-    e.add_argument("--max-crops", type=int, default=None, help="2..9 (default 6)")
+    e.add_argument("--max-crops", type=int, default=None, help=f"{MIN_CROPS}..{MAX_CROPS} (default 6)")
     e.add_argument("--weights", help="DeepSeek-OCR checkpoint: .safetensors file or directory")
     e.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    e.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    e.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                   help="auto (default): bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     e.add_argument("--batch-size", type=int, default=1, help="images encoded together in one pass (default 1)")
     e.add_argument("--out", help="write the embeddings and offsets to this .safetensors file")
@@ -110,10 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-crops", type=int, default=None)
     t.set_defaults(func=cmd_tokens)
 
-    from gundam import cost
+    from gundam.cost import DTYPE_BYTES, GPUS
     c = sub.add_parser("cost", help="analytic FLOPs, bytes and roofline per stage")
-    cost.add_arguments(c)
-    c.set_defaults(func=cost.run)
+    c.add_argument("sizes", nargs="*", metavar="WxH", help="image sizes in pixels, e.g. 2000x3000")
+    c.add_argument("--mode", default="gundam", choices=list(MODES), help="image mode (default: gundam)")
+    c.add_argument("--max-crops", type=int, default=None,
+                   help=f"maximum crops, {MIN_CROPS}..{MAX_CROPS} (default: the mode's)")
+    c.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
+    c.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="activation and weight dtype")
+    c.add_argument("--gpu", default="h100", choices=list(GPUS), help="roofline GPU (default: h100)")
+    c.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    c.add_argument("--sweep", action="store_true",
+                   help="write a CSV over sizes and aspect ratios, crops and no-crop (and a PNG with matplotlib)")
+    c.add_argument("--out", default="cost_sweep.csv", help="sweep CSV path; the PNG goes beside it")
+    c.set_defaults(func=cmd_cost)
     return p
 
 

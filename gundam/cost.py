@@ -3,6 +3,9 @@
     r = estimate(2000, 3000, mode="gundam")           # CostReport
     r.stages["sam_global"].matmul_flops                # 2*M*N*K convention
     r.floor("h100")                                    # {stage: (Floor vendor, Floor fused)}
+    r.to_dict("h100")                                  # all of it, JSON-ready
+
+The text report, the sweep over sizes and its plot are in `gundam.cost_report`; the command is `gundam cost`.
 
 Stages: `sam_global`, `sam_crops`, `clip_global`, `clip_crops`, `projector_layout`. The view layout (crop grid,
 crops, tokens) comes from `gundam.layout.image_layout`, so the model never sees crops that preprocessing does
@@ -32,14 +35,13 @@ and writes its outputs once (re-reads inside a kernel are taken to hit cache), p
   layout copies), the materialised heads x N x N bias, SDPA reading it, head-merge copy, unpartition copies,
   LayerNorm2d as its eight separate elementwise passes, resized position tables recomputed per pass, the
   projector input concatenation and the layout concatenations.
-- fused (`hbm_bytes_fused`): this project's Triton path (DESIGN section 4): one pass over all views of all images,
+- fused (`hbm_bytes_fused`): this project's Triton path (`gundam.kernels`): one pass over all views of all images,
   token-major packed buffers; linears and GELU each one pass over real tokens; each residual add fused into the
-  LayerNorm that follows it (one pass reads both, writes the sum and the norm); the rel-pos projection writes
-  fp32 rel_h/rel_w rows (heads x tokens x S per axis) that attention reads back; attention reads q/k/v straight
-  from the packed layout and writes only real rows (no partition copies, no N x N bias, no head split/merge
-  copies); position and rel-pos tables cached; projector + layout one kernel writing the final rows. Weights
-  are read once per call, charged to the global stages (every image has a global view); the crop stages add
-  none.
+  LayerNorm that follows it (one pass reads both, writes the sum and the norm); the rel-pos projection writes fp32
+  rel_h/rel_w rows (heads x tokens x S per axis) that attention reads back; attention reads q/k/v straight from the
+  packed layout and writes only real rows (no partition copies, no N x N bias, no head split/merge copies); position
+  and rel-pos tables cached; projector + layout one kernel writing the final rows. Weights are read once per call,
+  charged to the global stages (every image has a global view); the crop stages add none.
 Matmul bias adds are taken to be in the GEMM epilogue in both models.
 
 Memory: `weight_bytes` = parameters the stage uses; `activation_bytes` (vendor) / `activation_bytes_fused` =
@@ -53,17 +55,11 @@ another, so the total floor is the sum of the stages' floors.
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
-import json
 import math
-import os
-import re
-import sys
 from dataclasses import dataclass, field
 
-from gundam.config import MODES, EncoderConfig, Mode, resolve_mode
+from gundam.config import EncoderConfig, Mode
 from gundam.layout import ImageLayout, image_layout
 
 STAGES = ("sam_global", "sam_crops", "clip_global", "clip_crops", "projector_layout")
@@ -231,16 +227,6 @@ def _stage(count: _Count, vendor: _Passes, fused: _Passes, weights: int, passes:
                      vendor.peak, fused.peak)
 
 
-def _conv_out(n: int, k: int, s: int, p: int) -> int:
-    return (n + 2 * p - k) // s + 1
-
-
-def _sam_grids(cfg: EncoderConfig, size: int) -> tuple[int, int]:
-    """(patch grid g, output grid q) of a `size` px view: g = size/patch, net_2 and net_3 halve it."""
-    g = _conv_out(size, cfg.sam.patch_size, cfg.sam.patch_size, 0)
-    return g, _conv_out(_conv_out(g, 3, 2, 1), 3, 2, 1)
-
-
 def _pos_resize_bytes(src: int, dst: int, C: int, e: int) -> int:
     """Vendor position-table resize per pass: cast to fp32, bicubic, cast back ([src^2, C] -> [dst^2, C])."""
     if src == dst:
@@ -253,21 +239,21 @@ def _pos_resize_bytes(src: int, dst: int, C: int, e: int) -> int:
 
 def sam_weight_elems(cfg: EncoderConfig) -> int:
     s = cfg.sam
-    C, hd, F = s.embed_dim, s.head_dim, int(s.embed_dim * s.mlp_ratio)
+    C, hd, F = s.embed_dim, s.head_dim, s.mlp_dim
     n = 3 * s.patch_size ** 2 * C + C + s.grid ** 2 * C
     for i in range(s.depth):
         rel = s.grid if i in s.global_attn_indexes else s.window_size
         n += 4 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * (2 * rel - 1) * hd + (F * C + F) + (C * F + C)
-    o = s.out_chans
-    return n + C * o + 2 * o + o * o * 9 + 2 * o + 256 * 512 * 9 + 512 * 1024 * 9
+    o, o2, o3 = s.out_chans, s.net_2_chans, s.net_3_chans
+    return n + C * o + 2 * o + o * o * 9 + 2 * o + o * o2 * 9 + o2 * o3 * 9
 
 
 def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
     """B views of `size` px through SAM, as one pass: (_Count, vendor _Passes, fused _Passes without weights,
     fused weight bytes)."""
     s = cfg.sam
-    C, nh, hd, F, ws = s.embed_dim, s.num_heads, s.head_dim, int(s.embed_dim * s.mlp_ratio), s.window_size
-    g, q = _sam_grids(cfg, size)
+    C, nh, hd, F, ws = s.embed_dim, s.num_heads, s.head_dim, s.mlp_dim, s.window_size
+    g, q = size // s.patch_size, cfg.tokens_per_side(size)  # patch grid, output grid
     T = B * g * g
     n = _Count()
     v, f = _Passes(), _Passes(weights=False)
@@ -356,14 +342,15 @@ def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
         if i == s.depth - 1:
             f.add(2 * X, X)                                          # last residual
 
-    # neck: conv1x1, LayerNorm2d, conv3x3, LayerNorm2d; net_2, net_3 (stride 2)
-    o = s.out_chans
-    g2 = _conv_out(g, 3, 2, 1)
+    # neck: conv1x1, LayerNorm2d, conv3x3, LayerNorm2d; net_2, net_3 (3x3, stride 2, pad 1: each halves the
+    # grid exactly, since views are multiples of the encoder's downsampling)
+    o, o2, o3 = s.out_chans, s.net_2_chans, s.net_3_chans
+    g2 = g // 2
     X, Y = T * C * e, T * o * e
     n.matmul(2 * T * o * C + 2 * T * o * o * 9)
-    n.matmul(2 * B * g2 * g2 * 512 * 256 * 9 + 2 * B * q * q * 1024 * 512 * 9)
+    n.matmul(2 * B * g2 * g2 * o2 * o * 9 + 2 * B * q * q * o3 * o2 * 9)
     n.other += 2 * 7 * T * o
-    w1, w2, w3, w4, wn = C * o * e, o * o * 9 * e, 256 * 512 * 9 * e, 512 * 1024 * 9 * e, 2 * o * e
+    w1, w2, w3, w4, wn = C * o * e, o * o * 9 * e, o * o2 * 9 * e, o2 * o3 * 9 * e, 2 * o * e
     wb += w1 + w2 + w3 + w4 + 2 * wn
     for p in (v, f):
         p.add(X, Y, w1)
@@ -374,8 +361,8 @@ def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
     v.peak, f.peak = max(v.peak, 3 * Y), max(f.peak, 2 * Y)
     for p in (v, f):
         p.add(Y, Y, w2)
-        p.add(Y, B * g2 * g2 * 512 * e, w3)
-        p.add(B * g2 * g2 * 512 * e, B * q * q * 1024 * e, w4)
+        p.add(Y, B * g2 * g2 * o2 * e, w3)
+        p.add(B * g2 * g2 * o2 * e, B * q * q * o3 * e, w4)
     return n, v, f, wb
 
 
@@ -393,7 +380,7 @@ def _clip(cfg: EncoderConfig, size: int, B: int, e: int):
     """B views of `size` px through CLIP-L, as one pass (same return as `_sam`)."""
     c = cfg.clip
     C, nh, hd, F = c.hidden_size, c.num_attention_heads, c.head_dim, c.ffn_hidden_size
-    _, q = _sam_grids(cfg, size)
+    q = cfg.tokens_per_side(size)
     N = 1 + q * q
     T = B * N
     n = _Count()
@@ -453,10 +440,8 @@ def estimate(width: int, height: int, mode: str | Mode = "gundam", max_crops: in
     e = DTYPE_BYTES[dt]
     layout = image_layout(width, height, mode, max_crops)
     m = layout.mode
-    for name in ("base_size", "image_size"):
-        if getattr(m, name) % config.downsample:
-            raise ValueError(f"mode {name}={getattr(m, name)}: expected a multiple of {config.downsample} "
-                             f"for this encoder")
+    config.tokens_per_side(m.base_size, "mode base_size")  # raises for a view size this encoder cannot take
+    config.tokens_per_side(m.image_size, "mode image_size")
     k = layout.n_crops
     stages = {name: StageCost() for name in STAGES}
     for kind, size, views in (("global", m.base_size, 1), ("crops", m.image_size, k)):
@@ -495,215 +480,27 @@ def _projector_weight_elems(cfg: EncoderConfig) -> int:
 def _projector_layout(cfg: EncoderConfig, layout: ImageLayout, batch: int, e: int) -> StageCost:
     """Projector on cat(CLIP tokens, SAM tokens) of every view, then the layout rows (newlines, separator)."""
     m, Din, D = layout.mode, cfg.projector.input_dim, cfg.projector.n_embed
-    _, qb = _sam_grids(cfg, m.base_size)
-    _, qi = _sam_grids(cfg, m.image_size)
+    qb, qi = cfg.tokens_per_side(m.base_size), cfg.tokens_per_side(m.image_size)
     wgt = (_projector_weight_elems(cfg) + 2 * D) * e
     w_proj = _projector_weight_elems(cfg) * e
-    views = [(qb * qb, qb)] + ([(layout.n_crops * qi * qi, layout.grid[1] * qi)] if layout.n_crops else [])
+    # (tokens, newline rows, crops?) of one image's global view and its crops
+    views = [(qb * qb, qb, False)]
+    if layout.n_crops:
+        views.append((layout.n_crops * qi * qi, layout.grid[1] * qi, True))
     rows = layout.tokens  # output rows of one image, newlines and separator included
     n = _Count()
     v = _Passes()
-    for t, nrows in views:  # vendor, per image: global view, crops
+    for t, nrows, crops in views:  # vendor, per image: global view, crops
         n.matmul(2 * t * Din * D)
         n.other += t * D
         v.add(t * Din * e, t * Din * e)                  # cat(clip[:, 1:], sam.flatten(2).T)
         v.add(t * Din * e, t * D * e, w_proj, t * Din * e)
-        if t != qb * qb:
-            v.add(t * D * e, t * D * e)                  # crops: tile permute copy
+        if crops:
+            v.add(t * D * e, t * D * e)                  # tile permute copy
         v.add(t * D * e + D * e, (t + nrows) * D * e)    # cat with newlines
     v.add(rows * D * e, rows * D * e)                    # final cat with the separator
     f = _Passes()
-    tokens = sum(t for t, _ in views) * batch
+    tokens = sum(t for t, _, _ in views) * batch
     f.add(tokens * Din * e, rows * batch * D * e, wgt)   # one kernel: both halves in, final rows out
     n.mm, n.mm_fused, n.other = n.mm * batch, n.mm * batch, n.other * batch
     return StageCost(n.mm, n.mm_fused, n.other, v.bytes * batch, f.bytes, wgt, v.peak, f.peak)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# sweep
-
-SWEEP_SIDES = tuple(range(256, 4097, 128))                   # long side, px
-SWEEP_ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 2.0, 1 / 2, 3.0, 1 / 3)  # width / height
-
-
-def sweep(mode: str | Mode = "gundam", max_crops: int | None = None, sides=SWEEP_SIDES, aspects=SWEEP_ASPECTS,
-          gpu="h100", dtype="bf16") -> list[dict]:
-    """One row per (size, crops on/off): the `mode` as given ("crops") and with crop_mode off ("nocrop")."""
-    base = resolve_mode(mode, max_crops)
-    variants = (("crops", base), ("nocrop", dataclasses.replace(base, crop_mode=False)))
-    rows = []
-    for side in sides:
-        for a in aspects:
-            w, h = (side, max(1, round(side / a))) if a >= 1 else (max(1, round(side * a)), side)  # a = w/h
-            for variant, m in variants:
-                r = estimate(w, h, m, dtype=dtype)
-                fl = r.floor(gpu)["total"]
-                t = r.total
-                rows.append({
-                    "width": w, "height": h, "long_side": side, "aspect_ratio": round(a, 4),
-                    "megapixels": round(w * h / 1e6, 4),
-                    "variant": variant, "base_size": m.base_size, "image_size": m.image_size,
-                    "crop_mode": m.crop_mode, "grid_w": r.layout.grid[0], "grid_h": r.layout.grid[1],
-                    "n_crops": r.layout.n_crops, "tokens": r.layout.tokens,
-                    "matmul_gflops": round(t.matmul_flops / 1e9, 3),
-                    "matmul_gflops_fused": round(t.matmul_flops_fused / 1e9, 3),
-                    "other_gflops": round(t.other_flops / 1e9, 3),
-                    "hbm_mb_vendor": round(t.hbm_bytes_vendor / 1e6, 3), "hbm_mb_fused": round(t.hbm_bytes_fused / 1e6, 3),
-                    "floor_ms_vendor": round(fl[0].seconds * 1e3, 4), "floor_ms_fused": round(fl[1].seconds * 1e3, 4),
-                    "bound_vendor": fl[0].bound, "bound_fused": fl[1].bound,
-                })
-    return rows
-
-
-def write_csv(rows: list[dict], path) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def plot(rows: list[dict], path, gpu="h100") -> bool:
-    """FLOPs vs input size, crops (one line per aspect ratio) and no-crop; the roofline floor of both traffic
-    models for the page-like aspect. False without matplotlib (the `plot` extra)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
-    aspects = sorted({r["aspect_ratio"] for r in rows})
-    page = min(aspects, key=lambda x: abs(x - 3 / 4))
-    pick = lambda variant, aspect: sorted((r for r in rows if r["variant"] == variant and r["aspect_ratio"] == aspect),
-                                          key=lambda r: r["long_side"])
-    cmap = plt.get_cmap("viridis")
-    for i, asp in enumerate(aspects):
-        sel = pick("crops", asp)
-        a.plot([r["long_side"] for r in sel], [r["matmul_gflops"] for r in sel], ".-", lw=1, ms=3,
-               color=cmap(i / max(1, len(aspects) - 1)), label=f"crops, w/h {asp:.2f}")
-    sel = pick("nocrop", page)
-    a.plot([r["long_side"] for r in sel], [r["matmul_gflops"] for r in sel], "k--", lw=1.5, label="no crops")
-    a.set(xlabel="long side, px", ylabel="matmul GFLOP per image", title="encoder FLOPs vs input size")
-    for variant, color in (("crops", "tab:blue"), ("nocrop", "tab:orange")):
-        sel = pick(variant, page)
-        x = [r["long_side"] for r in sel]
-        b.plot(x, [r["floor_ms_vendor"] for r in sel], "-", color=color, label=f"{variant}, vendor traffic")
-        b.plot(x, [r["floor_ms_fused"] for r in sel], "--", color=color, label=f"{variant}, fused traffic")
-    b.set(xlabel="long side, px", ylabel="floor time per image, ms", ylim=(0, None),
-          title=f"roofline floor on {get_gpu(gpu).name}, w/h {page:.2f}")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="center right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI: `gundam cost`
-
-def parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m or int(m[1]) <= 0 or int(m[2]) <= 0:
-        raise ValueError(f"image size {text!r}: expected WIDTHxHEIGHT in pixels, positive integers, e.g. 2000x3000")
-    return int(m[1]), int(m[2])
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sizes", nargs="*", metavar="WxH", help="image sizes in pixels, e.g. 2000x3000")
-    parser.add_argument("--mode", default="gundam", choices=list(MODES), help="image mode (default: gundam)")
-    parser.add_argument("--max-crops", type=int, default=None, help="maximum crops, 2..9 (default: the mode's)")
-    parser.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
-    parser.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="activation and weight dtype")
-    parser.add_argument("--gpu", default="h100", choices=list(GPUS), help="roofline GPU (default: h100)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser.add_argument("--sweep", action="store_true",
-                        help="write a CSV over sizes and aspect ratios, crops and no-crop (and a PNG with matplotlib)")
-    parser.add_argument("--out", default="cost_sweep.csv", help="sweep CSV path; the PNG goes beside it")
-
-
-def run(args) -> int:
-    sizes = [parse_size(s) for s in args.sizes]
-    if args.sweep:
-        rows = sweep(args.mode, args.max_crops, gpu=args.gpu, dtype=args.dtype)
-        write_csv(rows, args.out)
-        png = os.path.splitext(args.out)[0] + ".png"
-        made = plot(rows, png, args.gpu)
-        print(f"wrote {args.out} ({len(rows)} rows)" + (f" and {png}" if made else
-                                                        " (no PNG: install matplotlib, the `plot` extra)"))
-        if not sizes:
-            return 0
-    if not sizes:
-        raise ValueError("gundam cost: no image size given: expected WIDTHxHEIGHT (e.g. 2000x3000) or --sweep")
-    reports = [estimate(w, h, args.mode, args.max_crops, args.batch, args.dtype) for w, h in sizes]
-    if args.json:
-        out = [r.to_dict(args.gpu) for r in reports]
-        print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
-    else:
-        print("\n\n".join(format_report(r, args.gpu) for r in reports))
-    return 0
-
-
-def _si(x: float, unit: str) -> str:
-    for scale, p in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f} {p}{unit}"
-    return f"{x:.0f} {unit}"
-
-
-def format_report(r: CostReport, gpu="h100") -> str:
-    g = get_gpu(gpu)
-    lay, m = r.layout, r.mode
-    floors = r.floor(g)
-    peak = g.tf32_flops if r.dtype == "fp32" else g.tensor_flops
-    grid = f"grid {lay.grid[0]}x{lay.grid[1]}, {lay.n_crops} crops of {m.image_size}" if lay.n_crops else "no crops"
-    lines = [
-        f"{r.width}x{r.height}, mode {_mode_name(m)} (global {m.base_size}, crop_mode {'on' if m.crop_mode else 'off'}),"
-        f" {grid}; tokens {lay.tokens} = {lay.global_tokens} global + {lay.local_tokens} local + 1;"
-        f" batch {r.batch}, {r.dtype}",
-        f"{g.name}: {peak / 1e12:.0f} TFLOP/s dense {'tf32' if r.dtype == 'fp32' else 'bf16'},"
-        f" {g.hbm_bandwidth / 1e12:.2f} TB/s HBM",
-    ]
-    head = f"{'stage':<17}{'GFLOP':>9}{'MB':>10}{'FLOP/B':>8}{'floor us':>10}  {'bound':<8}{'peak MB':>9}"
-    stages = list(r.stages.items()) + [("total", r.total)]
-    for k, title in ((0, "vendor traffic: SDPA + materialised bias, separate passes, partition copies"),
-                     (1, "fused traffic: Triton path, one pass, no N x N bias, no copies")):
-        lines += ["", title, head]
-        for name, s in stages:
-            fl = floors[name][k]
-            act = s.activation_bytes if k == 0 else s.activation_bytes_fused
-            lines.append(f"{name:<17}{fl.flops / 1e9:>9.1f}{fl.bytes / 1e6:>10.1f}{fl.intensity:>8.0f}"
-                         f"{fl.seconds * 1e6:>10.1f}  {fl.bound:<8}{act / 1e6:>9.1f}")
-    t, (fv, ff) = r.total, floors["total"]
-    lines += ["", f"other FLOPs {_si(t.other_flops, 'FLOP')}; weights {t.weight_bytes / 1e6:.1f} MB;"
-                  f" fused/vendor: HBM bytes x{_ratio(t.hbm_bytes_fused, t.hbm_bytes_vendor)},"
-                  f" floor time x{_ratio(ff.seconds, fv.seconds)}"]
-    return "\n".join(lines)
-
-
-def _ratio(a, b) -> str:
-    return f"{a / b:.2f}" if b else "-"
-
-
-def _mode_name(m: Mode) -> str:
-    for name, mm in MODES.items():
-        if dataclasses.replace(mm, max_crops=m.max_crops) == m:
-            return name if mm.max_crops == m.max_crops else f"{name} (max {m.max_crops} crops)"
-    return "custom"
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="gundam cost", description="analytic cost of encoding an image")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

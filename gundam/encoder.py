@@ -26,6 +26,24 @@ BACKENDS = ("auto", "torch", "triton")
 STAGES = ("sam", "clip", "layout")   # `EncoderOutput.timings` keys, both backends ("layout": projector + layout)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (x86 AVX512-BF16 or AMX, Arm BF16; Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on CUDA and on CPUs with native bf16 matrix units (several times the fp32 matmul rate there),
+    fp32 on other CPUs (emulated bf16 is slower than fp32)."""
+    if torch.device(device).type == "cuda" or cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
 class StageTimer:
     """Seconds per stage of one forward. On CUDA, events are recorded between stages and read only when the
     timings are asked for, so timing adds no host synchronisation to the forward."""

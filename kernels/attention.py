@@ -618,5 +618,5 @@ def _production_configs():
     return entries
 
 
-# Entries for gundam.compile_check: compile without a GPU at the production block sizes.
+# Entries for gundam.kernels.compile_check: compile without a GPU at the production block sizes.
 COMPILE_CONFIGS = _production_configs()

@@ -1,8 +1,8 @@
 """Every registered kernel config compiles for sm_80 and sm_90 without a GPU: builds, spills no registers, fits
-shared memory, and uses tensor-core MMA where it should (gundam.compile_check)."""
+shared memory, and uses tensor-core MMA where it should (gundam.kernels.compile_check)."""
 import pytest
 
-from gundam.compile_check import ARCHS, compile_registered, registered_configs
+from gundam.kernels.compile_check import ARCHS, compile_registered, registered_configs
 
 ENTRIES = registered_configs()
 

@@ -120,7 +120,7 @@ def _run_worker(job):
     """Run `job` in a fresh interpreter without TRITON_INTERPRET (the interpreter's @jit wrappers, including
     triton.language's own helpers like tl.cdiv, cannot be compiled) and return its list of stats dicts."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", "from gundam.compile_check import _worker; _worker()"],
+    res = subprocess.run([sys.executable, "-c", "from gundam.kernels.compile_check import _worker; _worker()"],
                          input=json.dumps(job), capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"compile worker failed ({res.returncode}):\n{res.stderr[-4000:]}")
@@ -157,10 +157,12 @@ def compile_kernel(kernel, signature, constexprs, arch, *, num_warps=4, num_stag
 
 
 def registered_configs():
-    """All COMPILE_CONFIGS entries of the modules in gundam.kernels."""
+    """All COMPILE_CONFIGS entries of the kernel modules in gundam.kernels."""
     import gundam.kernels as pkg
     entries = []
     for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
+        if f"gundam.kernels.{mod}" == __name__:
+            continue  # this tool, not a kernel
         module = importlib.import_module(f"gundam.kernels.{mod}")
         entries.extend(getattr(module, "COMPILE_CONFIGS", []))
     return entries
