@@ -25,16 +25,31 @@ Design, and what it does for the H100 targets (bf16, head_dim 64):
   shared memory like K and V) instead of BLOCK_N gathers, and one add per score. The [M, KH, KW] -> [M, N]
   reshape lands in the MMA accumulator layout with no layout conversion. Both tables are stored
   pre-multiplied by log2(e), so scale and bias cost one FMA + one add per score over plain flash attention.
-  Out-of-group keys get -inf through the same two tiles.
-- Padded keys point at the bias row instead of a token row (a select on BLOCK_N row pointers), so K/V stay
-  plain masked loads that Triton turns into cp.async pipelines; no per-element select.
+  Out-of-group keys get -inf from the tables themselves (`_relpos_kernel` writes -inf past the group's
+  edge), so no tile coordinates stay live across the pipelined key loop.
+- Padded keys point at the bias row instead of a token row (one select on BLOCK_N row pointers; the bias row
+  is laid out like a token's, so v = k + stride for both), so K/V stay plain masked loads that Triton turns
+  into cp.async pipelines; no per-element select.
 - Query blocks are flat runs of the group's row-major query index; addresses come straight from the packed
   layout (no window partition or unpartition copies) and only real query rows are stored, in place, in the
   [T, heads * head_dim] output.
-- Grid (groups * query blocks of the largest group, heads): consecutive programs share a group's K/V in L2;
-  programs past the end of a smaller group return at once. Block sizes come from `choose_config` (a
-  heuristic on the group shapes); any BLOCK_M / BLOCK_KH / BLOCK_KW is correct. The production configs
-  compile for sm_80 and sm_90 without spills, with HMMA / HGMMA (bench/compile_report.py).
+- Grid (programs, heads) over a host-built program table: one row per (group, query block), so no program
+  is idle whatever the mix of group sizes (a 640 view's global block has 13 query blocks where a 1024 view's
+  has 32); consecutive programs share a group's K/V in L2. A group's last query block is a TAIL_M = 16-row
+  one (mma.sync) when its queries fit: sm_90's wgmma takes 64 query rows per warpgroup, so a 196-query
+  window is 64 + 64 + 64 + 16 rows instead of 4 x 64.
+- Padding work (`mma_work`: issued / useful query x key products): a 14 x 14 window is issued 208 query rows
+  x 224 key slots (7 tiles of 2 x 16) = 1.21x its 196 x 196; 64-row blocks and 8 x 8 tiles issued
+  256 x 256 = 1.71x. Why this tiling on sm_90: query rows come in 64s per warpgroup (wgmma M) plus the 16-row
+  tail; p.v needs key tiles in 16s (its K); the outer-sum bias needs rectangular power-of-two tiles, so 14
+  columns cost 16 slots and 14 x 16 = 224 is the fewest. 2 x 16 tiles get there in 32-key steps (1 x 16 takes
+  twice the softmax steps for the same slots; 4 x 16 and 8 x 8 round the 14 rows up to 16: 256). Flat 16-key
+  runs would issue 208 (1.13x) but turn the bias into a per-score gather; holding a window's K/V across its
+  query blocks is not expressible in Triton without unrolling the key loop.
+- Block sizes come from `choose_config` (a heuristic on the group shapes); any BLOCK_M / TAIL_M /
+  BLOCK_KH / BLOCK_KW is correct. The production configs compile for sm_80 and sm_90 without spills or ptxas
+  performance warnings, with HMMA / HGMMA; the SAM global config runs 2 CTAs per SM on sm_90
+  (bench/compile_report.py).
 """
 import dataclasses
 import math
@@ -92,7 +107,7 @@ class SegmentTable:
     max_gh: int                 # widths of the per-token rel-pos tables
     max_gw: int
     end_token: int              # one past the last token any group touches
-    max_view_tokens: int        # max H * W: key offsets within a view are 32-bit
+    max_view_tokens: int        # max H * W: offsets within a view are 32-bit
     covered_tokens: int         # tokens inside some group (end_token when the views leave no gaps)
     rel_sizes_h: tuple          # group heights in packed rel_pos_h order (table k has 2 * size - 1 rows)
     rel_sizes_w: tuple
@@ -252,18 +267,20 @@ def _block_queries(prog, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _store_rel(q, q_g, q_real, table_ptr, stride_table, OFF, G, offs_d, out_rows, row_len,
+def _store_rel(q, q_g, q_real, table_ptr, stride_table, OFF, G, offs_d, out_base, out_rows, row_len,
                BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """out_rows[m, k] = log2(e) * q[m] . R[q_g[m] - k + G - 1] for k in [0, G), R = table rows OFF.. OFF+2G-2;
-    -inf for k in [G, row_len): keys past the group's edge, so the attention kernel needs no column mask."""
+    """out[m, k] = log2(e) * q[m] . R[q_g[m] - k + G - 1] for k in [0, G), R = table rows OFF.. OFF+2G-2;
+    -inf for k in [G, row_len): keys past the group's edge, so the attention kernel needs no column mask.
+    Row m of out starts at out_base + out_rows[m] (32-bit offsets: half the address registers)."""
     offs_r = tl.arange(0, BLOCK_R)
     r = tl.load(table_ptr + (OFF + offs_r)[:, None] * stride_table + offs_d[None, :],
                 mask=(offs_r < 2 * G - 1)[:, None], other=0.0)
     p = tl.dot(q, tl.trans(r), input_precision=DOT_PRECISION) * 1.4426950408889634   # * log2(e): [M, R]
     k = q_g[:, None] + G - 1 - offs_r[None, :]                                    # table row i -> key k
-    tl.store(out_rows[:, None] + k, p, mask=q_real[:, None] & (k >= 0) & (k < G))
+    tl.store(out_base + (out_rows[:, None] + k), p, mask=q_real[:, None] & (k >= 0) & (k < G))
     pad = q_real[:, None] & ((offs_r >= G) & (offs_r < row_len))[None, :]
-    tl.store(out_rows[:, None] + offs_r[None, :], tl.full(p.shape, float("-inf"), tl.float32), mask=pad)
+    tl.store(out_base + (out_rows[:, None] + offs_r[None, :]), tl.full(p.shape, float("-inf"), tl.float32),
+             mask=pad)
 
 
 @triton.jit
@@ -287,12 +304,13 @@ def _relpos_kernel(
     q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
                 mask=q_real[:, None], other=0.0)
 
+    q_view = (q_tok - tok0).to(tl.int32)                  # token index within the view
     _store_rel(q, q_gh, q_real, rph_ptr, stride_rph, RH_OFF, GH, offs_d,
-               relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t, len_relh, BLOCK_RH,
-               DOT_PRECISION)
+               relh_ptr + head.to(tl.int64) * stride_relh_head + tok0.to(tl.int64) * stride_relh_t,
+               q_view * stride_relh_t, len_relh, BLOCK_RH, DOT_PRECISION)
     _store_rel(q, q_gw, q_real, rpw_ptr, stride_rpw, RW_OFF, GW, offs_d,
-               relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t, len_relw, BLOCK_RW,
-               DOT_PRECISION)
+               relw_ptr + head.to(tl.int64) * stride_relw_head + tok0.to(tl.int64) * stride_relw_t,
+               q_view * stride_relw_t, len_relw, BLOCK_RW, DOT_PRECISION)
 
 
 @triton.jit
@@ -501,9 +519,6 @@ def _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale,
                          f"(build_segments(device=...) or segments.to(...))")
     if segments.end_token > T:
         raise ValueError(f"{fn}: segments reach token {segments.end_token}, expected at most qkv's {T} tokens")
-    if segments.max_view_tokens * qkv.stride(0) >= 2**31:
-        raise ValueError(f"{fn}: a view of {segments.max_view_tokens} tokens at qkv row stride {qkv.stride(0)}, "
-                         f"expected fewer than 2**31 elements per view (32-bit key offsets)")
 
     if (rel_pos_h is None) != (rel_pos_w is None):
         raise ValueError(f"{fn}: got only one of rel_pos_h and rel_pos_w, expected both or neither")
@@ -556,6 +571,13 @@ def attention(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bias=None, o
                          f"{cfg['BLOCK_KH'] * cfg['BLOCK_KW']}, expected 16 <= TAIL_M <= BLOCK_M and "
                          f"BLOCK_KH*BLOCK_KW >= 16 (tensor-core tiles)")
     dot_precision = "ieee" if qkv.dtype == torch.float32 else "tf32"   # "tf32" is ignored for 16-bit inputs
+    # per-token rel-pos rows: padded to whole key tiles (the kernel reads whole tiles), 16-aligned
+    rh_len = _round_up(_round_up(segments.max_gh, cfg["BLOCK_KH"]), 16)
+    rw_len = _round_up(_round_up(segments.max_gw, cfg["BLOCK_KW"]), 16)
+    row = max(qkv.stride(0), rh_len, rw_len) if has_rel else qkv.stride(0)
+    if segments.max_view_tokens * row >= 2**31:
+        raise ValueError(f"{fn}: a view of {segments.max_view_tokens} tokens at row stride {row}, expected fewer "
+                         f"than 2**31 elements per view (32-bit offsets within a view)")
 
     # k, v of padded keys: the qkv bias (zeros for a bias-free linear) as one token row with qkv's strides
     s_s, s_h = qkv.stride(1), qkv.stride(2)
@@ -564,11 +586,8 @@ def attention(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bias=None, o
         kvpad.as_strided((3, heads, head_dim), (s_s, s_h, 1)).copy_(qkv_bias.view(3, heads, head_dim))
 
     if has_rel:
-        # per-token rel-pos projections, fp32, log2 units: [heads, T, >= max GH] and [heads, T, >= max GW].
-        # Rows are padded to whole key tiles (the kernel reads whole tiles) and to a multiple of 16 (aligned
-        # rows); for real tokens entries GH.. (GW..) hold -inf.
-        rh_len = _round_up(_round_up(segments.max_gh, cfg["BLOCK_KH"]), 16)
-        rw_len = _round_up(_round_up(segments.max_gw, cfg["BLOCK_KW"]), 16)
+        # per-token rel-pos projections, fp32, log2 units: [heads, T, rh_len >= max GH] and [heads, T, rw_len];
+        # for real tokens entries GH.. (GW..) hold -inf
         relh = torch.empty(heads, T, rh_len, device=qkv.device, dtype=torch.float32)
         relw = torch.empty(heads, T, rw_len, device=qkv.device, dtype=torch.float32)
         block_rh = max(16, triton.next_power_of_2(max(2 * segments.max_gh - 1, rh_len)))

@@ -374,7 +374,7 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="segments are for meta, expected qkv's cpu"):
         attention(qkv, seg.to("meta"))
     big = torch.empty_strided((2**20, 3, 2, 16), (2**12, 32, 16, 1), device="meta")   # a 2**20-token view
-    with pytest.raises(ValueError, match="a view of 1048576 tokens at qkv row stride 4096, expected fewer"):
+    with pytest.raises(ValueError, match="a view of 1048576 tokens at row stride 4096, expected fewer"):
         attention(big, build_segments([(0, 1024, 1024)], device="meta"))
     with pytest.raises(ValueError, match=r"config keys \['BLOCK_Q'\] unknown"):
         attention(qkv, seg, config=dict(BLOCK_Q=16))
