@@ -133,6 +133,21 @@ class GundamEncoder(nn.Module):
             check_triton_available(self.device)
         return backend
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Activation checkpointing per SAM block and CLIP layer (transformers' convention): while training,
+        each block's activations are recomputed in the backward instead of kept."""
+        if gradient_checkpointing_kwargs:
+            raise ValueError(f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r}: expected None "
+                             f"(non-reentrant checkpointing is always used)")
+        self.sam_model.gradient_checkpointing = self.vision_model.transformer.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.sam_model.gradient_checkpointing = self.vision_model.transformer.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.sam_model.gradient_checkpointing
+
     def clear_cache(self):
         """Drop the cached position and rel-pos tables (needed only after writing weights through `.data`)."""
         self.sam_model.tables.clear()

@@ -251,3 +251,27 @@ def test_uint8_pixels_equal_preprocessed_floats(tiny_encoder, batch):
     u8 = gundam.Batch(to_u8(batch.global_views), to_u8(batch.crops), batch.layouts, batch.mode)
     with torch.no_grad():
         assert torch.equal(tiny_encoder(u8).embeddings, tiny_encoder(batch).embeddings)
+
+
+def test_gradient_checkpointing_same_gradients(batch):
+    enc = randomize(GundamEncoder(TINY), seed=4)
+    grads, saved = [], []
+    for on in (False, True):
+        enc.zero_grad()
+        enc.gradient_checkpointing_enable() if on else enc.gradient_checkpointing_disable()
+        assert enc.is_gradient_checkpointing == on
+        count = [0]
+
+        def pack(t):   # every tensor autograd keeps for the backward
+            count[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = enc(batch, backend="torch").embeddings.pow(2).mean()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in enc.named_parameters()})
+        saved.append(count[0])
+    assert saved[1] < saved[0] / 2, saved          # the blocks' activations are not kept
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name   # same ops recomputed: bit-identical
