@@ -116,7 +116,7 @@ def cmd_cost(args) -> int:
         out = [r.to_dict(args.gpu) for r in reports]
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
     else:
-        print("\n\n".join(format_report(r, args.gpu) for r in reports))
+        print("\n\n".join(format_report(r, args.gpu, train=args.train) for r in reports))
     return 0
 
 
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="activation and weight dtype")
     c.add_argument("--gpu", default="h100", choices=list(GPUS), help="roofline GPU (default: h100)")
     c.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    c.add_argument("--train", action="store_true",
+                   help="also the matmul FLOPs of a training step (forward + backward)")
     c.add_argument("--sweep", action="store_true",
                    help="write a CSV over sizes and aspect ratios, crops and no-crop (and a PNG with matplotlib)")
     c.add_argument("--out", default="cost_sweep.csv", help="sweep CSV path; the PNG goes beside it")
