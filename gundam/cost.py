@@ -63,7 +63,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from gundam.config import MODES, EncoderConfig, Mode, resolve_mode
+from gundam.config import MODES, EncoderConfig, Mode, check_image_size, check_int, resolve_mode
 from gundam.layout import ImageLayout, image_layout
 
 STAGES = ("sam_global", "sam_crops", "clip_global", "clip_crops", "projector_layout")
@@ -447,8 +447,8 @@ def estimate(width: int, height: int, mode: str | Mode = "gundam", max_crops: in
              dtype="bf16", config: EncoderConfig | None = None) -> CostReport:
     """Cost of encoding `batch` images of `width` x `height` px in `mode` (a name or a Mode)."""
     config = config or EncoderConfig.deepseek_ocr()
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch={batch!r}: expected a positive integer")
+    width, height = check_image_size(width, height)  # sizes an image can have: counts stay finite floats
+    batch = check_int(batch, "batch", 1, 1 << 20)
     dt = dtype_name(dtype)
     e = DTYPE_BYTES[dt]
     layout = image_layout(width, height, mode, max_crops)
