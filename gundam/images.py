@@ -77,6 +77,9 @@ def _rgb(image: Image.Image, name: str) -> Image.Image:
     _check_pixels(image.size, name)
     try:
         image.load()  # a lazily opened PIL image decodes here (truncated data fails here)
+    except Exception as e:  # noqa: BLE001 - same as a corrupt file: say which image and why
+        raise ValueError(f"{name}: cannot decode ({type(e).__name__}: {e})") from None
+    try:
         if image.mode in WIDE_MODES:
             wide = np.asarray(image).astype(np.int64).clip(0, 65535)
             image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")  # round(v * 255/65535)
@@ -84,8 +87,8 @@ def _rgb(image: Image.Image, name: str) -> Image.Image:
             with warnings.catch_warnings():  # palette + transparency: dropped as the vendor's convert drops it
                 warnings.simplefilter("ignore", UserWarning)
                 image = image.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - same as a corrupt file: say which image and why
-        raise ValueError(f"{name}: cannot decode ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{name}: cannot convert PIL mode {image.mode} to RGB ({e})") from None
     return image
 
 

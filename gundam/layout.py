@@ -29,12 +29,12 @@ def _closest_grid(width: int, height: int, mode: Mode) -> tuple[int, int]:
     """The vendor's rule: the candidate whose w/h is closest to width/height; on a tie, the later candidate if
     width*height > 0.5 * image_size^2 * w*h.
 
-    Distances are compared exactly (as fractions: floats cannot tell 10^20/1 from 10^20/1 - 3, nor divide a
-    400-digit width). Where two candidates are exactly equally close, the vendor's floats still decide first:
-    `abs(width / height - w / h)` rounds differently on the two sides of the midpoint (1500x1800 lies exactly
-    between 2/3 and 1, and the vendor's floats put it nearer 1), and its model was trained on those choices.
-    The float values at a tie depend only on the (small) exact ratio, so they are well defined at any size;
-    for every size with sides below ~10^12 this is the vendor's result bit for bit.
+    Distances are compared exactly, as fractions: floats lose them at large sizes (10^20 x 1 came out 3x2) and
+    cannot divide a 400-digit width at all. Where two candidates are exactly equally close, the vendor's floats
+    still decide first: `abs(width / height - w / h)` rounds differently on the two sides of a midpoint
+    (1500x1800 lies exactly between 2/3 and 1, and the vendor's floats put it nearer 1), and the model was
+    trained on those choices. At a tie the floats depend only on the small exact ratio, so they are defined at
+    any size; for every size with sides below ~10^12 the result is the vendor's.
     """
     aspect = Fraction(width, height)
     best, best_diff = None, None

@@ -38,6 +38,8 @@ def resolve_device(device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"device={device!r}: expected a device such as 'cpu', 'cuda' or 'cuda:1'") from None
+    if dev.type == "meta":
+        raise ValueError(f"device={device!r}: expected a device that holds data (cpu, cuda, ...)")
     try:
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError, ValueError) as e:
@@ -111,11 +113,11 @@ def load_encoder_state_dict(path, encoder: torch.nn.Module, device="cpu", dtype:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    name = key.removeprefix("model.") if key.removeprefix("model.") in expected else key
+                    name = key.removeprefix("model.")
                     if name in expected:
-                        if name not in found:
+                        if name not in found:  # with and without the prefix: the first one read
                             found[name] = f.get_tensor(key)
-                    elif _is_encoder_key(key) and key.removeprefix("model.") not in UNUSED_KEYS:
+                    elif _is_encoder_key(key) and name not in UNUSED_KEYS:
                         unused.append(key)
         except (OSError, SafetensorError) as e:
             raise ValueError(f"checkpoint file {file!r}: cannot read as safetensors ({e})") from None

@@ -8,6 +8,7 @@ import re
 import struct
 import warnings
 import zlib
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from gundam.cli import main
 from gundam.config import ClipConfig, ProjectorConfig, SamConfig, resolve_mode
 from gundam.cost import estimate
 from gundam.images import image_views, load_image
-from gundam.layout import grid_layout, image_layout
+from gundam.layout import _candidate_grids, grid_layout, image_layout
 from testutils import TINY_MODE, randomize
 
 # Smaller still than testutils.TINY (these tests check plumbing, not numerics): every stage, a few hundred kB.
@@ -195,6 +196,11 @@ def test_other_modes_equal_pil_convert(tmp_path, mode):
     assert np.array_equal(np.asarray(load_image(path)), np.asarray(Image.open(path).convert("RGB")))
 
 
+def test_unconvertible_mode():
+    with pytest.raises(ValueError, match="PIL image: cannot convert PIL mode La to RGB"):
+        load_image(Image.new("La", (4, 4)))
+
+
 def test_animated_gif_uses_the_first_frame(tmp_path):
     frames = [Image.new("RGB", (700, 650), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
     path = tmp_path / "anim.gif"
@@ -250,6 +256,16 @@ def test_exact_ties_keep_the_vendors_choice(size, max_crops):
     assert crop_grid(*size, max_crops=max_crops) == vendor_grid(*size, max_crops=max_crops)
 
 
+def test_every_exact_midpoint_keeps_the_vendors_choice():
+    for max_crops in range(2, 10):
+        ratios = sorted({Fraction(w, h) for w, h in _candidate_grids(2, max_crops)})
+        for a, b in zip(ratios, ratios[1:]):
+            mid = (a + b) / 2
+            for k in (700, 1000, 5000, 10 ** 15):  # sides above 640; areas either side of the tie's area rule
+                w, h = mid.numerator * k, mid.denominator * k
+                assert crop_grid(w, h, max_crops=max_crops) == vendor_grid(w, h, max_crops=max_crops), (w, h)
+
+
 def test_numpy_integers_are_ints():
     assert crop_grid(np.int64(2000), np.int32(1000), max_crops=np.int16(9)) == crop_grid(2000, 1000, max_crops=9)
     assert count_image_tokens(np.uint16(1900), np.int64(1250)) == 893
@@ -285,6 +301,11 @@ def test_huge_numbers_stay_one_short_line():
 def test_estimate_absurd_inputs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         estimate(**kwargs)
+
+
+def test_estimate_config_of_the_wrong_type():
+    with pytest.raises(TypeError, match="config of type dict"):
+        estimate(1000, 1000, config={})
 
 
 @pytest.mark.parametrize("make,match", [
@@ -485,7 +506,7 @@ def test_dtype_names(tmp_path, tiny_state, dtype, want):
     (dict(dtype="int8"), ValueError, "dtype='int8': expected a floating torch dtype"),
     (dict(dtype=torch.int64), ValueError, "dtype=torch.int64"), (dict(dtype=None), ValueError, "dtype=None"),
     (dict(device="gpu"), ValueError, "device='gpu': expected a device"),
-    (dict(device=3.5), ValueError, "device=3.5"),
+    (dict(device=3.5), ValueError, "device=3.5"), (dict(device="meta"), ValueError, "device='meta'"),
     (dict(config="MICRO"), TypeError, "config of type str"),
 ])
 def test_bad_from_pretrained_arguments(tmp_path, tiny_state, kwargs, error, match):
@@ -504,6 +525,12 @@ def test_cuda_without_cuda(tmp_path, tiny_state, capsys, files):
 
 
 def test_bad_checkpoint_paths(tmp_path):
+    (tmp_path / "part").mkdir()
+    save_file({"a": torch.randn(50, 50)}, tmp_path / "part" / "model.safetensors")
+    data = (tmp_path / "part" / "model.safetensors").read_bytes()
+    (tmp_path / "part" / "model.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors': cannot read as safetensors"):
+        GundamEncoder.from_pretrained(tmp_path / "part", config=MICRO)
     with pytest.raises(TypeError, match="checkpoint path of type NoneType"):
         GundamEncoder.from_pretrained(None, config=MICRO)
     with pytest.raises(ValueError, match="no such file or directory"):
@@ -604,6 +631,13 @@ def test_cli_tokens_absurd_sizes_are_exact(capsys):
     assert code == 0
     # 272 global + (1 * 10) * (9 * 10 + 1) local + 1, and 272 + (9 * 10) * (1 * 10 + 1) + 1
     assert "gundam    grid 9x1  crops 9  tokens 1183" in stdout and "gundam    grid 1x9  crops 9  tokens 1263" in stdout
+
+
+def test_cli_tokens_file_named_like_a_size(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (300, 200)).save("640x480", "PNG")
+    code, stdout, err = run_cli(capsys, "tokens", "640x480")
+    assert code == 0 and stdout.startswith("640x480: 300x200\n")
 
 
 def test_cli_tokens_reports_the_bad_and_prints_the_good(files, capsys):
