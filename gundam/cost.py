@@ -63,7 +63,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from gundam.config import EncoderConfig, Mode
+from gundam.config import EncoderConfig, Mode, check_image_size, check_int
 from gundam.layout import ImageLayout, image_layout
 
 STAGES = ("sam_global", "sam_crops", "clip_global", "clip_crops", "projector_layout")
@@ -450,9 +450,11 @@ def _clip(cfg: EncoderConfig, size: int, B: int, e: int):
 def estimate(width: int, height: int, mode: str | Mode = "gundam", max_crops: int | None = None, batch: int = 1,
              dtype="bf16", config: EncoderConfig | None = None) -> CostReport:
     """Cost of encoding `batch` images of `width` x `height` px in `mode` (a name or a Mode)."""
-    config = config or EncoderConfig.deepseek_ocr()
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch={batch!r}: expected a positive integer")
+    config = EncoderConfig.deepseek_ocr() if config is None else config
+    if not isinstance(config, EncoderConfig):
+        raise TypeError(f"config of type {type(config).__name__}: expected an EncoderConfig")
+    width, height = check_image_size(width, height)  # sizes an image can have: counts stay finite floats
+    batch = check_int(batch, "batch", 1, 1 << 20)
     dt = dtype_name(dtype)
     e = DTYPE_BYTES[dt]
     layout = image_layout(width, height, mode, max_crops)

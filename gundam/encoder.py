@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from gundam.config import EncoderConfig, Mode
-from gundam.images import Batch, normalize
+from gundam.images import Batch, check_pixel_values, normalize
 from gundam.layout import grid_layout, layout_tokens
 from gundam.model import build_modules, encode_views
 from gundam.packed import check_triton_available, encode_packed
@@ -95,6 +95,9 @@ class GundamEncoder(nn.Module):
 
     def __init__(self, config: EncoderConfig | None = None, backend: str = "auto"):
         super().__init__()
+        if config is not None and not isinstance(config, EncoderConfig):
+            raise TypeError(f"config of type {type(config).__name__}: expected an EncoderConfig (or None for "
+                            f"DeepSeek-OCR's)")
         self.config = config = config or EncoderConfig.deepseek_ocr()
         self.backend = _check_backend(backend)
         self.sam_model, self.vision_model, self.projector = build_modules(config)
@@ -106,13 +109,18 @@ class GundamEncoder(nn.Module):
         self._register_load_state_dict_pre_hook(_drop_unused_keys)
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
-                        config: EncoderConfig | None = None) -> "GundamEncoder":
-        """Encoder weights from a DeepSeek-OCR safetensors checkpoint (file, directory or sharded directory)."""
-        from gundam.weights import load_encoder_state_dict
+    def from_pretrained(cls, path, dtype: torch.dtype | str = torch.float32, device="cpu", backend: str = "auto",
+                        config: EncoderConfig | None = None, strict: bool = True) -> "GundamEncoder":
+        """Encoder weights from a DeepSeek-OCR safetensors checkpoint (file, directory or sharded directory).
+
+        dtype: a floating torch dtype or a name ("bfloat16", "bf16", "fp16", ...); device: one this torch has.
+        strict=False ignores encoder tensors the config does not use (by default they are an error: a deeper
+        checkpoint than the config would otherwise load as a silently different model)."""
+        from gundam.weights import load_encoder_state_dict, resolve_device, resolve_dtype
+        dtype, device = resolve_dtype(dtype), resolve_device(device)
         with torch.device("meta"):
             enc = cls(config, backend=backend)
-        state = load_encoder_state_dict(path, enc, device=device, dtype=dtype)
+        state = load_encoder_state_dict(path, enc, device=device, dtype=dtype, strict=strict)
         enc.load_state_dict(state, assign=True)
         return enc.eval()
 
@@ -158,9 +166,9 @@ class GundamEncoder(nn.Module):
         return encode_views(self.sam_model, self.vision_model, self.projector, pixels, mark)
 
     def forward(self, batch: Batch, backend: str | None = None) -> EncoderOutput:
-        backend = self._resolve(backend)
         if not isinstance(batch, Batch):
             raise TypeError(f"batch of type {type(batch).__name__}: expected a gundam.Batch (from gundam.preprocess)")
+        backend = self._resolve(backend)
         self._check_batch(batch)
         timer = StageTimer(self.device)
         if backend == "triton":
@@ -188,7 +196,10 @@ class GundamEncoder(nn.Module):
         return normalize(views.to(self.device, non_blocking=True), self.dtype)
 
     def _check_batch(self, batch: Batch):
-        """The batch's token layout must be what this encoder makes of its view sizes."""
+        """The batch's token layout must be what this encoder makes of its view sizes, and float pixels must be
+        normalised and finite (checked where they are, before the copy to this encoder's device)."""
+        check_pixel_values(batch.global_views, "global_views")
+        check_pixel_values(batch.crops, "crops")
         m = batch.mode
         for name, size, q in (("base_size", m.base_size, m.qb), ("image_size", m.image_size, m.qi)):
             made = self.config.tokens_per_side(size, f"mode {name}")

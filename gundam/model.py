@@ -32,7 +32,8 @@ class TableCache:
     parameter never matches) with the same version counter, storage, dtype and device: in-place updates
     (optimizer steps, `load_state_dict`, `.to()`) invalidate it. Writes through `param.data` bypass the version
     counter: call `GundamEncoder.clear_cache()` after those. Bypassed while autograd is recording, so
-    fine-tuning gets gradients through the interpolation.
+    fine-tuning gets gradients through the interpolation. Tables are never inference tensors, so one made under
+    `torch.inference_mode()` serves a later forward with autograd (frozen weights, gradients for the input).
     """
 
     def __init__(self):
@@ -44,7 +45,10 @@ class TableCache:
         state = (param._version, param.data_ptr(), param.dtype, param.device)
         entry = self.tables.get((id(param), key))
         if entry is None or entry[0]() is not param or entry[1] != state:
-            entry = (weakref.ref(param), state, fn())
+            # made as a normal tensor even under inference_mode: an inference tensor cached here would crash a
+            # later forward that records autograd ("Inference tensors cannot be saved for backward")
+            with torch.inference_mode(False), torch.no_grad():
+                entry = (weakref.ref(param), state, fn())
             self.tables[(id(param), key)] = entry
         return entry[2]
 
