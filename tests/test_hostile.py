@@ -1,6 +1,6 @@
 """Hostile and unusual inputs through the API and the CLI: each gets a one-line error naming the bad value (CLI:
-`error: ...`, exit code 2) or the exactly right result. Files are generated in tmp_path; encoding uses the tiny
-encoder only."""
+`error: ...`, exit code 2) or the exactly right result. Files are generated in tmp_path; whatever is encoded goes
+through MICRO, an encoder smaller still than testutils.TINY."""
 import io
 import json
 import os
