@@ -1,43 +1,19 @@
 """`GundamEncoder.forward_vendor`: both vendor layouts give what the vendor's `_pixel_values_to_embedding` gives.
 
-The reference below follows the vendor's per-image loop (deepseek-ai/DeepSeek-OCR e4ac34e,
-DeepSeek-OCR-vllm/deepseek_ocr.py; vllm-project/vllm 029329a, deepseek_ocr.py): one SAM -> CLIP -> projector
-pass for an image's crops and one for its global view, rows assembled token by token with explicit indices.
+The reference (host_standins.image_tokens) follows the vendor's per-image loop (deepseek-ai/DeepSeek-OCR
+e4ac34e, DeepSeek-OCR-vllm/deepseek_ocr.py; vllm-project/vllm 029329a, deepseek_ocr.py): one SAM -> CLIP ->
+projector pass for an image's crops and one for its global view, rows assembled token by token.
 """
-import math
 import re
 
 import pytest
 import torch
 
 from gundam import preprocess
+from host_standins import image_tokens
 from testutils import TINY_MODE, assert_close, page
 
 S, B = TINY_MODE.image_size, TINY_MODE.base_size
-
-
-def vendor_reference(enc, glob, crops, grid):
-    """One image the vendor's way: glob [3, B, B]; crops [w*h, 3, S, S] or None; grid (w, h)."""
-    def encode(x):
-        sam = enc.sam_model(x)
-        clip = enc.vision_model(x, sam)
-        return enc.projector(torch.cat([clip[:, 1:], sam.flatten(2).permute(0, 2, 1)], dim=-1))
-
-    newline, separator = enc.image_newline, enc.view_seperator
-    rows = []
-    if crops is not None:
-        w, h = grid
-        local = encode(crops)                                       # [w*h, qi*qi, D]
-        qi = math.isqrt(local.shape[1])
-        for r in range(h * qi):
-            rows += [local[(r // qi) * w + c // qi, (r % qi) * qi + c % qi] for c in range(w * qi)]
-            rows.append(newline)
-    glob_tokens = encode(glob[None])[0]                             # [qb*qb, D]
-    qb = math.isqrt(glob_tokens.shape[0])
-    for r in range(qb):
-        rows += list(glob_tokens[r * qb:(r + 1) * qb]) + [newline]
-    rows.append(separator)
-    return torch.stack(rows)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +30,7 @@ def per_image_crops(batch):
 @pytest.fixture(scope="module")
 def reference(tiny_encoder, batch):
     with torch.no_grad():
-        return [vendor_reference(tiny_encoder, g, c if len(c) else None, grid)
+        return [image_tokens(tiny_encoder, c if len(c) else None, g, grid)
                 for g, c, grid in zip(batch.global_views, per_image_crops(batch), batch.grids)]
 
 
@@ -103,7 +79,7 @@ def test_layout_decides_in_flat_layout_sum_in_per_image(tiny_encoder, batch):
     assert flat.shape[0] == batch.layouts[1].tokens            # 2x1 grid: local rows included
     assert per_image.shape[0] == batch.layouts[0].tokens       # global rows + separator only
     with torch.no_grad():
-        want = vendor_reference(tiny_encoder, glob[0], zeros, (2, 1))
+        want = image_tokens(tiny_encoder, zeros, glob[0], (2, 1))
     assert_close(flat, want, atol=1e-5, rtol=1e-5, what="all-zero crops, flat layout")
 
 
@@ -116,7 +92,7 @@ def test_large_grid_and_uint8_pixels(tiny_encoder):
     got = tiny_encoder.forward_vendor(glob, crops, torch.tensor([[4, 3]]))
     got_float = tiny_encoder.forward_vendor(to_float(glob), to_float(crops), torch.tensor([[4, 3]]))
     with torch.no_grad():
-        want = vendor_reference(tiny_encoder, to_float(glob)[0], to_float(crops), (4, 3))
+        want = image_tokens(tiny_encoder, to_float(crops), to_float(glob)[0], (4, 3))
     assert got[0].shape[0] == (3 * 3) * (4 * 3 + 1) + 4 * 5 + 1
     check(got, [want])
     check(got_float, [want])
