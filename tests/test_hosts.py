@@ -5,6 +5,7 @@ methods and signatures the patch relies on; the behaviour is tested on stand-ins
 contract (tests/host_standins.py), on CPU with the torch backend, at the tiny test size.
 """
 import inspect
+from types import SimpleNamespace
 from importlib.metadata import entry_points
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
@@ -15,8 +16,8 @@ import torch.nn as nn
 import gundam
 from gundam import preprocess
 from gundam.hosts import hf, patched_encoder
-from host_standins import (HFDeepseekOCRForCausalLM, SglangDeepseekOCRForCausalLM, VllmDeepseekOCRForCausalLM,
-                           sglang_item)
+from host_standins import (DeepseekOCRModel, HFDeepseekOCRForCausalLM, SglangDeepseekOCRForCausalLM,
+                           VllmDeepseekOCRForCausalLM, add_encoder, image_tokens, sglang_item)
 from testutils import TINY_MODE, assert_close, page
 
 S, B = TINY_MODE.image_size, TINY_MODE.base_size
@@ -202,6 +203,24 @@ def test_sglang_items_with_different_crop_counts(batch):
     assert_shares_parameters(model, model)
 
 
+def test_sglang_items_of_several_images(batch):
+    """SGLang's UnlimitedOCRForCausalLM (same attributes and methods) hands over items of k images each, with
+    `has_local_crops` flags: feature [k, 3, B, B], images_crop [k, N, 3, S, S], images_spatial_crop [1, k, 2]."""
+    model = SglangDeepseekOCRForCausalLM(seed=6).eval()
+    images = per_image(batch)                                   # 2x1 (2 crops), none, 3x2 (6 crops)
+    pad = lambda c, n: torch.cat([c, c.new_zeros(n - len(c), 3, S, S)]) if len(c) else c.new_zeros(n, 3, S, S)
+    two = SimpleNamespace(feature=torch.stack([images[0][0], images[1][0]]),
+                          images_crop=torch.stack([images[0][1], pad(images[1][1], 2)]),
+                          images_spatial_crop=torch.tensor([[list(images[0][2]), list(images[1][2])]]))
+    one = sglang_item(*images[2], S)
+    with torch.no_grad():
+        want = [image_tokens(model, c if len(c) else None, g, grid) for g, c, grid in images]
+    gundam.patch(model, backend="torch")
+    assert_close(model.get_image_feature([two, one]), torch.cat(want), atol=1e-5, rtol=1e-5, what="k-image items")
+    pv, ic, sc = batch.to_vendor()
+    check(model._pixel_values_to_embedding(pv, ic, sc, has_local_crops=[True, False, True]), want, "flags")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # every host
 
@@ -236,6 +255,11 @@ def test_not_a_deepseek_ocr_model():
         gundam.patch(half)
     with pytest.raises(ValueError, match="backend"):
         gundam.patch(VllmDeepseekOCRForCausalLM(), backend="gpu")
+    # HF remote code of another model (e.g. Unlimited-OCR's UnlimitedOCRModel): its forward was not read
+    other = type("UnlimitedOCRModel", (nn.Module,), {"forward": DeepseekOCRModel.forward})()
+    add_encoder(other, seed=0)
+    with pytest.raises(TypeError, match="UnlimitedOCRModel is not a DeepSeek-OCR model"):
+        gundam.patch(other)
 
 
 def test_host_that_is_not_deepencoder_shaped():

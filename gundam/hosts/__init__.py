@@ -105,8 +105,8 @@ def _find_host(model) -> tuple[nn.Module, str]:
 def _host_kind(module) -> str | None:
     """Which host's class: told apart by the class's own forward signature and methods."""
     forward = inspect.signature(type(module).forward).parameters
-    if "images_seq_mask" in forward:
-        return "hf"
+    if "images_seq_mask" in forward:    # HF remote code: only DeepSeek-OCR's own model class is read and known
+        return "hf" if any(c.__name__ == "DeepseekOCRModel" for c in type(module).__mro__) else None
     if "forward_batch" in forward and hasattr(module, "_process_image_input"):
         return "sglang"
     if hasattr(module, "_pixel_values_to_embedding"):

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 
 def replacements(model, owner, encoder):
-    vendor_cls = next((c for c in type(owner).__mro__ if c.__name__ == "DeepseekOCRModel"), type(owner))
+    vendor_cls = next(c for c in type(owner).__mro__ if c.__name__ == "DeepseekOCRModel")
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, images=None, images_seq_mask=None,

@@ -16,11 +16,13 @@ captured hold the vendor's encoder). Tensor-parallel ranks hold 1/tp of CLIP's w
 (gundam.hosts.shared).
 
 Worker processes: with `GUNDAM_PATCH_VLLM=1` in the environment, the `vllm.general_plugins` entry point
-`register` makes vLLM build `gundam.hosts.vllm_model.DeepseekOCRForCausalLM`, which patches itself after
-loading its weights (`GUNDAM_BACKEND` picks the backend, default "auto").
+`register` makes vLLM build `gundam.hosts.vllm_model.DeepseekOCRForCausalLM` (and `UnlimitedOCRForCausalLM`, vLLM's
+subclass of it for baidu/Unlimited-OCR, where that vLLM has it), which patch themselves after loading their
+weights (`GUNDAM_BACKEND` picks the backend, default "auto").
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 ENV = "GUNDAM_PATCH_VLLM"
@@ -53,4 +55,6 @@ def register():
     if os.environ.get(ENV, "0").lower() not in ("1", "true", "yes"):
         return
     from vllm import ModelRegistry
-    ModelRegistry.register_model("DeepseekOCRForCausalLM", "gundam.hosts.vllm_model:DeepseekOCRForCausalLM")
+    for arch, module in (("DeepseekOCRForCausalLM", "deepseek_ocr"), ("UnlimitedOCRForCausalLM", "unlimited_ocr")):
+        if importlib.util.find_spec(f"vllm.model_executor.models.{module}") is not None:
+            ModelRegistry.register_model(arch, f"gundam.hosts.vllm_model:{arch}")
