@@ -162,9 +162,6 @@ def test_vllm_flat_layout(batch):
     gundam.unpatch(model)
     assert isinstance(model, SupportsEncoderCudaGraph) and type(model) is VllmDeepseekOCRForCausalLM
     assert "_pixel_values_to_embedding" not in model.__dict__
-    with torch.no_grad():
-        again = model.embed_multimodal(**kwargs)
-    assert all(torch.equal(a, b) for a, b in zip(again, want))
 
 
 def test_vllm_tensor_parallel_is_refused():

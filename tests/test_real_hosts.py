@@ -162,7 +162,7 @@ def test_hf_remote_code(monkeypatch):
     one = dict(images=images[:1], images_seq_mask=mask[:1], images_spatial_crop=kwargs["images_spatial_crop"][:1])
     embeds = {}
     model.model.layers[0].register_forward_pre_hook(
-        lambda m, args, kw: embeds.__setitem__("h", (kw.get("hidden_states") if kw else args[0]).clone()),
+        lambda m, args, kw: embeds.__setitem__("h", kw.get("hidden_states", args[0] if args else None).clone()),
         with_kwargs=True)
     with torch.no_grad(), CudaCallsTo(torch.device("cpu")):    # the vendor's forward calls .cuda()
         want = model(input_ids, **kwargs).logits
