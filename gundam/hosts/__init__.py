@@ -8,8 +8,7 @@ Hosts (one module each): Hugging Face remote code (gundam.hosts.hf), vLLM (gunda
 `vllm.general_plugins` entry point for its worker processes) and SGLang (gundam.hosts.sglang). Patching is per
 instance: a few instance attributes shadow the class's methods (for vLLM, the instance's class also becomes a
 same-named subclass) and `unpatch` undoes it; the class, other instances and everything else of the host are
-untouched. The encoder is built around the host's own
-parameters (gundam.hosts.shared): nothing is copied.
+untouched. The encoder is built around the host's own parameters (gundam.hosts.shared): nothing is copied.
 """
 from __future__ import annotations
 
