@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -149,14 +148,14 @@ def batches_forever(loader: DataLoader, sampler: ViewBudgetSampler):
 
 def parse_mode(text: str, max_crops: int | None) -> Mode:
     """A mode name, or custom view sizes "BASE,CROP" (crop mode on), e.g. "256,192"."""
-    if "," in text:
-        try:
-            base, crop = (int(s) for s in text.split(","))
-        except ValueError:
-            raise ValueError(f"--mode {text!r}: expected a mode name ({', '.join(MODES)}) or BASE,CROP pixel "
-                             f"sizes such as 256,192") from None
-        return resolve_mode(Mode(base, crop, True), max_crops)
-    return resolve_mode(text, max_crops)
+    if text in MODES:
+        return resolve_mode(text, max_crops)
+    try:
+        base, crop = (int(s) for s in text.split(","))
+    except ValueError:
+        raise ValueError(f"--mode {text!r}: expected a mode name ({', '.join(MODES)}) or BASE,CROP view sizes "
+                         f"in px such as 256,192") from None
+    return resolve_mode(Mode(base, crop, True), max_crops)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,11 +234,10 @@ def train(args, emit=print) -> dict:
     eval_loader = DataLoader(cached, batch_sampler=ViewBudgetSampler(dataset.views, budget, shuffle=False),
                              collate_fn=collate)
     encoder, decoder = build(args, dataset, device)
-    batches = batches_forever(loader, sampler)
     if args.backend == "triton":
-        refuse_untrainable(encoder, next(batches), device)
+        refuse_untrainable(encoder, next(iter(eval_loader)), device)
     params = list(encoder.parameters()) + list(decoder.parameters())
-    optimizer = torch.optim.AdamW([{"params": list(encoder.parameters()), "lr": args.encoder_lr or args.lr},
+    optimizer = torch.optim.AdamW([{"params": list(encoder.parameters()), "lr": args.lr if args.encoder_lr is None else args.encoder_lr},
                                    {"params": list(decoder.parameters()), "lr": args.lr}], weight_decay=0.0)
     n_enc, n_dec = (sum(p.numel() for p in m.parameters()) for m in (encoder, decoder))
     print(f"{len(dataset)} images, mode {mode.base_size}/{mode.image_size} (crops {'on' if mode.crop_mode else 'off'}), "
@@ -247,8 +245,8 @@ def train(args, emit=print) -> dict:
           f"decoder {n_dec / 1e6:.2f}M; {device}, backend {args.backend}", file=sys.stderr)
 
     initial, _ = evaluate(encoder, decoder, eval_loader, device)
+    batches = batches_forever(loader, sampler)
     bar = tqdm(range(1, args.steps + 1), file=sys.stderr, disable=args.steps < 2)
-    t_train = time.perf_counter()
     for step in bar:
         loss = step_loss(encoder, decoder, next(batches), device)
         optimizer.zero_grad(set_to_none=True)
@@ -258,14 +256,12 @@ def train(args, emit=print) -> dict:
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if args.json and (step % args.log_every == 0 or step in (1, args.steps)):
             emit(json.dumps({"step": step, "loss": loss.item()}))
-    seconds_per_step = (time.perf_counter() - t_train) / max(1, args.steps)
     final, swap = evaluate(encoder, decoder, eval_loader, device)
     result = {"initial_loss": initial, "final_loss": final, "swap_loss": swap}
     if args.json:
         emit(json.dumps(result))
     else:
-        emit(f"loss per answer byte: {initial:.4f} -> {final:.4f} ({initial / final:.0f}x lower) in {args.steps} "
-             f"steps, {seconds_per_step:.2f} s/step")
+        emit(f"loss per answer byte: {initial:.4f} -> {final:.4f} ({initial / final:.0f}x lower) in {args.steps} steps")
         if swap is not None:
             emit(f"swap loss (each answer after another image's vision tokens): {swap:.4f} "
                  f"({swap / final:.0f}x the final loss)")

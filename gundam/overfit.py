@@ -97,8 +97,8 @@ def photographed(image: Image.Image, rng) -> Image.Image:
     """Uneven light and sensor noise (JPEG compression comes when the image is saved)."""
     w, h = image.size
     image = tinted(image, field(rng, w, h, max(w, h) // 2, 0.88, 1))
-    noise = Image.fromarray(rng.integers(0, 9, (h, w, 3), dtype=np.uint8))      # uniform, zero mean after -4
-    return ImageChops.add(image, noise, offset=-4)
+    noise = Image.fromarray(rng.integers(0, 9, (h, w), dtype=np.uint8))      # uniform, zero mean after -4
+    return ImageChops.add(image, noise.convert("RGB"), offset=-4)
 
 
 def shadow_of(layer: Image.Image, strength: float, radius: int) -> Image.Image:
