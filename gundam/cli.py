@@ -1,4 +1,4 @@
-"""The `gundam` command: encode images, count tokens, estimate cost."""
+"""The `gundam` command: encode images, count tokens, estimate cost, render the overfit set."""
 from __future__ import annotations
 
 import argparse
@@ -185,6 +185,24 @@ def cmd_cost(args) -> int:
     return 0
 
 
+def cmd_make_overfit_set(args) -> int:
+    from gundam.layout import image_layout
+    try:
+        import matplotlib  # noqa: F401 - the charts are drawn with it
+    except ImportError:
+        raise RuntimeError("make-overfit-set draws its charts with matplotlib: pip install 'gundam-encoder[data]'") from None
+    from gundam.overfit import make_overfit_set
+
+    t0 = time.perf_counter()
+    records = make_overfit_set(args.dir, seed=args.seed)
+    for r in records:
+        lay = image_layout(r.width, r.height, "gundam")
+        print(f"{r.image}: {r.width}x{r.height}  gundam grid {lay.grid[0]}x{lay.grid[1]}  tokens {lay.tokens}  "
+              f"answer {len(r.answer)} chars")
+    print(f"wrote {os.path.join(args.dir, 'records.jsonl')}: {len(records)} records in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gundam.config import MAX_CROPS, MIN_CROPS, MODES
 
@@ -208,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("items", nargs="+", metavar="IMAGE|WxH")
     t.add_argument("--max-crops", type=int, default=None)
     t.set_defaults(func=cmd_tokens)
+
+    o = sub.add_parser("make-overfit-set", help="render the 10-image high-resolution overfit set (receipts, charts, "
+                                                "scene text) and its records.jsonl")
+    o.add_argument("dir", metavar="DIR")
+    o.add_argument("--seed", type=int, default=0, help="another seed gives other text and images (default 0)")
+    o.set_defaults(func=cmd_make_overfit_set)
 
     from gundam.cost import DTYPE_BYTES, GPUS
     c = sub.add_parser("cost", help="analytic FLOPs, bytes and roofline per stage")
