@@ -1,48 +1,57 @@
 """Microbenchmark: the segmented attention kernel vs the vendor's SDPA with a materialised rel-pos bias, vs
-SDPA's flash backend on the same groups without any bias, and flex_attention where available.
+SDPA's flash backend on the same groups without any bias (a bound: no bias, no padding keys to look up), and
+flex_attention with the bias as a score_mod where available.
 
-    python bench/attention.py [--dtype bf16]     # GPU: triton.testing.do_bench medians
+    python bench/attention.py [--dtype bf16] [--seconds 1] [--json attention.json]
     python bench/attention.py --sweep            # also time a few block-size configs per case
-    python bench/attention.py --smoke            # CPU, Triton interpreter, tiny shapes: same code paths
+    python bench/attention.py --smoke            # CPU, Triton interpreter, tiny shapes: the same code paths
 
 Cases (SAM ViT-B attention, 12 heads, head_dim 64):
   global-1024          one 1024 view's global block: 64 x 64 = 4096 tokens
   global-640           one 640 view's global block: 40 x 40 = 1600 tokens
-  windows-gundam-3x2   the 14 x 14 windows of a Gundam 3x2 batch (6 crops 40 x 40 + the 64 x 64 global view):
+  windows-gundam-3x2   the 14 x 14 windows of a Gundam 3x2 page (6 crops 40 x 40 + the 64 x 64 global view):
                        79 windows, all in one launch for the kernel
-  global-gundam-3x2    the global blocks of the same batch (7 views of two sizes) in one launch
-TFLOP/s counts q.k and p.v of every group at its padded size (4 * N^2 * head_dim per head), the work all
-methods do. Targets (H100, bf16): global-1024 >= 60% of flash, >= 3x the materialised-bias SDPA;
-windows >= 50% of flash.
+  global-gundam-3x2    the global blocks of the same page (7 views of two sizes) in one launch
+  ... and the same two for 8 pages (batch 8).
+Each point is timed over at least --seconds of repetitions (triton.testing.do_bench, L2 flushed between runs):
+min and median ms. TFLOP/s counts the useful work, q.k and p.v of every group at its size
+(4 * N^2 * head_dim per head), the same for every method; "padding" is the kernel's issued / useful
+tensor-core work (gundam.kernels.attention.mma_work). Also printed: GPU, torch / triton / CUDA versions, the
+SDPA implementation the baseline ran, the kernel's max error against it, and peak memory.
 """
 import argparse
+import json
 import os
-import statistics
 import sys
-import time
 
-import torch
-import torch.nn.functional as F
+if "--smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
-from benchutil import peak_cuda_mb  # noqa: E402
-from gundam.kernels.attention import attention, build_segments, choose_config, pack_rel_pos
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
+from benchutil import bench_ms, environment, peak_cuda_mb, sdpa_backends  # noqa: E402
+from gundam.kernels.attention import attention, build_segments, choose_config, mma_work, pack_rel_pos  # noqa: E402
+
+PAGE = [40] * 6 + [64]          # a Gundam 3x2 page: six 640 crops and the 1024 global view, SAM token grids
 CASES = {   # name: (view sides, window)
     "global-1024": ([64], None),
     "global-640": ([40], None),
-    "windows-gundam-3x2": ([40] * 6 + [64], 14),
-    "global-gundam-3x2": ([40] * 6 + [64], None),
+    "windows-gundam-3x2": (PAGE, 14),
+    "global-gundam-3x2": (PAGE, None),
+    "windows-gundam-3x2-x8": (PAGE * 8, 14),
+    "global-gundam-3x2-x8": (PAGE * 8, None),
 }
-# --sweep candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages); the key tile shape follows choose_config
-SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4),
-         (128, 128, 8, 2), (128, 32, 4, 3)]
-SMOKE_SWEEP = [(16, 16, 4, 1), (32, 32, 4, 1)]
 SMOKE_CASES = {
     "global-1024": ([8], None),
     "global-640": ([5], None),
-    "windows-gundam-3x2": ([6] * 2 + [8], 4),
+    "windows-gundam-3x2": ([6, 8], 4),
     "global-gundam-3x2": ([6] * 2 + [8], None),
 }
+# --sweep candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages); the key tile shape follows choose_config
+SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4),
+         (128, 128, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3)]
+SMOKE_SWEEP = [(32, 32, 4, 1)]
 
 
 def make_inputs(sides, window, heads, head_dim, dtype, device, seed=0):
@@ -130,7 +139,7 @@ def flash_no_bias(groups):
 
 
 def make_flex(inp):
-    """flex_attention with the decomposed bias as a score_mod (rel terms precomputed inside the timing)."""
+    """flex_attention with the decomposed bias as a score_mod (rel terms computed inside the timing)."""
     from torch.nn.attention.flex_attention import flex_attention
     flex = torch.compile(flex_attention, dynamic=False)
     groups = partition(inp)
@@ -146,26 +155,19 @@ def make_flex(inp):
                 return score + (rel_h[b, h, q_idx, kv_idx // S] + rel_w[b, h, q_idx, kv_idx % S]).to(score.dtype)
             outs.append(flex(grp["q"], grp["k"], grp["v"], score_mod=score_mod))
         return outs
+    run()       # compile outside the timing
     return run
 
 
-def timeit(fn, smoke):
-    if smoke:                        # interpreter on CPU: a couple of wall-clock runs
-        fn()
-        times = []
-        for _ in range(2):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
-    import triton.testing
-    return triton.testing.do_bench(fn, return_mode="median")
-
-
-def flops(inp, head_dim, heads):
-    rows = inp["seg"].rows.cpu()
-    n = (rows[:, 5] * rows[:, 6]).double()
+def useful_flops(seg, head_dim, heads):
+    """q.k and p.v of every group at its size: 4 * N^2 * head_dim per head."""
+    n = (seg.rows[:, 5] * seg.rows[:, 6]).double()          # SEG_GH * SEG_GW per group
     return float((4 * n * n).sum()) * head_dim * heads
+
+
+def padding(seg, cfg):
+    issued, useful = mma_work(seg.group_shapes, cfg["BLOCK_M"], cfg["TAIL_M"], cfg["BLOCK_KH"], cfg["BLOCK_KW"])
+    return issued / useful
 
 
 def main():
@@ -174,59 +176,83 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--case", default="", help="only cases whose name contains this")
     ap.add_argument("--sweep", action="store_true", help="also time the SWEEP block-size configs")
+    ap.add_argument("--seconds", type=float, default=1.0, help="repetitions per point, seconds (default 1)")
+    ap.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak to compare with")
+    ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
 
     if args.smoke:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            sys.exit("--smoke runs the kernel in Triton's interpreter: set TRITON_INTERPRET=1")
-        device, dtype, heads, head_dim, cases = "cpu", torch.float32, 2, 16, SMOKE_CASES
+        device, dtype, heads, head_dim, cases, seconds = torch.device("cpu"), torch.float32, 2, 16, SMOKE_CASES, 0.0
     else:
         if not torch.cuda.is_available():
-            sys.exit("no GPU: run with --smoke (and TRITON_INTERPRET=1) to exercise the code paths on CPU")
-        device, heads, head_dim, cases = "cuda", 12, 64, CASES
+            sys.exit("bench/attention.py needs a CUDA GPU (use --smoke to run its code paths on CPU)")
+        device, heads, head_dim, cases, seconds = torch.device("cuda"), 12, 64, CASES, args.seconds
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     tol = 1e-4 if dtype == torch.float32 else 5e-2
+    env = environment(device)
+    print("  ".join(f"{k} {v}" for k, v in env.items()) + f"  dtype {str(dtype).removeprefix('torch.')}")
 
-    print(f"{'case':20s} {'method':25s} {'ms':>9s} {'TFLOP/s':>8s} {'vs flash':>8s} {'peak MB':>8s}")
-    bad = False
+    print(f"{'case':22s} {'method':26s} {'min ms':>9s} {'med ms':>9s} {'TFLOP/s':>8s} {'of peak':>7s} "
+          f"{'vs flash':>8s} {'peak MB':>8s}  padding / config")
+    rows, bad = [], False
     for name, (sides, window) in cases.items():
         if args.case not in name:
             continue
         inp = make_inputs(sides, window, heads, head_dim, dtype, device)
-        groups = partition(inp)
-        ours = lambda: attention(inp["qkv"], inp["seg"], rel_pos_h=inp["rel_h"], rel_pos_w=inp["rel_w"],
-                                 qkv_bias=inp["qkv_bias"])
-        methods = [("triton segmented", ours), ("sdpa + materialised bias", lambda: vendor_sdpa(inp)),
-                   ("sdpa flash, no bias", lambda: flash_no_bias(groups))]
+        seg, groups = inp["seg"], partition(inp)
+
+        def ours(cfg=None):
+            return attention(inp["qkv"], seg, rel_pos_h=inp["rel_h"], rel_pos_w=inp["rel_w"],
+                             qkv_bias=inp["qkv_bias"], config=cfg)
+        default = choose_config(seg, head_dim, dtype)
+        methods = [("triton segmented", ours, default), ("sdpa + materialised bias", lambda: vendor_sdpa(inp), None),
+                   ("sdpa flash, no bias", lambda: flash_no_bias(groups), None)]
         if args.sweep:
             for bm, bn, nw, ns in (SMOKE_SWEEP if args.smoke else SWEEP):
-                cfg = choose_config(inp["seg"], head_dim, dtype, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
-                label = f"  M{bm} N{cfg['BLOCK_KH']}x{cfg['BLOCK_KW']} w{nw} s{ns}"
-                methods.append((label, lambda cfg=cfg: attention(inp["qkv"], inp["seg"], rel_pos_h=inp["rel_h"],
-                                                                 rel_pos_w=inp["rel_w"], qkv_bias=inp["qkv_bias"],
-                                                                 config=cfg)))
+                cfg = choose_config(seg, head_dim, dtype, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+                label = f"  M{bm}+{cfg['TAIL_M']} N{cfg['BLOCK_KH']}x{cfg['BLOCK_KW']} w{nw} s{ns}"
+                methods.append((label, lambda cfg=cfg: ours(cfg), cfg))
         if not args.smoke:
             try:
-                methods.append(("flex_attention", make_flex(inp)))
+                methods.append(("flex_attention", make_flex(inp), None))
             except Exception as e:          # older torch, no compiler toolchain, ...
-                print(f"{name:20s} {'flex_attention':25s} n/a ({type(e).__name__})")
+                print(f"{name:22s} {'flex_attention':26s} n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})")
 
         err = (ours().double() - vendor_sdpa(inp).double()).abs().max().item()
-        if not err <= tol:
-            bad = True
-        fl = flops(inp, head_dim, heads)
+        bad |= not err <= tol
+        backends = sdpa_backends(lambda: vendor_sdpa(inp))
+        fl = useful_flops(seg, head_dim, heads)
         results = []
-        for mname, fn in methods:
+        for mname, fn, cfg in methods:
             try:
-                ms = timeit(fn, args.smoke)
+                t = bench_ms(fn, device, seconds)
             except Exception as e:
-                print(f"{name:20s} {mname:25s} n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})")
+                print(f"{name:22s} {mname:26s} n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})")
                 continue
-            results.append((mname, ms, peak_cuda_mb(fn)))
-        flash_ms = next((ms for m, ms, _ in results if m.startswith("sdpa flash")), float("nan"))
-        for mname, ms, mb in results:
-            print(f"{name:20s} {mname:25s} {ms:9.3f} {fl / ms / 1e9:8.3f} {flash_ms / ms:8.2f} {mb:8.1f}")
-        print(f"{name:20s} max |triton - vendor sdpa| = {err:.2e}" + ("  <-- MISMATCH" if err > tol else ""))
+            results.append(dict(case=name, method=mname, ms_min=t["min"], ms_median=t["median"], runs=t["runs"],
+                                tflops=fl / t["median"] / 1e9,
+                                peak_mb=peak_cuda_mb(fn) if device.type == "cuda" else None,
+                                padding=padding(seg, cfg) if cfg else None,
+                                config={k: v for k, v in cfg.items()} if cfg else None))
+        flash = next((r["ms_median"] for r in results if r["method"].startswith("sdpa flash")), float("nan"))
+        for r in results:
+            r["vs_flash"] = flash / r["ms_median"]
+            r["of_peak"] = r["tflops"] / args.peak_tflops
+            extra = ""
+            if r["config"]:
+                c = r["config"]
+                extra = (f"{r['padding']:.2f}x  M{c['BLOCK_M']}+{c['TAIL_M']} N{c['BLOCK_KH']}x{c['BLOCK_KW']} "
+                         f"w{c['num_warps']} s{c['num_stages']}")
+            print(f"{name:22s} {r['method']:26s} {r['ms_min']:9.3f} {r['ms_median']:9.3f} {r['tflops']:8.3g} "
+                  f"{r['of_peak']:7.1%} {r['vs_flash']:8.2f} {r['peak_mb'] or float('nan'):8.1f}  {extra}")
+        print(f"{name:22s} max |triton - vendor sdpa| = {err:.2e}" + ("  <-- MISMATCH" if not err <= tol else "")
+              + f"; vendor SDPA ran: {', '.join(backends) or 'none'}")
+        rows.append(dict(case=name, views=sides, window=window, groups=seg.num_groups, useful_flops=fl,
+                         max_error_vs_vendor=err, vendor_sdpa=backends, results=results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "dtype": str(dtype), "heads": heads, "head_dim": head_dim,
+                       "seconds": seconds, "peak_tflops": args.peak_tflops, "cases": rows}, f, indent=2)
     return 1 if bad else 0
 
 

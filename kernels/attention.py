@@ -49,13 +49,16 @@ import triton.language as tl
 
 from gundam.kernels.launch import FLOAT_DTYPES, check_tensor, resolve_config
 
-# Segment table columns (int32 [G, SEG_COLS]), and the same indices as constexprs for the kernels.
+# Segment table columns (int32 [G, SEG_COLS]); a program table row is a segment row plus the program's first
+# query (PROG_Q0). The same indices as constexprs for the kernels.
 SEG_TOKEN, SEG_H, SEG_W, SEG_ROW0, SEG_COL0, SEG_GH, SEG_GW, SEG_RH_OFF, SEG_RW_OFF = range(9)
 SEG_COLS = 9
-_TOKEN, _H, _W, _ROW0, _COL0, _GH, _GW, _RH_OFF, _RW_OFF = map(tl.constexpr, (
-    SEG_TOKEN, SEG_H, SEG_W, SEG_ROW0, SEG_COL0, SEG_GH, SEG_GW, SEG_RH_OFF, SEG_RW_OFF))
+PROG_Q0 = SEG_COLS
+PROG_COLS = SEG_COLS + 1
+_TOKEN, _H, _W, _ROW0, _COL0, _GH, _GW, _RH_OFF, _RW_OFF, _Q0 = map(tl.constexpr, range(PROG_COLS))
 
 LOG2E = 1.4426950408889634
+RELPOS_BLOCK_M = 32     # query block of _relpos_kernel
 
 
 class View(NamedTuple):
@@ -70,30 +73,68 @@ class View(NamedTuple):
 
 @dataclass(frozen=True)
 class SegmentTable:
-    """One row per attention group (columns SEG_*), plus the host-side facts the launcher needs.
+    """One row per attention group (columns SEG_*) on the host, the kernels' program tables on the device, and
+    the host-side facts the launcher needs (it never reads a device value).
 
     A row is (token offset of the view, view H, view W, group origin row, origin col, group rows GH,
     group cols GW, first row of the group's Rh in the packed rel_pos_h, first row of its Rw in rel_pos_w).
     Query/key i of a group sits at view position (row0 + i // GW, col0 + i % GW), token
     offset + row * W + col; positions outside the H x W view are padding. A CLIP group is a 1 x (1 + h*w)
     "view", so its tokens are contiguous with the class token first.
+
+    A program table (`program_table(block_m, tail_m)`) has one row per query block of every group (the
+    group's row plus the block's first query), so a launch has no idle programs whatever the mix of group
+    sizes. Tables for the default blockings are built with the segment table; others on first use.
     """
-    rows: torch.Tensor          # int32 [G, SEG_COLS], on the device of the qkv it will be used with
-    max_group_tokens: int       # max GH * GW: sizes the query-block grid
+    rows: torch.Tensor          # int32 [G, SEG_COLS], on the host
+    device: torch.device        # where the program tables live: the device of the qkv they will be used with
+    max_group_tokens: int       # max GH * GW
     max_gh: int                 # widths of the per-token rel-pos tables
     max_gw: int
     end_token: int              # one past the last token any group touches
+    max_view_tokens: int        # max H * W: key offsets within a view are 32-bit
+    covered_tokens: int         # tokens inside some group (end_token when the views leave no gaps)
     rel_sizes_h: tuple          # group heights in packed rel_pos_h order (table k has 2 * size - 1 rows)
     rel_sizes_w: tuple
     class_token: bool           # CLIP groups: no rel-pos
-    group_shapes: tuple = ()    # ((GH, GW), number of groups) pairs: block-size choice without a device sync
+    group_shapes: tuple = ()    # ((GH, GW), number of groups) pairs: block-size choice without a device read
+    programs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # (BLOCK_M, TAIL_M): table
 
     @property
     def num_groups(self):
         return self.rows.shape[0]
 
+    def program_table(self, block_m, tail_m):
+        """int32 [P, PROG_COLS] on `device`: one row per query block (see query_blocks), groups in order."""
+        key = (block_m, tail_m)
+        if key not in self.programs:
+            progs = [(*row, q0) for row in self.rows.tolist()
+                     for q0, _ in query_blocks(row[SEG_GH] * row[SEG_GW], block_m, tail_m)]
+            self.programs[key] = torch.tensor(progs, dtype=torch.int32, device=self.device).reshape(-1, PROG_COLS)
+        return self.programs[key]
+
     def to(self, device):
-        return dataclasses.replace(self, rows=self.rows.to(device))
+        device = torch.device(device)
+        return dataclasses.replace(self, device=device, programs={k: p.to(device) for k, p in self.programs.items()})
+
+
+def query_blocks(n, block_m, tail_m):
+    """[(first query, block size)] covering the n queries of a group: blocks of block_m, except that the last
+    block is a smaller tail_m one when its queries fit in it (a 196-query window: 64, 64, 64, 16)."""
+    return [(q0, tail_m if n - q0 <= tail_m else block_m) for q0 in range(0, n, block_m)]
+
+
+def default_blocking(group_shapes):
+    """(BLOCK_M, TAIL_M) for groups of these shapes; see choose_config."""
+    block_m = 128 if max((gh * gw for (gh, gw), _ in group_shapes), default=0) >= 1024 else 64
+    return block_m, default_tail(group_shapes, block_m)
+
+
+def default_tail(group_shapes, block_m, tail_m=16):
+    """tail_m if some group ends in a block of at most tail_m queries, else block_m (no tail path compiled)."""
+    if tail_m < block_m and any(0 < gh * gw % block_m <= tail_m for (gh, gw), _ in group_shapes):
+        return tail_m
+    return block_m
 
 
 def _rel_offsets(sizes):
@@ -112,7 +153,8 @@ def build_segments(views, window=None, *, class_token=False, device=None):
     tokens from offset, class token first). window=None: one whole-view group per view (SAM global
     blocks, CLIP); window=S: one group per S x S window, row-major over the windows of each view, padded at
     the bottom/right edge. The packed rel-pos tables are ordered by `rel_sizes_h` / `rel_sizes_w`
-    (use `pack_rel_pos`).
+    (use `pack_rel_pos`). device: where the program tables go (qkv's device); built here for the default
+    blockings, so a launch uploads nothing.
     """
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
@@ -149,16 +191,22 @@ def build_segments(views, window=None, *, class_token=False, device=None):
             for r0 in range(0, h, window):
                 for c0 in range(0, w, window):
                     rows.append((off, h, w, r0, c0, window, window, 0, 0))
-    table = torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1, SEG_COLS)   # [G, 9]
-    return SegmentTable(
-        rows=table,
+    shapes = tuple(sorted(Counter((r[SEG_GH], r[SEG_GW]) for r in rows).items()))
+    table = SegmentTable(
+        rows=torch.tensor(rows, dtype=torch.int32).reshape(-1, SEG_COLS),     # [G, 9]
+        device=torch.empty(0, device=device).device,      # normalised ("cuda" -> "cuda:0"), as qkv.device is
         max_group_tokens=max((r[SEG_GH] * r[SEG_GW] for r in rows), default=0),
         max_gh=max((r[SEG_GH] for r in rows), default=0),
         max_gw=max((r[SEG_GW] for r in rows), default=0),
         end_token=max((end for _, end, _, _ in spans), default=0),
-        rel_sizes_h=sizes_h, rel_sizes_w=sizes_w, class_token=class_token,
-        group_shapes=tuple(sorted(Counter((r[SEG_GH], r[SEG_GW]) for r in rows).items())),
+        max_view_tokens=max((r[SEG_H] * r[SEG_W] for r in rows), default=0),
+        covered_tokens=sum(end - off for off, end, _, _ in spans),
+        rel_sizes_h=sizes_h, rel_sizes_w=sizes_w, class_token=class_token, group_shapes=shapes,
     )
+    table.program_table(*default_blocking(shapes))
+    if not class_token:
+        table.program_table(RELPOS_BLOCK_M, RELPOS_BLOCK_M)
+    return table
 
 
 def pack_rel_pos(tables, sizes):
@@ -183,88 +231,80 @@ def pack_rel_pos(tables, sizes):
 # ------------------------------------------------------------------------------------------------ kernels
 
 @triton.jit
-def _group_queries(seg_ptr, stride_seg, pid, n_qblocks, BLOCK_M: tl.constexpr):
-    """Program pid's group row and query block: positions in the group, realness, packed token index."""
-    seg_row = seg_ptr + (pid // n_qblocks) * stride_seg
-    tok0 = tl.load(seg_row + _TOKEN)
-    H = tl.load(seg_row + _H)
-    W = tl.load(seg_row + _W)
-    R0 = tl.load(seg_row + _ROW0)
-    C0 = tl.load(seg_row + _COL0)
-    GH = tl.load(seg_row + _GH)
-    GW = tl.load(seg_row + _GW)
+def _block_queries(prog, BLOCK_M: tl.constexpr):
+    """A program's group and query block: positions in the group, realness, packed token index."""
+    tok0 = tl.load(prog + _TOKEN)
+    H = tl.load(prog + _H)
+    W = tl.load(prog + _W)
+    R0 = tl.load(prog + _ROW0)
+    C0 = tl.load(prog + _COL0)
+    GH = tl.load(prog + _GH)
+    GW = tl.load(prog + _GW)
     # queries: a flat run of the group's row-major index, addressed in the packed layout
-    offs_m = (pid % n_qblocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.load(prog + _Q0) + tl.arange(0, BLOCK_M)
     q_gh = offs_m // GW
     q_gw = offs_m % GW
     q_y = R0 + q_gh
     q_x = C0 + q_gw
     q_real = (offs_m < GH * GW) & (q_y < H) & (q_x < W)  # padded / out-of-group rows: computed, not stored
     q_tok = (tok0 + q_y * W + q_x).to(tl.int64)
-    return seg_row, tok0, H, W, R0, C0, GH, GW, offs_m, q_gh, q_gw, q_real, q_tok
+    return tok0, H, W, R0, C0, GH, GW, q_gh, q_gw, q_real, q_tok
+
 
 @triton.jit
-def _store_rel(q, q_g, q_real, table_ptr, stride_table, OFF, G, offs_d, out_rows,
+def _store_rel(q, q_g, q_real, table_ptr, stride_table, OFF, G, offs_d, out_rows, row_len,
                BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """out_rows[m, k] = log2(e) * q[m] . R[q_g[m] - k + G - 1] for k in [0, G), R = table rows OFF.. OFF+2G-2."""
+    """out_rows[m, k] = log2(e) * q[m] . R[q_g[m] - k + G - 1] for k in [0, G), R = table rows OFF.. OFF+2G-2;
+    -inf for k in [G, row_len): keys past the group's edge, so the attention kernel needs no column mask."""
     offs_r = tl.arange(0, BLOCK_R)
     r = tl.load(table_ptr + (OFF + offs_r)[:, None] * stride_table + offs_d[None, :],
                 mask=(offs_r < 2 * G - 1)[:, None], other=0.0)
     p = tl.dot(q, tl.trans(r), input_precision=DOT_PRECISION) * 1.4426950408889634   # * log2(e): [M, R]
     k = q_g[:, None] + G - 1 - offs_r[None, :]                                    # table row i -> key k
     tl.store(out_rows[:, None] + k, p, mask=q_real[:, None] & (k >= 0) & (k < G))
+    pad = q_real[:, None] & ((offs_r >= G) & (offs_r < row_len))[None, :]
+    tl.store(out_rows[:, None] + offs_r[None, :], tl.full(p.shape, float("-inf"), tl.float32), mask=pad)
 
 
 @triton.jit
 def _relpos_kernel(
-    qkv_ptr, seg_ptr, rph_ptr, rpw_ptr, relh_ptr, relw_ptr,
-    n_qblocks,
+    qkv_ptr, prog_ptr, rph_ptr, rpw_ptr, relh_ptr, relw_ptr,
     stride_qkv_t, stride_qkv_h,
-    stride_seg, stride_rph, stride_rpw,
-    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t,
+    stride_prog, stride_rph, stride_rpw,
+    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t, len_relh, len_relw,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_RH: tl.constexpr, BLOCK_RW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # rel_h[head, token(q), kh] = log2(e) * q . Rh[qh - kh + GH - 1] for every real query q of a group.
     # One dot of the query block against all 2*GH-1 table rows gives q . Rh[i]; row i lands at
     # kh = qh + GH - 1 - i (a per-query shift, done by the scattered store).
-    pid = tl.program_id(0)
+    prog = prog_ptr + tl.program_id(0) * stride_prog      # program = (group, query block) x head
     head = tl.program_id(1)
-    seg_row, tok0, H, W, R0, C0, GH, GW, offs_m, q_gh, q_gw, q_real, q_tok = _group_queries(
-        seg_ptr, stride_seg, pid, n_qblocks, BLOCK_M)
-    if (pid % n_qblocks) * BLOCK_M >= GH * GW:     # this group has fewer query blocks than the largest one
-        return
-    RH_OFF = tl.load(seg_row + _RH_OFF)
-    RW_OFF = tl.load(seg_row + _RW_OFF)
+    tok0, H, W, R0, C0, GH, GW, q_gh, q_gw, q_real, q_tok = _block_queries(prog, BLOCK_M)
+    RH_OFF = tl.load(prog + _RH_OFF)
+    RW_OFF = tl.load(prog + _RW_OFF)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
                 mask=q_real[:, None], other=0.0)
 
     _store_rel(q, q_gh, q_real, rph_ptr, stride_rph, RH_OFF, GH, offs_d,
-               relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t, BLOCK_RH, DOT_PRECISION)
+               relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t, len_relh, BLOCK_RH,
+               DOT_PRECISION)
     _store_rel(q, q_gw, q_real, rpw_ptr, stride_rpw, RW_OFF, GW, offs_d,
-               relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t, BLOCK_RW, DOT_PRECISION)
+               relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t, len_relw, BLOCK_RW,
+               DOT_PRECISION)
 
 
 @triton.jit
-def _attention_kernel(
-    qkv_ptr, kvpad_ptr, seg_ptr, relh_ptr, relw_ptr, out_ptr,
-    n_qblocks, qk_scale,
+def _attend(
+    prog, head, qkv_ptr, kvpad_ptr, relh_ptr, relw_ptr, out_ptr, qk_scale,
     stride_qkv_t, stride_qkv_s, stride_qkv_h,
-    stride_kvpad_s, stride_kvpad_h,
-    stride_seg,
-    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t,
-    stride_out_t, stride_out_h,
+    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t, stride_out_t, stride_out_h,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_KW: tl.constexpr,
     HAS_REL: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # program = (segment, query block) x head
-    pid = tl.program_id(0)
-    head = tl.program_id(1)
-    seg_row, tok0, H, W, R0, C0, GH, GW, offs_m, q_gh, q_gw, q_real, q_tok = _group_queries(
-        seg_ptr, stride_seg, pid, n_qblocks, BLOCK_M)
-    if (pid % n_qblocks) * BLOCK_M >= GH * GW:     # this group has fewer query blocks than the largest one
-        return
+    """One query block of one group, one head: flash attention over the group's key tiles."""
+    tok0, H, W, R0, C0, GH, GW, q_gh, q_gw, q_real, q_tok = _block_queries(prog, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
                 mask=q_real[:, None], other=0.0)
@@ -277,11 +317,15 @@ def _attention_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_kr = tl.arange(0, BLOCK_KH)
     offs_kc = tl.arange(0, BLOCK_KW)
-    # padded keys read k, v from the qkv bias (the linear of a zero input)
-    pad_k_ptr = kvpad_ptr + 1 * stride_kvpad_s + head * stride_kvpad_h
-    pad_v_ptr = kvpad_ptr + 2 * stride_kvpad_s + head * stride_kvpad_h
+    # real keys: int32 offsets from the view's first k row (the launcher checks a view's span fits);
+    # padded keys read k, v from the qkv bias (the linear of a zero input), a row laid out like a token's
+    k_view = qkv_ptr + tok0.to(tl.int64) * stride_qkv_t + 1 * stride_qkv_s + head * stride_qkv_h
+    pad_k_ptr = kvpad_ptr + 1 * stride_qkv_s + head * stride_qkv_h
     n_col_tiles = tl.cdiv(GW, BLOCK_KW)
     n_tiles = tl.cdiv(GH, BLOCK_KH) * n_col_tiles
+    # Every group has a key tile. Saying so removes the loop's zero-trip path, on which the zeroed accumulator
+    # is written between the last wgmma and its wait: ptxas then serializes every wgmma (C7515).
+    tl.assume(n_tiles > 0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -295,26 +339,21 @@ def _attention_kernel(
         k_y = R0 + k_gh
         k_x = C0 + k_gw
         k_real = k_in & (k_y < H) & (k_x < W)
-        k_tok = (tok0 + k_y * W + k_x).to(tl.int64)
-        k_rows = tl.where(k_real, qkv_ptr + k_tok * stride_qkv_t + 1 * stride_qkv_s + head * stride_qkv_h,
-                          pad_k_ptr)
-        v_rows = tl.where(k_real, qkv_ptr + k_tok * stride_qkv_t + 2 * stride_qkv_s + head * stride_qkv_h,
-                          pad_v_ptr)
+        # one pointer select per key row, and v = k + stride_qkv_s for token and bias rows alike: fewer live
+        # 64-bit values (125 registers for the 8-warp global config on sm_90: 2 CTAs per SM)
+        k_rows = tl.where(k_real, k_view + (k_y * W + k_x) * stride_qkv_t, pad_k_ptr)
         if ALIGNED:     # the select hides the rows' 16-byte alignment from Triton; without it no cp.async
             k_rows = tl.multiple_of(k_rows, 16)
-            v_rows = tl.multiple_of(v_rows, 16)
+        v_rows = k_rows + stride_qkv_s
         k = tl.load(k_rows[:, None] + offs_d[None, :], mask=k_in[:, None], other=0.0)      # [BLOCK_N, D]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                       # [BLOCK_M, BLOCK_N]
 
         if HAS_REL:
-            # bias (log2 units) = rel_h[q, kh] + rel_w[q, kw], -inf outside the group
-            kr = kh0 + offs_kr
-            kc = kw0 + offs_kc
-            # table rows are padded to whole tiles, so only the row mask: the loads stay 16-byte vectors
-            bh = tl.load(relh_rows[:, None] + kr[None, :], mask=q_real[:, None], other=0.0)
-            bw = tl.load(relw_rows[:, None] + kc[None, :], mask=q_real[:, None], other=0.0)
-            bh = tl.where((kr < GH)[None, :], bh, float("-inf"))                     # [BLOCK_M, BLOCK_KH]
-            bw = tl.where((kc < GW)[None, :], bw, float("-inf"))                     # [BLOCK_M, BLOCK_KW]
+            # bias (log2 units) = rel_h[q, kh] + rel_w[q, kw]; the tables hold -inf past the group's edge and
+            # are padded to whole tiles, so only the row mask: the loads stay 16-byte vectors, and no tile
+            # coordinates stay live across the pipelined loop
+            bh = tl.load(relh_rows[:, None] + (kh0 + offs_kr)[None, :], mask=q_real[:, None], other=0.0)
+            bw = tl.load(relw_rows[:, None] + (kw0 + offs_kc)[None, :], mask=q_real[:, None], other=0.0)
             bias = tl.reshape(bh[:, :, None] + bw[:, None, :], (BLOCK_M, BLOCK_N))   # [M, KH, KW] -> [M, N]
             s = qk * qk_scale + bias
         else:
@@ -335,19 +374,61 @@ def _attention_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_real[:, None])
 
 
+@triton.jit
+def _attention_kernel(
+    qkv_ptr, kvpad_ptr, prog_ptr, relh_ptr, relw_ptr, out_ptr,
+    qk_scale,
+    stride_qkv_t, stride_qkv_s, stride_qkv_h,
+    stride_prog,
+    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t,
+    stride_out_t, stride_out_h,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_KH: tl.constexpr,
+    BLOCK_KW: tl.constexpr, HAS_REL: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # program = (group, query block) x head; a group's last block is a TAIL_M one when its queries fit
+    prog = prog_ptr + tl.program_id(0) * stride_prog
+    head = tl.program_id(1)
+    args = (prog, head, qkv_ptr, kvpad_ptr, relh_ptr, relw_ptr, out_ptr, qk_scale,
+            stride_qkv_t, stride_qkv_s, stride_qkv_h,
+            stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t, stride_out_t, stride_out_h)
+    if TAIL_M < BLOCK_M:
+        if tl.load(prog + _GH) * tl.load(prog + _GW) - tl.load(prog + _Q0) <= TAIL_M:
+            _attend(*args, HEAD_DIM, TAIL_M, BLOCK_KH, BLOCK_KW, HAS_REL, ALIGNED, DOT_PRECISION)
+        else:
+            _attend(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, HAS_REL, ALIGNED, DOT_PRECISION)
+    else:
+        _attend(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, HAS_REL, ALIGNED, DOT_PRECISION)
+
+
 # ---------------------------------------------------------------------------------------------- heuristic
+
+def mma_work(group_shapes, block_m, tail_m, block_kh, block_kw):
+    """(issued, useful) query x key products of one head of a launch; issued / useful is its padding ratio.
+
+    Both tensor-core products of a program (q.k and p.v, each x head_dim) scale with its query rows x key
+    slots: a group of n = GH * GW queries is issued sum(query_blocks sizes) rows x (GH rounded up to
+    BLOCK_KH) * (GW rounded up to BLOCK_KW) key slots, of which n x n are the attention itself (padded window
+    keys are real keys, the qkv bias)."""
+    issued = useful = 0
+    for (gh, gw), count in group_shapes:
+        n = gh * gw
+        rows = sum(size for _, size in query_blocks(n, block_m, tail_m))
+        issued += count * rows * _round_up(gh, block_kh) * _round_up(gw, block_kw)
+        useful += count * n * n
+    return issued, useful
+
 
 def _pick_key_tile(shapes, block_n):
     """(BLOCK_KH, BLOCK_KW) with BLOCK_KH * BLOCK_KW = block_n that wastes the fewest key slots.
 
-    shapes: {(GH, GW): number of groups}. Waste is weighted by the queries that see it; ties go to the
+    shapes: ((GH, GW), number of groups) pairs. Waste is weighted by the queries that see it; ties go to the
     squarest tile (fewest bias loads per block: BLOCK_KH + BLOCK_KW), then to the wider one.
     """
     best = None
     kw = 1
     while kw <= block_n:
         kh = block_n // kw
-        slots = sum(cnt * gh * gw * (-(-gh // kh) * kh) * (-(-gw // kw) * kw) for (gh, gw), cnt in shapes.items())
+        slots = sum(cnt * gh * gw * _round_up(gh, kh) * _round_up(gw, kw) for (gh, gw), cnt in shapes)
         key = (slots, abs(math.log2(kw) - math.log2(kh)), -kw)
         if best is None or key < best[0]:
             best = (key, kh, kw)
@@ -356,30 +437,41 @@ def _pick_key_tile(shapes, block_n):
 
 
 def choose_config(segments, head_dim, dtype, *, block_m=None, block_n=None, num_warps=None, num_stages=None):
-    """Block sizes for a launch: dict(BLOCK_M, BLOCK_KH, BLOCK_KW, num_warps, num_stages).
+    """Block sizes for a launch: dict(BLOCK_M, TAIL_M, BLOCK_KH, BLOCK_KW, num_warps, num_stages).
 
-    - Large groups (SAM global: 1600 or 4096 tokens): 128 x 64 tiles, 8 warps (two Hopper warpgroups of
-      64 query rows), 3 stages of K/V in shared memory: the flash-attention shape for head_dim 64.
-    - Small groups (14 x 14 windows, CLIP's 101 / 257 tokens): 64 x 64 tiles, 4 warps: a 196-token window
-      is 4 programs per head of 4 key blocks each, CLIP's 257 tokens waste less of a
-      64-row block than of a 128-row one.
-    - The key tile is the sub-rectangle of the group grid that wastes the fewest key slots: 8 x 8 for
-      64 x 64 and 40 x 40 views (no waste, and 16 bias loads per query per block), 8 x 8 for 14 x 14
-      windows (2 x 2 tiles, 14 of 16 rows and columns used), 1 x 64 for CLIP's single-row groups.
+    sm_90's wgmma multiplies 64 query rows per warpgroup (M = 64), with key tiles whose count is a multiple
+    of 16 (the K of the p.v product); the rel-pos bias stays an outer sum of two thin tiles only for key
+    tiles that are BLOCK_KH x BLOCK_KW sub-rectangles of the group with power-of-two sides.
+    - Large groups (SAM global: 1600 or 4096 tokens): 128 x 64 tiles, 8 warps (two warpgroups of 64 query
+      rows), 3 stages of K/V in shared memory, 8 x 8 key tiles (no waste on 64 x 64 and 40 x 40 views).
+      On sm_90 it needs 125 registers and 80 KB: 2 CTAs (16 warps) per SM, so one CTA's softmax can
+      overlap the other's wgmma.
+    - Small groups (14 x 14 windows, CLIP's 101 / 257 tokens): 64-row query blocks, 4 warps, and a 16-row
+      tail block (mma.sync) when a group's last block has at most 16 queries: a 196-query window is issued
+      64 + 64 + 64 + 16 = 208 query rows instead of 256.
+    - The key tile is the one with the fewest issued slots (mma_work) among 64 and 32 keys per block, ties
+      to the larger: 2 x 16 for 14 x 14 windows (224 key slots, not 256), 1 x 32 for 257-token CLIP groups.
+      Windows issue 208 x 224 / 196^2 = 1.21x their useful work (was 256 x 256 / 196^2 = 1.71x).
     - head_dim 128 and fp32 halve the key block to stay inside registers and shared memory.
-    These compile without spills for sm_80 and sm_90 (tests/test_compile.py, bench/compile_report.py).
-    Keyword overrides fix BLOCK_M / BLOCK_N (= BLOCK_KH * BLOCK_KW) / warps / stages and keep the tile
-    choice (bench/attention.py --sweep tries a few on a GPU).
+    These compile for sm_80 and sm_90 without spills or ptxas performance warnings (tests/test_compile.py,
+    bench/compile_report.py). Keyword overrides fix BLOCK_M / BLOCK_N (= BLOCK_KH * BLOCK_KW) / warps /
+    stages and keep the tile choice (bench/attention.py --sweep tries a few on a GPU).
     """
+    shapes = segments.group_shapes
     big = segments.max_group_tokens >= 1024
-    default_m, default_n, default_warps = (128, 64, 8) if big else (64, 64, 4)
+    block_m = block_m or default_blocking(shapes)[0]
+    tail_m = default_tail(shapes, block_m)
+    sizes = [block_n] if block_n else [64, 32]
     if head_dim > 64 or dtype == torch.float32:
-        default_n //= 2
-    block_m, block_n = block_m or default_m, block_n or default_n
-    shapes = dict(segments.group_shapes)
-    block_kh, block_kw = _pick_key_tile(shapes, block_n) if shapes else (1, block_n)
-    return dict(BLOCK_M=block_m, BLOCK_KH=block_kh, BLOCK_KW=block_kw, num_warps=num_warps or default_warps,
-                num_stages=num_stages or 3)
+        sizes = [max(16, n // 2) for n in sizes] if not block_n else sizes
+    best = None
+    for n in sizes:                               # the fewest issued key slots; ties to the larger block
+        kh, kw = _pick_key_tile(shapes, n) if shapes else (1, n)
+        issued = mma_work(shapes, block_m, tail_m, kh, kw)[0]
+        if best is None or issued < best[0]:
+            best = (issued, kh, kw)
+    return dict(BLOCK_M=block_m, TAIL_M=tail_m, BLOCK_KH=best[1], BLOCK_KW=best[2],
+                num_warps=num_warps or (8 if big else 4), num_stages=num_stages or 3)
 
 
 def _round_up(x, m):
@@ -404,9 +496,14 @@ def _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale,
     like = dict(dtype=qkv.dtype, device=qkv.device)
     if not isinstance(segments, SegmentTable):
         raise TypeError(f"{fn}: segments is a {type(segments).__name__}, expected a SegmentTable (build_segments)")
-    check_tensor(fn, "segments.rows", segments.rows, shape=(None, SEG_COLS), dtype=torch.int32, device=qkv.device)
+    if segments.device != qkv.device:
+        raise ValueError(f"{fn}: segments are for {segments.device}, expected qkv's {qkv.device} "
+                         f"(build_segments(device=...) or segments.to(...))")
     if segments.end_token > T:
         raise ValueError(f"{fn}: segments reach token {segments.end_token}, expected at most qkv's {T} tokens")
+    if segments.max_view_tokens * qkv.stride(0) >= 2**31:
+        raise ValueError(f"{fn}: a view of {segments.max_view_tokens} tokens at qkv row stride {qkv.stride(0)}, "
+                         f"expected fewer than 2**31 elements per view (32-bit key offsets)")
 
     if (rel_pos_h is None) != (rel_pos_w is None):
         raise ValueError(f"{fn}: got only one of rel_pos_h and rel_pos_w, expected both or neither")
@@ -434,54 +531,55 @@ def attention(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bias=None, o
     """Attention over every group of `segments` in one launch; returns out [T, heads * head_dim].
 
     qkv: [T, 3, heads, head_dim] (e.g. `linear_out.view(T, 3, heads, head_dim)`), fp32/fp16/bf16.
-    segments: SegmentTable from build_segments, on qkv's device.
+    segments: SegmentTable from build_segments, for qkv's device.
     rel_pos_h, rel_pos_w: packed rel-pos tables (pack_rel_pos over segments.rel_sizes_*), or None for no bias.
     qkv_bias: the qkv linear's bias (3 * heads * head_dim values): the k and v of padded window keys.
         None means a bias-free linear, i.e. padded keys have k = v = 0 (still keys, not masked).
     out: optional [T, heads * head_dim] output written in place; tokens outside every group are untouched.
-        Default: a new zero-filled tensor.
+        Default: a new tensor, zero outside the groups (not filled at all when the groups cover every token).
     scale: logit scale, default head_dim ** -0.5.
-    config: overrides of choose_config (BLOCK_M, BLOCK_KH, BLOCK_KW, num_warps, num_stages).
+    config: overrides of choose_config (BLOCK_M, TAIL_M, BLOCK_KH, BLOCK_KW, num_warps, num_stages).
     """
     fn = "attention"
     T, heads, head_dim, has_rel, scale = _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale)
-    if out is None:
-        out = torch.zeros(T, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
-    G = segments.num_groups
-    if G == 0 or heads == 0:
+    if out is None:   # every row is written when the groups cover all T tokens: no fill
+        alloc = torch.empty if segments.covered_tokens == T else torch.zeros
+        out = alloc(T, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
+    if segments.num_groups == 0 or heads == 0:
         return out
     cfg = resolve_config(fn, choose_config(segments, head_dim, qkv.dtype), config,
-                         pow2=("BLOCK_M", "BLOCK_KH", "BLOCK_KW", "num_warps"))
-    if cfg["BLOCK_M"] < 16 or cfg["BLOCK_KH"] * cfg["BLOCK_KW"] < 16:
-        raise ValueError(f"{fn}: config BLOCK_M={cfg['BLOCK_M']}, BLOCK_KH*BLOCK_KW={cfg['BLOCK_KH'] * cfg['BLOCK_KW']}, "
-                         f"expected both >= 16 (tensor-core tiles)")
+                         pow2=("BLOCK_M", "TAIL_M", "BLOCK_KH", "BLOCK_KW", "num_warps"))
+    if config and "BLOCK_M" in config and "TAIL_M" not in config:     # the tail that goes with that BLOCK_M
+        cfg["TAIL_M"] = default_tail(segments.group_shapes, cfg["BLOCK_M"])
+    if not 16 <= cfg["TAIL_M"] <= cfg["BLOCK_M"] or cfg["BLOCK_KH"] * cfg["BLOCK_KW"] < 16:
+        raise ValueError(f"{fn}: config BLOCK_M={cfg['BLOCK_M']}, TAIL_M={cfg['TAIL_M']}, BLOCK_KH*BLOCK_KW="
+                         f"{cfg['BLOCK_KH'] * cfg['BLOCK_KW']}, expected 16 <= TAIL_M <= BLOCK_M and "
+                         f"BLOCK_KH*BLOCK_KW >= 16 (tensor-core tiles)")
     dot_precision = "ieee" if qkv.dtype == torch.float32 else "tf32"   # "tf32" is ignored for 16-bit inputs
 
-    # k, v of padded keys: the qkv bias as one [3, heads, head_dim] row (zeros for a bias-free linear)
-    if qkv_bias is None:
-        kvpad = torch.zeros(3, heads, head_dim, device=qkv.device, dtype=qkv.dtype)
-    else:
-        kvpad = qkv_bias.reshape(3, heads, head_dim).contiguous()
+    # k, v of padded keys: the qkv bias (zeros for a bias-free linear) as one token row with qkv's strides
+    s_s, s_h = qkv.stride(1), qkv.stride(2)
+    kvpad = torch.zeros(2 * s_s + (heads - 1) * s_h + head_dim, device=qkv.device, dtype=qkv.dtype)
+    if qkv_bias is not None:
+        kvpad.as_strided((3, heads, head_dim), (s_s, s_h, 1)).copy_(qkv_bias.view(3, heads, head_dim))
 
     if has_rel:
         # per-token rel-pos projections, fp32, log2 units: [heads, T, >= max GH] and [heads, T, >= max GW].
-        # Rows are padded to whole key tiles (the kernel reads a tile past GH and discards it) and to a
-        # multiple of 16 (aligned rows); only the first GH (GW) entries of real tokens are written.
+        # Rows are padded to whole key tiles (the kernel reads whole tiles) and to a multiple of 16 (aligned
+        # rows); for real tokens entries GH.. (GW..) hold -inf.
         rh_len = _round_up(_round_up(segments.max_gh, cfg["BLOCK_KH"]), 16)
         rw_len = _round_up(_round_up(segments.max_gw, cfg["BLOCK_KW"]), 16)
         relh = torch.empty(heads, T, rh_len, device=qkv.device, dtype=torch.float32)
         relw = torch.empty(heads, T, rw_len, device=qkv.device, dtype=torch.float32)
-        block_m_rel = 32
-        block_rh = max(16, triton.next_power_of_2(2 * segments.max_gh - 1))
-        block_rw = max(16, triton.next_power_of_2(2 * segments.max_gw - 1))
-        n_qb_rel = triton.cdiv(segments.max_group_tokens, block_m_rel)
-        _relpos_kernel[(G * n_qb_rel, heads)](
-            qkv, segments.rows, rel_pos_h, rel_pos_w, relh, relw,
-            n_qb_rel,
+        block_rh = max(16, triton.next_power_of_2(max(2 * segments.max_gh - 1, rh_len)))
+        block_rw = max(16, triton.next_power_of_2(max(2 * segments.max_gw - 1, rw_len)))
+        progs = segments.program_table(RELPOS_BLOCK_M, RELPOS_BLOCK_M)
+        _relpos_kernel[(progs.shape[0], heads)](
+            qkv, progs, rel_pos_h, rel_pos_w, relh, relw,
             qkv.stride(0), qkv.stride(2),
-            segments.rows.stride(0), rel_pos_h.stride(0), rel_pos_w.stride(0),
-            relh.stride(0), relh.stride(1), relw.stride(0), relw.stride(1),
-            HEAD_DIM=head_dim, BLOCK_M=block_m_rel, BLOCK_RH=block_rh, BLOCK_RW=block_rw,
+            progs.stride(0), rel_pos_h.stride(0), rel_pos_w.stride(0),
+            relh.stride(0), relh.stride(1), relw.stride(0), relw.stride(1), rh_len, rw_len,
+            HEAD_DIM=head_dim, BLOCK_M=RELPOS_BLOCK_M, BLOCK_RH=block_rh, BLOCK_RW=block_rw,
             DOT_PRECISION=dot_precision, num_warps=_relpos_warps(block_rh, block_rw),
         )
     else:
@@ -489,21 +587,19 @@ def attention(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bias=None, o
 
     # every K/V row start (token rows and the bias row) 16-byte aligned -> vectorised, pipelined K/V loads
     esize = qkv.element_size()
-    aligned = all(t.data_ptr() % 16 == 0 for t in (qkv, kvpad)) and all(
-        st * esize % 16 == 0 for st in (*qkv.stride()[:3], *kvpad.stride()[:2]))
+    aligned = qkv.data_ptr() % 16 == 0 and all(st * esize % 16 == 0 for st in qkv.stride()[:3])
 
-    n_qblocks = triton.cdiv(segments.max_group_tokens, cfg["BLOCK_M"])
-    _attention_kernel[(G * n_qblocks, heads)](
-        qkv, kvpad, segments.rows, relh, relw, out,
-        n_qblocks, scale * LOG2E,
+    progs = segments.program_table(cfg["BLOCK_M"], cfg["TAIL_M"])
+    _attention_kernel[(progs.shape[0], heads)](
+        qkv, kvpad, progs, relh, relw, out,
+        scale * LOG2E,
         qkv.stride(0), qkv.stride(1), qkv.stride(2),
-        kvpad.stride(0), kvpad.stride(1),
-        segments.rows.stride(0),
+        progs.stride(0),
         relh.stride(0) if has_rel else 0, relh.stride(1) if has_rel else 0,
         relw.stride(0) if has_rel else 0, relw.stride(1) if has_rel else 0,
         out.stride(0), head_dim,
-        HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_KH=cfg["BLOCK_KH"], BLOCK_KW=cfg["BLOCK_KW"],
-        HAS_REL=has_rel, ALIGNED=aligned, DOT_PRECISION=dot_precision,
+        HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], TAIL_M=cfg["TAIL_M"], BLOCK_KH=cfg["BLOCK_KH"],
+        BLOCK_KW=cfg["BLOCK_KW"], HAS_REL=has_rel, ALIGNED=aligned, DOT_PRECISION=dot_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -523,7 +619,7 @@ def attention_reference(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bi
     dev, cd = qkv.device, compute_dtype
     pad = (torch.zeros(3, heads, head_dim, device=dev, dtype=cd) if qkv_bias is None
            else qkv_bias.reshape(3, heads, head_dim).to(cd))
-    for tok0, H, W, r0, c0, GH, GW, rh_off, rw_off in segments.rows.cpu().tolist():
+    for tok0, H, W, r0, c0, GH, GW, rh_off, rw_off in segments.rows.tolist():
         gy = torch.arange(GH, device=dev).repeat_interleave(GW)          # [n] group row of each position
         gx = torch.arange(GW, device=dev).repeat(GH)                     # [n] group col
         y, x = r0 + gy, c0 + gx
@@ -547,73 +643,82 @@ def attention_reference(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bi
     return out
 
 
+
+
 # ------------------------------------------------------------------------------------------ compile check
 
 def _attention_signature(dtype):
     p = f"*{dtype}"
     return {
-        "qkv_ptr": p, "kvpad_ptr": p, "seg_ptr": "*i32", "relh_ptr": "*fp32", "relw_ptr": "*fp32", "out_ptr": p,
-        "n_qblocks": "i32", "qk_scale": "fp32",
+        "qkv_ptr": p, "kvpad_ptr": p, "prog_ptr": "*i32", "relh_ptr": "*fp32", "relw_ptr": "*fp32", "out_ptr": p,
+        "qk_scale": "fp32",
         "stride_qkv_t": "i32", "stride_qkv_s": "i32", "stride_qkv_h": "i32",
-        "stride_kvpad_s": "i32", "stride_kvpad_h": "i32", "stride_seg": "i32",
+        "stride_prog": "i32",
         "stride_relh_head": "i32", "stride_relh_t": "i32", "stride_relw_head": "i32", "stride_relw_t": "i32",
         "stride_out_t": "i32", "stride_out_h": "i32",
-        "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_KH": "constexpr", "BLOCK_KW": "constexpr",
-        "HAS_REL": "constexpr", "ALIGNED": "constexpr", "DOT_PRECISION": "constexpr",
+        "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "TAIL_M": "constexpr", "BLOCK_KH": "constexpr",
+        "BLOCK_KW": "constexpr", "HAS_REL": "constexpr", "ALIGNED": "constexpr", "DOT_PRECISION": "constexpr",
     }
 
 
 def _relpos_signature(dtype):
     p = f"*{dtype}"
     return {
-        "qkv_ptr": p, "seg_ptr": "*i32", "rph_ptr": p, "rpw_ptr": p, "relh_ptr": "*fp32", "relw_ptr": "*fp32",
-        "n_qblocks": "i32", "stride_qkv_t": "i32", "stride_qkv_h": "i32",
-        "stride_seg": "i32", "stride_rph": "i32", "stride_rpw": "i32",
+        "qkv_ptr": p, "prog_ptr": "*i32", "rph_ptr": p, "rpw_ptr": p, "relh_ptr": "*fp32", "relw_ptr": "*fp32",
+        "stride_qkv_t": "i32", "stride_qkv_h": "i32",
+        "stride_prog": "i32", "stride_rph": "i32", "stride_rpw": "i32",
         "stride_relh_head": "i32", "stride_relh_t": "i32", "stride_relw_head": "i32", "stride_relw_t": "i32",
+        "len_relh": "i32", "len_relw": "i32",
         "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_RH": "constexpr", "BLOCK_RW": "constexpr",
         "DOT_PRECISION": "constexpr",
     }
 
 
+PRODUCTION_CASES = [   # name, views, window, class_token: the launches of the real model (head_dim 64)
+    ("sam-global-1024", [(0, 64, 64)], None, False),
+    ("sam-global-640", [(0, 40, 40)], None, False),
+    ("sam-global-mixed", [(0, 64, 64), (4096, 40, 40)], None, False),
+    ("sam-window-14", [(0, 64, 64), (4096, 40, 40)], 14, False),
+    ("clip-1024", [(0, 16, 16)], None, True),
+    ("clip-640", [(0, 10, 10)], None, True),
+]
+
+
 def _production_configs():
-    """The launches of the real model (head_dim 64): what choose_config picks for them, per dtype."""
+    """What choose_config picks for the real launches, per dtype."""
     entries = []
-    cases = [   # name, views, window, class_token
-        ("sam-global-1024", [(0, 64, 64)], None, False),
-        ("sam-global-640", [(0, 40, 40)], None, False),
-        ("sam-global-mixed", [(0, 64, 64), (4096, 40, 40)], None, False),
-        ("sam-window-14", [(0, 64, 64), (4096, 40, 40)], 14, False),
-        ("clip-1024", [(0, 16, 16)], None, True),
-        ("clip-640", [(0, 10, 10)], None, True),
-    ]
     # int args that are multiples of 16 in the real launches get Triton's divisibility specialisation
-    aligned = ["qkv_ptr", "kvpad_ptr", "seg_ptr", "relh_ptr", "relw_ptr", "out_ptr",
-               "stride_qkv_t", "stride_qkv_s", "stride_qkv_h", "stride_kvpad_s", "stride_kvpad_h",
+    # (the program table's row stride is 10: not aligned)
+    aligned = ["qkv_ptr", "kvpad_ptr", "prog_ptr", "relh_ptr", "relw_ptr", "out_ptr",
+               "stride_qkv_t", "stride_qkv_s", "stride_qkv_h",
                "stride_relh_head", "stride_relh_t", "stride_relw_head", "stride_relw_t", "stride_out_t",
                "stride_out_h"]
     for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-        for name, views, window, cls in cases:
+        for name, views, window, cls in PRODUCTION_CASES:
             seg = build_segments(views, window, class_token=cls)
-            cfg = choose_config(seg, 64, dtype)
+            c = choose_config(seg, 64, dtype)
             has_rel = not cls
             entries.append(dict(
                 name=f"attention/{name}/{tname}", kernel=_attention_kernel, signature=_attention_signature(tname),
-                constexprs=dict(HEAD_DIM=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_KH=cfg["BLOCK_KH"],
-                                BLOCK_KW=cfg["BLOCK_KW"], HAS_REL=has_rel, ALIGNED=True,
-                                DOT_PRECISION="tf32"),
+                constexprs=dict(HEAD_DIM=64, BLOCK_M=c["BLOCK_M"], TAIL_M=c["TAIL_M"], BLOCK_KH=c["BLOCK_KH"],
+                                BLOCK_KW=c["BLOCK_KW"], HAS_REL=has_rel, ALIGNED=True, DOT_PRECISION="tf32"),
                 aligned=[a for a in aligned if has_rel or not a.startswith("stride_rel")],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], expect_mma=True,
-                note=f"M{cfg['BLOCK_M']} N{cfg['BLOCK_KH']}x{cfg['BLOCK_KW']}",
+                num_warps=c["num_warps"], num_stages=c["num_stages"],
+                expect_mma=True, min_ctas_per_sm={90: 2} if c["BLOCK_M"] >= 128 else {},
+                note=f"M{c['BLOCK_M']}" + (f"+{c['TAIL_M']}" if c["TAIL_M"] < c["BLOCK_M"] else "")
+                     + f" N{c['BLOCK_KH']}x{c['BLOCK_KW']}",
             ))
         for name, size in (("relpos-global-1024", 64), ("relpos-window-14", 14)):
             block_r = max(16, triton.next_power_of_2(2 * size - 1))
             entries.append(dict(
                 name=f"attention/{name}/{tname}", kernel=_relpos_kernel, signature=_relpos_signature(tname),
-                constexprs=dict(HEAD_DIM=64, BLOCK_M=32, BLOCK_RH=block_r, BLOCK_RW=block_r, DOT_PRECISION="tf32"),
-                aligned=["qkv_ptr", "seg_ptr", "rph_ptr", "rpw_ptr", "relh_ptr", "relw_ptr", "stride_qkv_t",
+                constexprs=dict(HEAD_DIM=64, BLOCK_M=RELPOS_BLOCK_M, BLOCK_RH=block_r, BLOCK_RW=block_r,
+                                DOT_PRECISION="tf32"),
+                aligned=["qkv_ptr", "prog_ptr", "rph_ptr", "rpw_ptr", "relh_ptr", "relw_ptr", "stride_qkv_t",
                          "stride_qkv_h", "stride_rph", "stride_rpw", "stride_relh_head", "stride_relh_t",
-                         "stride_relw_head", "stride_relw_t"],     # table rows are padded to multiples of 16
-                num_warps=_relpos_warps(block_r, block_r), num_stages=3, expect_mma=True, note=f"M32 R{block_r}",
+                         "stride_relw_head", "stride_relw_t", "len_relh", "len_relw"],  # rows padded to 16s
+                num_warps=_relpos_warps(block_r, block_r), num_stages=3, expect_mma=True,
+                note=f"M{RELPOS_BLOCK_M} R{block_r}",
             ))
     return entries
 

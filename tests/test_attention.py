@@ -2,12 +2,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import json
+import math
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gundam.kernels.attention as attn_mod
-from gundam.kernels.attention import (SEG_GH, SEG_GW, SEG_RH_OFF, SEG_RW_OFF, attention, attention_reference,
-                                      build_segments, choose_config, pack_rel_pos)
+from gundam.kernels.attention import (PROG_Q0, SEG_GH, SEG_GW, SEG_RH_OFF, SEG_RW_OFF, attention,
+                                      attention_reference, build_segments, choose_config, mma_work, pack_rel_pos)
 
 from testutils import DTYPES, assert_close
 
@@ -82,7 +86,8 @@ def test_padded_keys_without_qkv_bias_are_zero_keys(dtype, atol, rtol):
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 def test_clip_groups_with_class_token(dtype, atol, rtol):
-    views = [(0, 7, 7), (50, 5, 5), (76, 10, 10)]        # 50, 26 and 101 tokens, class token first
+    # 50, 26, 101 and 65 tokens, class token first; 65 = 64 + a 16-row tail block of one query
+    views = [(0, 7, 7), (50, 5, 5), (76, 10, 10), (177, 8, 8)]
     _check(views, 2, 64, dtype, atol, rtol, seed=7, what="CLIP groups", class_token=True, rel=False)
 
 
@@ -98,11 +103,39 @@ def test_head_dims(head_dim):
     dict(BLOCK_M=16, BLOCK_KH=4, BLOCK_KW=4),
     dict(BLOCK_M=32, BLOCK_KH=8, BLOCK_KW=2),      # tall, narrow key tiles
     dict(BLOCK_M=128, BLOCK_KH=16, BLOCK_KW=16),   # larger than every group: one query and one key block
+    dict(BLOCK_M=32, TAIL_M=16, BLOCK_KH=2, BLOCK_KW=8),   # tail blocks: 5x7 = 32 + 3, 6x6 windows = 32 + 4
 ])
 def test_block_sizes(dtype, atol, rtol, config):
     views = [(0, 9, 9), (81, 5, 7)]
     _check(views, 2, 16, dtype, atol, rtol, seed=8, what=f"global {config}", config=config)
     _check(views, 2, 16, dtype, atol, rtol, seed=9, what=f"windows {config}", config=config, window=6)
+
+
+class Allocations(TorchDispatchMode):
+    """Records the shape of every zero-filled or filled tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.filled = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.zeros.default, torch.ops.aten.zero_.default, torch.ops.aten.fill_.Scalar):
+            self.filled.append(tuple(out.shape))
+        return out
+
+
+def test_out_default_is_filled_only_where_no_group_writes():
+    # groups covering every token: the output is allocated, not zero-filled
+    qkv, seg, rh, rw, b = _packed([(0, 7, 7), (49, 5, 6)], 2, 16, torch.float32, 15, window=4)
+    with Allocations() as allocs:
+        got = attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b)
+    assert (79, 32) not in allocs.filled, allocs.filled
+    assert_close(got, attention_reference(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b), 1e-5, 1e-5, "covered")
+    # tokens 0..4 and 54..59 in no group: zeros there
+    qkv, seg, rh, rw, b = _packed([(5, 7, 7)], 2, 16, torch.float32, 16, window=4, tokens=60)
+    got = attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b)
+    assert torch.equal(got[:5], torch.zeros(5, 32)) and torch.equal(got[54:], torch.zeros(6, 32))
 
 
 def test_out_in_place_leaves_other_tokens_untouched():
@@ -152,6 +185,11 @@ def test_one_launch_for_a_mixed_batch(monkeypatch):
         _check(views, 2, 16, torch.float32, 1e-5, 1e-5, seed=12, what=f"mixed batch window={window}",
                window=window)
         assert [c[0] for c in calls] == ["_relpos_kernel", "_attention_kernel"], calls
+        # one program per (query block, head), none idle: 16x16 is 4 blocks of 64 and each 10x10 two
+        # (BLOCK_M 64; windows of 6: every window one block); rel-pos blocks of 32
+        n_blocks = 4 + 3 * 2 if window is None else 9 + 3 * 4
+        n_rel = (8 + 3 * 4) if window is None else (9 + 3 * 4) * 2
+        assert calls[1][1] == (n_blocks, 2) and calls[0][1] == (n_rel, 2), calls
 
 
 # ---------------------------------------------------------------- the reference against the vendor's computation
@@ -253,15 +291,58 @@ def test_build_segments_clip():
     assert seg.end_token == 358 and seg.class_token
 
 
+def _tile(cfg):
+    return cfg["BLOCK_M"], cfg["TAIL_M"], cfg["BLOCK_KH"], cfg["BLOCK_KW"]
+
+
 def test_choose_config_production_tiles():
-    # 64x64 and 40x40 views tile into 8x8 key blocks without waste; windows of 14 into 16-wide tiles;
-    # CLIP's single-row groups into 1 x 64
-    big = choose_config(build_segments([(0, 64, 64), (4096, 40, 40)]), 64, torch.bfloat16)
-    assert (big["BLOCK_M"], big["BLOCK_KH"], big["BLOCK_KW"]) == (128, 8, 8)
-    win = choose_config(build_segments([(0, 64, 64), (4096, 40, 40)], 14), 64, torch.bfloat16)
-    assert win["BLOCK_M"] == 64 and win["BLOCK_KH"] * win["BLOCK_KW"] == 64 and win["BLOCK_KW"] >= 8
-    clip = choose_config(build_segments([(0, 16, 16)], class_token=True), 64, torch.bfloat16)
-    assert (clip["BLOCK_KH"], clip["BLOCK_KW"]) == (1, 64)
+    # 64x64 and 40x40 views tile into 8x8 key blocks without waste and whole 128-row query blocks; windows of
+    # 14 into 2 x 16 key tiles (14 rows of 16 slots) and 64 + 64 + 64 + 16 query rows; CLIP's single-row
+    # groups of 257 tokens into 1 x 32 key tiles and 4 x 64 + 16 query rows, of 101 tokens into 64-wide ones
+    assert _tile(choose_config(build_segments([(0, 64, 64), (4096, 40, 40)]), 64, torch.bfloat16)) == (128, 128, 8, 8)
+    assert _tile(choose_config(build_segments([(0, 64, 64), (4096, 40, 40)], 14), 64, torch.bfloat16)) == (64, 16, 2, 16)
+    assert _tile(choose_config(build_segments([(0, 16, 16)], class_token=True), 64, torch.bfloat16)) == (64, 16, 1, 32)
+    assert _tile(choose_config(build_segments([(0, 10, 10)], class_token=True), 64, torch.bfloat16)) == (64, 64, 1, 64)
+
+
+def _issued_by_programs(seg, block_m, tail_m, block_kh, block_kw):
+    """Query rows x key slots the kernel runs, program by program, from the program table it is launched with."""
+    issued, covered = 0, {}
+    for row in seg.program_table(block_m, tail_m).tolist():
+        gh, gw, q0 = row[SEG_GH], row[SEG_GW], row[PROG_Q0]
+        size = tail_m if gh * gw - q0 <= tail_m else block_m           # the kernel's choice of path
+        tiles = math.ceil(gh / block_kh) * math.ceil(gw / block_kw)     # its key loop
+        issued += size * tiles * block_kh * block_kw
+        covered.setdefault(tuple(row[:PROG_Q0]), []).extend(range(q0, q0 + size))
+    for group, qs in covered.items():       # every query of every group in exactly one block
+        n = group[SEG_GH] * group[SEG_GW]
+        assert sorted(q for q in qs if q < n) == list(range(n)), group
+    return issued
+
+
+def test_window_padding_ratio():
+    # A 14 x 14 window is 196 queries x 196 keys of useful work (padded keys are real keys: the qkv bias).
+    # Before: 4 query blocks of 64 x 4 key tiles of 8 x 8 = 256 x 256 = 1.71x. Now: 64 + 64 + 64 + 16 query
+    # rows x 7 key tiles of 2 x 16 = 208 x 224 = 1.21x. Counted from the group shapes (mma_work) and, program by
+    # program, from the program table the kernel runs.
+    seg = build_segments([(0, 64, 64), (4096, 40, 40)], 14)        # 25 + 9 windows
+    assert dict(seg.group_shapes) == {(14, 14): 34}
+    before = mma_work(seg.group_shapes, 64, 64, 8, 8)
+    assert before == (34 * 256 * 256, 34 * 196 * 196) and round(before[0] / before[1], 2) == 1.71
+    cfg = choose_config(seg, 64, torch.bfloat16)
+    after = mma_work(seg.group_shapes, *_tile(cfg))
+    assert after == (34 * 208 * 224, 34 * 196 * 196) and round(after[0] / after[1], 2) == 1.21
+    assert _issued_by_programs(seg, 64, 64, 8, 8) == before[0]
+    assert _issued_by_programs(seg, *_tile(cfg)) == after[0]
+    # other production shapes: global blocks pad only the 640 view's last query block (1600 = 12.5 x 128),
+    # CLIP-1024 is 272 x 288 / 257^2 = 1.19x (was 320 x 320: 1.55x)
+    glob = build_segments([(0, 64, 64), (4096, 40, 40)])
+    issued, useful = mma_work(glob.group_shapes, *_tile(choose_config(glob, 64, torch.bfloat16)))
+    assert (issued, useful) == (4096 ** 2 + 1664 * 1600, 4096 ** 2 + 1600 ** 2)
+    clip = build_segments([(0, 16, 16)], class_token=True)
+    issued, useful = mma_work(clip.group_shapes, *_tile(choose_config(clip, 64, torch.bfloat16)))
+    assert (issued, useful) == (272 * 288, 257 * 257)
+    assert _issued_by_programs(clip, *_tile(choose_config(clip, 64, torch.bfloat16))) == issued
 
 
 def test_errors_are_clear():
@@ -288,6 +369,13 @@ def test_errors_are_clear():
         attention(qkv, seg.rows)
     with pytest.raises(ValueError, match="config BLOCK_KW=6, expected a power of two"):
         attention(qkv, seg, config=dict(BLOCK_KW=6))
+    with pytest.raises(ValueError, match="BLOCK_M=16, TAIL_M=32, .* expected 16 <= TAIL_M <= BLOCK_M"):
+        attention(qkv, seg, config=dict(BLOCK_M=16, TAIL_M=32))
+    with pytest.raises(ValueError, match="segments are for meta, expected qkv's cpu"):
+        attention(qkv, seg.to("meta"))
+    big = torch.empty_strided((2**20, 3, 2, 16), (2**12, 32, 16, 1), device="meta")   # a 2**20-token view
+    with pytest.raises(ValueError, match="a view of 1048576 tokens at qkv row stride 4096, expected fewer"):
+        attention(big, build_segments([(0, 1024, 1024)], device="meta"))
     with pytest.raises(ValueError, match=r"config keys \['BLOCK_Q'\] unknown"):
         attention(qkv, seg, config=dict(BLOCK_Q=16))
     with pytest.raises(ValueError, match="views overlap"):
@@ -301,9 +389,17 @@ def test_errors_are_clear():
 
 # ------------------------------------------------------------------------------------------------- benchmark
 
-def test_bench_smoke():
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "attention.py"), "--smoke", "--sweep"],
-                         capture_output=True, text=True, timeout=120)
+def test_bench_smoke(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "attention.py"), "--smoke", "--sweep",
+                          "--json", str(tmp_path / "a.json")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "global-1024" in res.stdout and "windows" in res.stdout and "M32" in res.stdout
     assert "MISMATCH" not in res.stdout
+    out = json.loads((tmp_path / "a.json").read_text())
+    assert out["environment"]["torch"] == torch.__version__
+    for case in out["cases"]:
+        assert case["max_error_vs_vendor"] <= 1e-4 and case["vendor_sdpa"], case
+        methods = {r["method"]: r for r in case["results"]}
+        assert {"triton segmented", "sdpa + materialised bias", "sdpa flash, no bias"} <= set(methods)
+        assert all(0 < r["ms_min"] <= r["ms_median"] and r["tflops"] > 0 for r in case["results"])
+        assert methods["triton segmented"]["padding"] >= 1
