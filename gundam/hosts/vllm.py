@@ -16,9 +16,9 @@ captured hold the vendor's encoder). Tensor-parallel ranks hold 1/tp of CLIP's w
 (gundam.hosts.shared).
 
 Worker processes: with `GUNDAM_PATCH_VLLM=1` in the environment, the `vllm.general_plugins` entry point
-`register` makes vLLM build `gundam.hosts.vllm_model.DeepseekOCRForCausalLM` (and `UnlimitedOCRForCausalLM`, vLLM's
-subclass of it for baidu/Unlimited-OCR, where that vLLM has it), which patch themselves after loading their
-weights (`GUNDAM_BACKEND` picks the backend, default "auto").
+`register` makes vLLM build `gundam.hosts.vllm_model.DeepseekOCRForCausalLM` (and `UnlimitedOCRForCausalLM`,
+vLLM's subclass of it for baidu/Unlimited-OCR in models/unlimited_ocr.py, read at 0414545, where that vLLM has
+it), which patch themselves after loading their weights (`GUNDAM_BACKEND` picks the backend, default "auto").
 """
 from __future__ import annotations
 
