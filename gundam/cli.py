@@ -27,7 +27,8 @@ def report_failures(failed: list[tuple[str, str]], total: int, what: str = "imag
     if not failed:
         return 0
     if total > 1:
-        print(f"error: {len(failed)} of {total} {what} failed: {', '.join(repr(p) for p, _ in failed)}", file=sys.stderr)
+        names = ", ".join(repr(p) for p, _ in failed)
+        print(f"error: {len(failed)} of {total} {what} failed: {names}", file=sys.stderr)
     return 2
 
 

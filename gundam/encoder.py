@@ -199,8 +199,8 @@ class GundamEncoder(nn.Module):
     def _check_batch(self, batch: Batch):
         """The batch's token layout must be what this encoder makes of its view sizes, and float pixels must be
         normalised and finite (checked where they are, before the copy to this encoder's device)."""
-        check_pixel_values(batch.global_views, "global_views")
-        check_pixel_values(batch.crops, "crops")
+        check_pixel_values(batch.global_views, "global_views", self.device)
+        check_pixel_values(batch.crops, "crops", self.device)
         m = batch.mode
         for name, size, q in (("base_size", m.base_size, m.qb), ("image_size", m.image_size, m.qi)):
             made = self.config.tokens_per_side(size, f"mode {name}")

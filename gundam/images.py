@@ -221,13 +221,17 @@ def _check_views(x, name, shape, why):
         raise TypeError(f"Batch {name}: dtype {x.dtype}, expected uint8 (0..255) or floating point (in [-1, 1])")
     if tuple(x.shape) != shape:
         raise ValueError(f"Batch {name}: shape {list(x.shape)}, expected {list(shape)} ({why})")
-    if x.is_meta:
-        raise ValueError(f"Batch {name}: a meta tensor (no data), expected pixels")
 
 
-def check_pixel_values(x: torch.Tensor, name: str):
+def check_pixel_values(x: torch.Tensor, name: str, device: torch.device):
     """Float pixels must be normalised, [-1, 1] (NaN, Inf or 0..255 floats would give wrong embeddings, not an
-    error): one reduction, on the device the pixels are on. uint8 pixels are always in range."""
+    error): one reduction, on the device the pixels are on. uint8 pixels are always in range. Meta pixels (no
+    data) go only to a meta encoder (counting FLOPs)."""
+    if x.is_meta:
+        if device.type != "meta":
+            raise ValueError(f"batch {name} is a meta tensor (no data), the encoder is on {device}: expected "
+                             f"pixels (a meta batch runs only through a meta encoder, e.g. to count FLOPs)")
+        return
     if x.is_floating_point() and x.numel():
         worst = x.abs().amax().item()  # NaN propagates through amax
         if not worst <= 1 + 1e-3:

@@ -312,7 +312,8 @@ def test_estimate_config_of_the_wrong_type():
     (lambda: resolve_mode("gundam", 10), "max_crops=10"), (lambda: resolve_mode("gundam", True), "max_crops=True"),
     (lambda: resolve_mode("gundam", 6.0), "max_crops=6.0"), (lambda: resolve_mode("Gundam"), "unknown mode 'Gundam'"),
     (lambda: Mode(1024, 640, 1), "crop_mode=1"),
-    (lambda: Mode(2 ** 200, 640, True), r"base_size=16069380442589902755\.\.\.\(61 chars\): expected a view of at most"),
+    (lambda: Mode(2 ** 200, 640, True),
+     r"base_size=16069380442589902755\.\.\.\(61 chars\): expected a view of at most"),
     (lambda: SamConfig(mlp_ratio=float("inf")), "mlp_ratio=inf"), (lambda: SamConfig(mlp_ratio="4"), "mlp_ratio='4'"),
     (lambda: SamConfig(mlp_ratio=1e-9), "MLP of 0 units"), (lambda: SamConfig(layer_norm_eps=float("nan")), "eps=nan"),
     (lambda: SamConfig(global_attn_indexes=(2, 12)), r"\[12\] outside"),
@@ -347,7 +348,8 @@ def test_tiny_batch_has_crops(tiny_batch):
 
 
 @pytest.mark.parametrize("change,error,match", [
-    (lambda b: dict(global_views=b.global_views[:1]), ValueError, r"global_views: shape \[1, 3, 256, 256\], expected \[2, 3, 256, 256\]"),
+    (lambda b: dict(global_views=b.global_views[:1]), ValueError,
+     r"global_views: shape \[1, 3, 256, 256\], expected \[2, 3, 256, 256\]"),
     (lambda b: dict(crops=b.crops[:1]), ValueError, r"crops: shape \[1, 3, 192, 192\], expected \[2, .*\[2, 0\]"),
     (lambda b: dict(crops=torch.cat([b.crops, b.crops])), ValueError, r"crops: shape \[4,"),
     (lambda b: dict(global_views=b.global_views[..., :128, :128]), ValueError, r"shape \[2, 3, 128, 128\]"),
@@ -362,7 +364,6 @@ def test_tiny_batch_has_crops(tiny_batch):
     (lambda b: dict(layouts=[b.layouts[0], grid_layout(b.mode, (2, 1))]), ValueError, r"crops: shape \[2,.*\[2, 2\]"),
     (lambda b: dict(mode="gundam"), ValueError, r"layouts\[0\] has Mode"),
     (lambda b: dict(mode=42), TypeError, "mode=42"),
-    (lambda b: dict(global_views=torch.empty(2, 3, 256, 256, device="meta")), ValueError, "meta tensor"),
 ])
 def test_inconsistent_batches(tiny_batch, change, error, match):
     fields = dict(global_views=tiny_batch.global_views, crops=tiny_batch.crops, layouts=tiny_batch.layouts,
@@ -394,6 +395,15 @@ def test_non_finite_or_unnormalised_pixels(tiny_encoder, tiny_batch, value, matc
         batch = Batch(**{**vars(tiny_batch), field: views})
         with pytest.raises(ValueError, match=f"batch {field}: {match}.*expected normalised pixels in \\[-1, 1\\]"):
             tiny_encoder(batch)
+
+
+def test_meta_batch_only_with_a_meta_encoder(tiny_encoder, tiny_batch):
+    with pytest.raises(ValueError, match=r"batch global_views is a meta tensor \(no data\), the encoder is on cpu"):
+        tiny_encoder(tiny_batch.to("meta"))
+    with torch.device("meta"):
+        meta_encoder = GundamEncoder(MICRO, backend="torch")
+    out = meta_encoder(tiny_batch.to("meta"))   # counting FLOPs: shapes only
+    assert out.embeddings.is_meta and out.embeddings.shape == (sum(tiny_batch.tokens), 40)
 
 
 def test_forward_type_checks(tiny_encoder, tiny_batch):
