@@ -225,14 +225,15 @@ def _check_views(x, name, shape, why):
 
 def check_pixel_values(x: torch.Tensor, name: str, device: torch.device):
     """Float pixels must be normalised, [-1, 1] (NaN, Inf or 0..255 floats would give wrong embeddings, not an
-    error): one reduction, on the device the pixels are on. uint8 pixels are always in range. Meta pixels (no
-    data) go only to a meta encoder (counting FLOPs)."""
+    error): one reduction while they are still on the host. Pixels already on a GPU are not checked: reading
+    the result would make the forward wait for the device (and break CUDA-graph capture). uint8 pixels are
+    always in range. Meta pixels (no data) go only to a meta encoder (counting FLOPs)."""
     if x.is_meta:
         if device.type != "meta":
             raise ValueError(f"batch {name} is a meta tensor (no data), the encoder is on {device}: expected "
                              f"pixels (a meta batch runs only through a meta encoder, e.g. to count FLOPs)")
         return
-    if x.is_floating_point() and x.numel():
+    if x.is_floating_point() and x.numel() and x.device.type == "cpu":
         worst = x.abs().amax().item()  # NaN propagates through amax
         if not worst <= 1 + 1e-3:
             bad = "NaN" if worst != worst else "Inf" if worst == float("inf") else f"|value| up to {worst:.4g}"
