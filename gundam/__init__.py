@@ -6,10 +6,13 @@
 
 Data path: images -> `preprocess` (gundam.images) -> `Batch` -> `GundamEncoder` (gundam.encoder: the torch
 path in gundam.model, the Triton path in gundam.packed) -> `EncoderOutput`, laid out as gundam.layout says.
+`patch(model)` routes a Hugging Face, vLLM or SGLang DeepSeek-OCR model's image encoding through the encoder
+(gundam.hosts).
 """
 from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, ProjectorConfig, SamConfig
 from gundam.cost import estimate
 from gundam.encoder import EncoderOutput, GundamEncoder
+from gundam.hosts import patch, unpatch
 from gundam.images import Batch, preprocess
 from gundam.layout import count_image_tokens, crop_grid
 
@@ -18,4 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GundamEncoder", "EncoderOutput", "Batch", "preprocess", "crop_grid", "count_image_tokens",
     "EncoderConfig", "SamConfig", "ClipConfig", "ProjectorConfig", "Mode", "MODES", "estimate",
+    "patch", "unpatch",
 ]

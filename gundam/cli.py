@@ -1,4 +1,4 @@
-"""The `gundam` command: encode images, count tokens, estimate cost."""
+"""The `gundam` command: encode images, count tokens, estimate cost, render the overfit set."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +8,28 @@ import re
 import sys
 import time
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+def check_out_path(path: str, option: str = "--out") -> str:
+    """A file path that can be written (its folder exists and is writable, it is not a folder), checked before
+    any work starts so that no work is lost at the end."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path!r}: is a directory, expected a file path")
+    if not os.path.isdir(folder):
+        what = "is not a directory" if os.path.exists(folder) else "does not exist"
+        raise ValueError(f"{option} {path!r}: {folder!r} {what}")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{option} {path!r}: not writable")
+    return path
+
+
+def report_failures(failed: list[tuple[str, str]], total: int, what: str = "images") -> int:
+    """Exit status after a run over many inputs: 0, or 2 (with a summary line after many) when some failed."""
+    if not failed:
+        return 0
+    if total > 1:
+        names = ", ".join(repr(p) for p, _ in failed)
+        print(f"error: {len(failed)} of {total} {what} failed: {names}", file=sys.stderr)
+    return 2
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -21,21 +41,37 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def cmd_encode(args) -> int:
+    """Bad inputs do not stop the run: every good image is encoded (and written with --out), every bad one is
+    reported on its own `error:` line, and the exit status is 2 if any failed. Options and --out are checked
+    before anything is read or encoded."""
     import torch
     from tqdm import tqdm
 
-    from gundam.config import EncoderConfig, resolve_mode
+    from gundam.config import EncoderConfig, check_int, resolve_mode
     from gundam.encoder import GundamEncoder, default_dtype
-    from gundam.images import preprocess
+    from gundam.images import Batch, check_image_file, image_views
+    from gundam.weights import resolve_device, resolve_dtype
 
     mode = resolve_mode(args.mode, args.max_crops)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: expected a positive integer")
+    batch_size = check_int(args.batch_size, "--batch-size")
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = default_dtype(device) if args.dtype == "auto" else resolve_dtype(args.dtype)
+    if args.out:
+        check_out_path(args.out)
+    failed = []
+
+    def fail(path, err):
+        failed.append((path, str(err)))
+        tqdm.write(f"error: {err}", file=sys.stderr)  # above the progress bar, never inside it
+
+    paths = []
     for path in args.images:
-        if not os.path.isfile(path):
-            raise ValueError(f"image {path!r}: no such file")
+        try:
+            paths.append(check_image_file(path))
+        except ValueError as e:
+            fail(path, e)
+    if not paths:
+        return report_failures(failed, len(args.images))
     if args.weights:
         encoder = GundamEncoder.from_pretrained(args.weights, dtype=dtype, device=device, backend=args.backend)
         print(f"weights: {args.weights}")
@@ -45,54 +81,82 @@ def cmd_encode(args) -> int:
         print("weights: RANDOM (no --weights given): shapes and timings are real, embeddings are meaningless")
     print(f"mode: {args.mode} (base {mode.base_size}, crops {mode.image_size if mode.crop_mode else 'off'}, "
           f"max_crops {mode.max_crops}), dtype {str(dtype).removeprefix('torch.')}, device {device}")
-    results = []
-    bar = tqdm(total=len(args.images), unit="image", disable=len(args.images) < 2, file=sys.stderr)
-    for i in range(0, len(args.images), args.batch_size):
-        paths = args.images[i:i + args.batch_size]
+    done, results = [], []
+    bar = tqdm(total=len(paths), unit="image", disable=len(paths) < 2, file=sys.stderr)
+    for i in range(0, len(paths), batch_size):
+        chunk, views = paths[i:i + batch_size], []
         t0 = time.perf_counter()
-        batch = preprocess(paths, mode)
+        for path in chunk:
+            try:
+                views.append((path, *image_views(path, mode)))
+            except ValueError as e:
+                fail(path, e)
         t_pre = time.perf_counter() - t0
-        with torch.inference_mode():
-            out = encoder(batch)
-        # stage times are per batch: all its images went through the encoder together
-        stages = "  ".join(f"{k} {v:.2f}s" for k, v in {"preprocess": t_pre, **out.timings}.items())
-        for path, lay in zip(paths, batch.layouts):
-            tqdm.write(f"{path}: {lay.width}x{lay.height}  grid {lay.grid[0]}x{lay.grid[1]}  crops {lay.n_crops}  "
-                       f"tokens {lay.tokens}")
-        tqdm.write(f"  batch of {len(paths)}: {stages}")
-        results += [e.float().cpu() for e in out.split()]
-        bar.update(len(paths))
+        if views:
+            names, globals_, crops, layouts = zip(*views)
+            batch = Batch(torch.stack(globals_), torch.cat(crops), list(layouts), mode)  # uint8: normalised on device
+            try:
+                with torch.inference_mode():
+                    out = encoder(batch)
+                embeddings = [e.float().cpu() for e in out.split()]
+            except RuntimeError as e:  # e.g. out of memory: these images fail, the others go on
+                for path in names:
+                    fail(path, f"image {path!r}: encoder failed ({e})")
+            else:
+                # stage times are per batch: all its images went through the encoder together
+                stages = "  ".join(f"{k} {v:.2f}s" for k, v in {"preprocess": t_pre, **out.timings}.items())
+                for path, lay in zip(names, layouts):
+                    tqdm.write(f"{path}: {lay.width}x{lay.height}  grid {lay.grid[0]}x{lay.grid[1]}  "
+                               f"crops {lay.n_crops}  tokens {lay.tokens}")
+                tqdm.write(f"  batch of {len(names)}: {stages}")
+                done += names
+                results += embeddings
+        bar.update(len(chunk))
     bar.close()
-    if args.out:
+    if args.out and results:
         from safetensors.torch import save_file
-        lengths = [r.shape[0] for r in results]
-        offsets = torch.tensor([0] + lengths).cumsum(0)
-        save_file({"embeddings": torch.cat(results).contiguous(), "offsets": offsets},
-                  args.out, metadata={"images": "\n".join(args.images), "mode": args.mode})
-        print(f"wrote {args.out}: embeddings [{int(offsets[-1])}, {results[0].shape[1]}], offsets [{len(offsets)}]")
-    return 0
+        offsets = torch.tensor([0] + [r.shape[0] for r in results]).cumsum(0)
+        metadata = {"images": "\n".join(done), "mode": args.mode}
+        if failed:
+            metadata["failed"] = "\n".join(p for p, _ in failed)
+        save_file({"embeddings": torch.cat(results).contiguous(), "offsets": offsets}, args.out, metadata=metadata)
+        print(f"wrote {args.out}: embeddings [{int(offsets[-1])}, {results[0].shape[1]}], offsets [{len(offsets)}]"
+              + (f" ({len(done)} of {len(args.images)} images)" if failed else ""))
+    return report_failures(failed, len(args.images))
 
 
 def cmd_tokens(args) -> int:
-    from PIL import Image
-
-    from gundam.config import MODES
+    """Crop grid and tokens of each image file (opened as `encode` opens it) or WIDTHxHEIGHT size, every mode.
+    A bad item is reported and the others still printed (exit status 2)."""
+    from gundam.config import MODES, resolve_mode
     from gundam.layout import image_layout
 
+    resolve_mode("gundam", args.max_crops)  # a bad --max-crops fails before any output
+    failed = []
     for item in args.items:
-        if os.path.isfile(item):
-            try:
-                with Image.open(item) as im:
-                    w, h = im.size
-            except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input
-                raise ValueError(f"image {item!r}: cannot read ({e})") from None
-        else:
-            w, h = parse_size(item)
+        try:
+            w, h = _item_size(item)
+        except ValueError as e:
+            failed.append((item, str(e)))
+            print(f"error: {e}", file=sys.stderr)
+            continue
         print(f"{item}: {w}x{h}")
         for name in MODES:
             lay = image_layout(w, h, name, args.max_crops)
             print(f"  {name:9s} grid {lay.grid[0]}x{lay.grid[1]}  crops {lay.n_crops}  tokens {lay.tokens}")
-    return 0
+    return report_failures(failed, len(args.items), "items")
+
+
+def _item_size(item: str) -> tuple[int, int]:
+    from gundam.images import load_image
+
+    if os.path.lexists(item):  # a file named like a size is still a file
+        return load_image(item).size
+    try:
+        return parse_size(item)
+    except ValueError:
+        raise ValueError(f"{item!r}: no such file, and not an image size: expected an image path or WIDTHxHEIGHT "
+                         f"(e.g. 2000x3000)") from None
 
 
 def cmd_cost(args) -> int:
@@ -101,6 +165,8 @@ def cmd_cost(args) -> int:
 
     sizes = [parse_size(s) for s in args.sizes]
     if args.sweep:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        check_out_path(args.out)   # before the sweep's work, not after it
         rows = sweep(args.mode, args.max_crops, gpu=args.gpu, dtype=args.dtype)
         write_csv(rows, args.out)
         png = os.path.splitext(args.out)[0] + ".png"
@@ -116,7 +182,25 @@ def cmd_cost(args) -> int:
         out = [r.to_dict(args.gpu) for r in reports]
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
     else:
-        print("\n\n".join(format_report(r, args.gpu) for r in reports))
+        print("\n\n".join(format_report(r, args.gpu, train=args.train) for r in reports))
+    return 0
+
+
+def cmd_make_overfit_set(args) -> int:
+    from gundam.layout import image_layout
+    try:
+        import matplotlib  # noqa: F401 - the charts are drawn with it
+    except ImportError:
+        raise RuntimeError("make-overfit-set draws its charts with matplotlib: pip install 'gundam-encoder[data]'") from None
+    from gundam.overfit import make_overfit_set
+
+    t0 = time.perf_counter()
+    records = make_overfit_set(args.dir, seed=args.seed)
+    for r in records:
+        lay = image_layout(r.width, r.height, "gundam")
+        print(f"{r.image}: {r.width}x{r.height}  gundam grid {lay.grid[0]}x{lay.grid[1]}  tokens {lay.tokens}  "
+              f"answer {len(r.answer)} chars")
+    print(f"wrote {os.path.join(args.dir, 'records.jsonl')}: {len(records)} records in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -132,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-crops", type=int, default=None, help=f"{MIN_CROPS}..{MAX_CROPS} (default 6)")
     e.add_argument("--weights", help="DeepSeek-OCR checkpoint: .safetensors file or directory")
     e.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    e.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
                    help="auto (default): bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     e.add_argument("--batch-size", type=int, default=1, help="images encoded together in one pass (default 1)")
@@ -144,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-crops", type=int, default=None)
     t.set_defaults(func=cmd_tokens)
 
+    o = sub.add_parser("make-overfit-set", help="render the 10-image high-resolution overfit set (receipts, charts, "
+                                                "scene text) and its records.jsonl")
+    o.add_argument("dir", metavar="DIR")
+    o.add_argument("--seed", type=int, default=0, help="another seed gives other text and images (default 0)")
+    o.set_defaults(func=cmd_make_overfit_set)
+
     from gundam.cost import DTYPE_BYTES, GPUS
     c = sub.add_parser("cost", help="analytic FLOPs, bytes and roofline per stage")
     c.add_argument("sizes", nargs="*", metavar="WxH", help="image sizes in pixels, e.g. 2000x3000")
@@ -154,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="activation and weight dtype")
     c.add_argument("--gpu", default="h100", choices=list(GPUS), help="roofline GPU (default: h100)")
     c.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    c.add_argument("--train", action="store_true",
+                   help="also the matmul FLOPs of a training step (forward + backward)")
     c.add_argument("--sweep", action="store_true",
                    help="write a CSV over sizes and aspect ratios, crops and no-crop (and a PNG with matplotlib)")
     c.add_argument("--out", default="cost_sweep.csv", help="sweep CSV path; the PNG goes beside it")
@@ -165,14 +257,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except BrokenPipeError:  # output closed early, e.g. piped into `head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, TypeError, RuntimeError, OSError) as e:  # OSError: e.g. an output path that cannot be made
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # output closed early, e.g. piped into `head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 if __name__ == "__main__":

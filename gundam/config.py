@@ -11,14 +11,37 @@ from dataclasses import dataclass, field
 
 MIN_CROPS, MAX_CROPS = 2, 9   # crops per image the vendor allows (min_crops 2; max_crops 6 by default, up to 9)
 NECK_DOWNSAMPLE = 4           # SAM's net_2 and net_3 (stride 2 each) shrink the patch grid 4x per side
+MAX_IMAGE_PIXELS = 200_000_000  # larger images are refused: decompression-bomb guard, and the cost model's range
 
 
 def check_int(value, name: str, lo: int = 1, hi: int | None = None) -> int:
     """`value` as an int (numpy integers too, never bools or floats) within [lo, hi], or a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo or (hi is not None and value > hi):
         want = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
-        raise ValueError(f"{name}={value!r}: expected {want}")
+        raise ValueError(f"{name}={short_repr(value)}: expected {want}")
     return int(value)
+
+
+def short_repr(value) -> str:
+    """repr for error messages, with huge numbers abbreviated (a 400-digit width stays one readable line)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} chars)"
+
+
+def check_positive(value, name: str) -> float:
+    """`value` as a finite positive float (ints and numpy numbers too, never bools), or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
+        raise ValueError(f"{name}={short_repr(value)}: expected a finite positive number")
+    return float(value)
+
+
+def check_image_size(width, height, name: str = "image") -> tuple[int, int]:
+    """(width, height) as positive ints with at most MAX_IMAGE_PIXELS pixels, or a ValueError naming them."""
+    w, h = check_int(width, f"{name} width"), check_int(height, f"{name} height")
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{name} {short_repr(w)}x{short_repr(h)}: {short_repr(w * h)} pixels, expected at most "
+                         f"{MAX_IMAGE_PIXELS}")
+    return w, h
 
 
 def view_multiple(patch_size: int = 16) -> int:
@@ -35,7 +58,7 @@ def tokens_per_side(size: int, patch_size: int = 16) -> int:
 def check_view_size(size, name: str = "view size", patch_size: int = 16) -> int:
     step = view_multiple(patch_size)
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0 or size % step:
-        raise ValueError(f"{name}={size!r}: expected a positive multiple of {step} px")
+        raise ValueError(f"{name}={short_repr(size)}: expected a positive multiple of {step} px")
     return int(size)
 
 
@@ -57,6 +80,9 @@ class SamConfig:
     layer_norm_eps: float = 1e-6  # blocks' LayerNorms and the neck's LayerNorm2d
 
     def __post_init__(self):
+        if isinstance(self.global_attn_indexes, (str, bytes)) or not hasattr(self.global_attn_indexes, "__iter__"):
+            raise ValueError(f"SamConfig.global_attn_indexes={self.global_attn_indexes!r}: expected a tuple of "
+                             f"block indices")
         object.__setattr__(self, "global_attn_indexes", tuple(self.global_attn_indexes))
         for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "out_chans", "window_size",
                      "net_2_chans", "net_3_chans"):
@@ -65,13 +91,17 @@ class SamConfig:
             raise ValueError(f"SamConfig: embed_dim={self.embed_dim} is not a multiple of num_heads={self.num_heads}")
         if self.img_size % self.patch_size:
             raise ValueError(f"SamConfig: img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
-        bad = [i for i in self.global_attn_indexes if not (isinstance(i, int) and 0 <= i < self.depth)]
+        bad = [i for i in self.global_attn_indexes
+               if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"SamConfig.global_attn_indexes={self.global_attn_indexes}: {bad} outside the "
                              f"{self.depth} blocks (0..{self.depth - 1})")
-        if not (self.mlp_ratio > 0 and self.layer_norm_eps > 0):
-            raise ValueError(f"SamConfig: mlp_ratio={self.mlp_ratio}, layer_norm_eps={self.layer_norm_eps}: "
-                             f"expected positive numbers")
+        object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))
+        check_positive(self.mlp_ratio, "SamConfig.mlp_ratio")
+        check_positive(self.layer_norm_eps, "SamConfig.layer_norm_eps")
+        if self.mlp_dim < 1:
+            raise ValueError(f"SamConfig.mlp_ratio={self.mlp_ratio}: gives an MLP of {self.mlp_dim} units "
+                             f"(embed_dim={self.embed_dim}), expected at least 1")
 
     @property
     def head_dim(self) -> int:
@@ -108,6 +138,8 @@ class ClipConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"ClipConfig: image_size={self.image_size} is not a multiple of "
                              f"patch_size={self.patch_size}")
+        check_positive(self.layernorm_epsilon, "ClipConfig.layernorm_epsilon")
+        check_positive(self.pre_layernorm_epsilon, "ClipConfig.pre_layernorm_epsilon")
 
     @property
     def head_dim(self) -> int:
@@ -136,6 +168,10 @@ class EncoderConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
 
     def __post_init__(self):
+        for name, kind in (("sam", SamConfig), ("clip", ClipConfig), ("projector", ProjectorConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"EncoderConfig.{name} of type {type(getattr(self, name)).__name__}: "
+                                f"expected a {kind.__name__}")
         # SAM's last conv gives the tokens CLIP consumes; the projector reads both side by side.
         if self.clip.hidden_size != self.sam.net_3_chans:
             raise ValueError(f"ClipConfig.hidden_size={self.clip.hidden_size}: must equal "
@@ -181,6 +217,10 @@ class Mode:
     def __post_init__(self):
         object.__setattr__(self, "base_size", check_view_size(self.base_size, "Mode.base_size"))
         object.__setattr__(self, "image_size", check_view_size(self.image_size, "Mode.image_size"))
+        for name in ("base_size", "image_size"):
+            if getattr(self, name) ** 2 > MAX_IMAGE_PIXELS:
+                raise ValueError(f"Mode.{name}={short_repr(getattr(self, name))}: expected a view of at most "
+                                 f"{MAX_IMAGE_PIXELS} pixels")
         if not isinstance(self.crop_mode, bool):
             raise ValueError(f"Mode.crop_mode={self.crop_mode!r}: expected True or False")
         _check_crops(self.min_crops, self.max_crops)

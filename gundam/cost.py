@@ -21,6 +21,10 @@ FLOPs
   padded query rows and drops them); the rel-pos projection for real queries only, each against all 2S-1 rows
   of the table (the kernel's one dot per query block, scattered into per-key columns). Tile rounding is not
   counted.
+- `train_matmul_flops` (`_fused`): a training step, forward + backward. The backward of a matmul computes the
+  input's and the weight's gradients, 2x its forward; the patch embedding's input (the pixels) needs no
+  gradient, so it adds 1x. The fused backward also recomputes the attention scores q.k (FlashAttention-style,
+  no N x N tensor kept). `torch.utils.flop_counter` measures `train_matmul_flops` exactly on the torch path.
 - `other_flops`, the vendor's non-matmul work, by this rule: every elementwise arithmetic op and every
   transcendental (exp, erf, sqrt) counts 1 per output element. So: linear/conv bias, residual add, position add,
   attention scale and bias add 1 each; rel_h + rel_w 1 per score; softmax 5 per score (max, subtract, exp, sum,
@@ -59,7 +63,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from gundam.config import EncoderConfig, Mode
+from gundam.config import EncoderConfig, Mode, check_image_size, check_int
 from gundam.layout import ImageLayout, image_layout
 
 STAGES = ("sam_global", "sam_crops", "clip_global", "clip_crops", "projector_layout")
@@ -96,6 +100,8 @@ class StageCost:
     weight_bytes: int = 0
     activation_bytes: int = 0        # peak, vendor
     activation_bytes_fused: int = 0  # peak, fused
+    train_matmul_flops: int = 0        # forward + backward, the vendor's (= the torch path's) computation
+    train_matmul_flops_fused: int = 0  # forward + backward of the fused path (attention scores recomputed)
 
     def __add__(self, other: "StageCost") -> "StageCost":
         return StageCost(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -216,15 +222,24 @@ class _Count:
     mm: int = 0
     mm_fused: int = 0
     other: int = 0
+    no_dx: int = 0          # matmuls whose input needs no gradient (the patch embedding of the pixels)
+    recompute: int = 0      # what the fused backward recomputes (FlashAttention-style: the q.k scores)
 
-    def matmul(self, flops, fused=None):
+    def matmul(self, flops, fused=None, no_dx=False):
         self.mm += flops
         self.mm_fused += flops if fused is None else fused
+        self.no_dx += flops if no_dx else 0
+
+    def train(self) -> dict:
+        """Backward = 2x forward (the input's and the weight's gradient) for every matmul, 1x where the input
+        needs no gradient."""
+        return dict(train_matmul_flops=3 * self.mm - self.no_dx,
+                    train_matmul_flops_fused=3 * self.mm_fused - self.no_dx + self.recompute)
 
 
 def _stage(count: _Count, vendor: _Passes, fused: _Passes, weights: int, passes: int) -> StageCost:
     return StageCost(count.mm, count.mm_fused, count.other, vendor.bytes * passes, fused.bytes, weights,
-                     vendor.peak, fused.peak)
+                     vendor.peak, fused.peak, **count.train())
 
 
 def _pos_resize_bytes(src: int, dst: int, C: int, e: int) -> int:
@@ -261,7 +276,7 @@ def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
 
     # patch embed conv + position add
     w = (3 * s.patch_size ** 2 * C + C) * e
-    n.matmul(2 * T * C * 3 * s.patch_size ** 2)
+    n.matmul(2 * T * C * 3 * s.patch_size ** 2, no_dx=True)
     n.other += 2 * T * C
     for p in (v, f):
         p.add(B * 3 * size * size * e, T * C * e, w)
@@ -287,6 +302,7 @@ def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
         # FLOPs
         n.matmul(2 * Tp * C * 3 * C, 2 * T * C * 3 * C)                    # qkv
         n.matmul(2 * scores * hd * 2)                                      # q.k and p.v, padded groups
+        n.recompute += 2 * scores * hd                                     # q.k again in the fused backward
         # rel_h, rel_w: the vendor's einsum for every (padded) query against S table rows; the fused path
         # projects real queries only, against all 2S-1 rows of the table
         n.matmul(2 * (groups * nh * N) * 2 * S * hd, 2 * (T * nh) * 2 * (2 * S - 1) * hd)
@@ -401,6 +417,7 @@ def _clip(cfg: EncoderConfig, size: int, B: int, e: int):
         wb += w_qkv + w_out + w_fc1 + w_fc2 + 2 * w_ln
         scores = B * nh * N * N
         n.matmul(2 * T * C * 3 * C + 2 * scores * hd * 2 + 2 * T * C * C + 2 * T * C * F * 2)
+        n.recompute += 2 * scores * hd                                  # q.k again in the fused backward
         n.other += 7 * T * C + 3 * T * C + 6 * scores + T * C + T * C   # ln1, qkv bias, scale+softmax, bias, add
         n.other += 7 * T * C + F * T + 5 * F * T + T * C + T * C        # ln2, fc1 bias, quick_gelu, bias, add
         H = F * X // C
@@ -433,9 +450,11 @@ def _clip(cfg: EncoderConfig, size: int, B: int, e: int):
 def estimate(width: int, height: int, mode: str | Mode = "gundam", max_crops: int | None = None, batch: int = 1,
              dtype="bf16", config: EncoderConfig | None = None) -> CostReport:
     """Cost of encoding `batch` images of `width` x `height` px in `mode` (a name or a Mode)."""
-    config = config or EncoderConfig.deepseek_ocr()
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch={batch!r}: expected a positive integer")
+    config = EncoderConfig.deepseek_ocr() if config is None else config
+    if not isinstance(config, EncoderConfig):
+        raise TypeError(f"config of type {type(config).__name__}: expected an EncoderConfig")
+    width, height = check_image_size(width, height)  # sizes an image can have: counts stay finite floats
+    batch = check_int(batch, "batch", 1, 1 << 20)
     dt = dtype_name(dtype)
     e = DTYPE_BYTES[dt]
     layout = image_layout(width, height, mode, max_crops)
@@ -503,4 +522,4 @@ def _projector_layout(cfg: EncoderConfig, layout: ImageLayout, batch: int, e: in
     tokens = sum(t for t, _, _ in views) * batch
     f.add(tokens * Din * e, rows * batch * D * e, wgt)   # one kernel: both halves in, final rows out
     n.mm, n.mm_fused, n.other = n.mm * batch, n.mm * batch, n.other * batch
-    return StageCost(n.mm, n.mm_fused, n.other, v.bytes * batch, f.bytes, wgt, v.peak, f.peak)
+    return StageCost(n.mm, n.mm_fused, n.other, v.bytes * batch, f.bytes, wgt, v.peak, f.peak, **n.train())

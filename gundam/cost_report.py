@@ -16,8 +16,9 @@ from gundam.cost import CostReport, estimate, get_gpu
 # ----------------------------------------------------------------------------------------------------------
 # text report
 
-def format_report(r: CostReport, gpu="h100") -> str:
-    """Per-stage tables of both traffic models on `gpu`, as `gundam cost` prints them."""
+def format_report(r: CostReport, gpu="h100", train: bool = False) -> str:
+    """Per-stage tables of both traffic models on `gpu`, as `gundam cost` prints them; with `train`, also the
+    matmul FLOPs of a training step (forward + backward) and their compute floor."""
     g = get_gpu(gpu)
     lay, m = r.layout, r.mode
     floors = r.floor(g)
@@ -44,6 +45,12 @@ def format_report(r: CostReport, gpu="h100") -> str:
     lines += ["", f"other FLOPs {_si(t.other_flops, 'FLOP')}; weights {t.weight_bytes / 1e6:.1f} MB;"
                   f" fused/vendor: HBM bytes x{_ratio(t.hbm_bytes_fused, t.hbm_bytes_vendor)},"
                   f" floor time x{_ratio(ff.seconds, fv.seconds)}"]
+    if train:
+        lines += ["", "training step (forward + backward): matmul GFLOP, and the fused path's compute floor",
+                  f"{'stage':<17}{'vendor':>9}{'fused':>9}{'floor us':>10}"]
+        for name, s in stages:
+            lines.append(f"{name:<17}{s.train_matmul_flops / 1e9:>9.1f}{s.train_matmul_flops_fused / 1e9:>9.1f}"
+                         f"{s.train_matmul_flops_fused / peak * 1e6:>10.1f}")
     return "\n".join(lines)
 
 

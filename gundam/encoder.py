@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from gundam.config import EncoderConfig, Mode
-from gundam.images import Batch, normalize
-from gundam.layout import grid_layout, layout_tokens
+from gundam.config import EncoderConfig
+from gundam.images import Batch, check_pixel_values, normalize
+from gundam.layout import layout_tokens
 from gundam.model import build_modules, encode_views
 from gundam.packed import check_triton_available, encode_packed
+from gundam.vendor import vendor_batch
 
 BACKENDS = ("auto", "torch", "triton")
 STAGES = ("sam", "clip", "layout")   # `EncoderOutput.timings` keys, both backends ("layout": projector + layout)
@@ -95,6 +96,9 @@ class GundamEncoder(nn.Module):
 
     def __init__(self, config: EncoderConfig | None = None, backend: str = "auto"):
         super().__init__()
+        if config is not None and not isinstance(config, EncoderConfig):
+            raise TypeError(f"config of type {type(config).__name__}: expected an EncoderConfig (or None for "
+                            f"DeepSeek-OCR's)")
         self.config = config = config or EncoderConfig.deepseek_ocr()
         self.backend = _check_backend(backend)
         self.sam_model, self.vision_model, self.projector = build_modules(config)
@@ -106,13 +110,18 @@ class GundamEncoder(nn.Module):
         self._register_load_state_dict_pre_hook(_drop_unused_keys)
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto",
-                        config: EncoderConfig | None = None) -> "GundamEncoder":
-        """Encoder weights from a DeepSeek-OCR safetensors checkpoint (file, directory or sharded directory)."""
-        from gundam.weights import load_encoder_state_dict
+    def from_pretrained(cls, path, dtype: torch.dtype | str = torch.float32, device="cpu", backend: str = "auto",
+                        config: EncoderConfig | None = None, strict: bool = True) -> "GundamEncoder":
+        """Encoder weights from a DeepSeek-OCR safetensors checkpoint (file, directory or sharded directory).
+
+        dtype: a floating torch dtype or a name ("bfloat16", "bf16", "fp16", ...); device: one this torch has.
+        strict=False ignores encoder tensors the config does not use (by default they are an error: a deeper
+        checkpoint than the config would otherwise load as a silently different model)."""
+        from gundam.weights import load_encoder_state_dict, resolve_device, resolve_dtype
+        dtype, device = resolve_dtype(dtype), resolve_device(device)
         with torch.device("meta"):
             enc = cls(config, backend=backend)
-        state = load_encoder_state_dict(path, enc, device=device, dtype=dtype)
+        state = load_encoder_state_dict(path, enc, device=device, dtype=dtype, strict=strict)
         enc.load_state_dict(state, assign=True)
         return enc.eval()
 
@@ -133,6 +142,21 @@ class GundamEncoder(nn.Module):
             check_triton_available(self.device)
         return backend
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Activation checkpointing per SAM block and CLIP layer (transformers' convention): while training,
+        each block's activations are recomputed in the backward instead of kept."""
+        if gradient_checkpointing_kwargs:
+            raise ValueError(f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r}: expected None "
+                             f"(non-reentrant checkpointing is always used)")
+        self.sam_model.gradient_checkpointing = self.vision_model.transformer.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.sam_model.gradient_checkpointing = self.vision_model.transformer.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.sam_model.gradient_checkpointing
+
     def clear_cache(self):
         """Drop the cached position and rel-pos tables (needed only after writing weights through `.data`)."""
         self.sam_model.tables.clear()
@@ -143,9 +167,9 @@ class GundamEncoder(nn.Module):
         return encode_views(self.sam_model, self.vision_model, self.projector, pixels, mark)
 
     def forward(self, batch: Batch, backend: str | None = None) -> EncoderOutput:
-        backend = self._resolve(backend)
         if not isinstance(batch, Batch):
             raise TypeError(f"batch of type {type(batch).__name__}: expected a gundam.Batch (from gundam.preprocess)")
+        backend = self._resolve(backend)
         self._check_batch(batch)
         timer = StageTimer(self.device)
         if backend == "triton":
@@ -173,7 +197,10 @@ class GundamEncoder(nn.Module):
         return normalize(views.to(self.device, non_blocking=True), self.dtype)
 
     def _check_batch(self, batch: Batch):
-        """The batch's token layout must be what this encoder makes of its view sizes."""
+        """The batch's token layout must be what this encoder makes of its view sizes, and float pixels must be
+        normalised and finite (checked where they are, before the copy to this encoder's device)."""
+        check_pixel_values(batch.global_views, "global_views", self.device)
+        check_pixel_values(batch.crops, "crops", self.device)
         m = batch.mode
         for name, size, q in (("base_size", m.base_size, m.qb), ("image_size", m.image_size, m.qi)):
             made = self.config.tokens_per_side(size, f"mode {name}")
@@ -183,78 +210,19 @@ class GundamEncoder(nn.Module):
 
     @torch.no_grad()
     def forward_vendor(self, pixel_values, images_crop, images_spatial_crop, backend: str | None = None):
-        """Drop-in for the vendor's `_pixel_values_to_embedding`: per-image tensors, same inputs.
-
-        pixel_values [n, 1, 3, B, B]; images_crop [n, 1, N, 3, S, S]; images_spatial_crop [n, 1, 2] (w, h tiles),
-        each a tensor or a list of per-image tensors (as vLLM passes them when crop counts differ). As in the
-        vendor, an image uses crops iff its crop tensor is not all zeros; it then uses the first w*h of them.
-        """
+        """Drop-in for the vendor's `_pixel_values_to_embedding`: the same inputs, one [tokens_i, n_embed] tensor
+        per image. Takes the per-image layout (pixel_values [n, 1, 3, B, B], images_crop [n, 1, N, 3, S, S],
+        images_spatial_crop [n, 1, 2], tensors or per-image lists; crops iff not all zeros, as the vendor) and
+        vLLM's flat layout (pixel_values [n, 3, B, B], images_crop [sum of crops, 3, S, S], images_spatial_crop
+        [n, 2]; an image has w*h crops when its grid is not 1x1). See gundam.vendor."""
         self._resolve(backend)
-        n = _num_images(pixel_values, "pixel_values")
-        if _num_images(images_crop, "images_crop") != n or _num_images(images_spatial_crop, "images_spatial_crop") != n:
-            raise ValueError(f"forward_vendor: pixel_values, images_crop and images_spatial_crop must have the same "
-                             f"number of images, got {n}, {len(images_crop)}, {len(images_spatial_crop)}")
-        base = self.config.downsample
-        globals_, crops, grids = [], [], []
-        for j in range(n):
-            g = _check_tensor(pixel_values[j], "pixel_values", (1, 3, None, None))[0]
-            if g.shape[-1] != g.shape[-2] or g.shape[-1] % base:
-                raise ValueError(f"pixel_values[{j}] is {tuple(g.shape)}: expected square views, a multiple of {base}")
-            patches = _check_tensor(images_crop[j], "images_crop", (1, None, 3, None, None))[0]
-            sc = torch.as_tensor(images_spatial_crop[j]).reshape(-1)
-            if sc.numel() != 2 or sc.is_floating_point():
-                raise ValueError(f"images_spatial_crop[{j}] = {sc.tolist()}: expected 2 integers [w_tiles, h_tiles]")
-            w, h = int(sc[0]), int(sc[1])
-            use_crops = bool(patches.sum().item() != 0)
-            if use_crops:
-                if w < 1 or h < 1 or patches.shape[0] < w * h:
-                    raise ValueError(f"image {j}: grid {w}x{h} needs {max(w * h, 1)} crops, images_crop has "
-                                     f"{patches.shape[0]}")
-                if patches.shape[-1] != patches.shape[-2] or patches.shape[-1] % base:
-                    raise ValueError(f"images_crop[{j}] crops are {tuple(patches.shape[-2:])}: expected square, "
-                                     f"a multiple of {base}")
-                crops.append(patches[:w * h])
-            globals_.append(g)
-            grids.append((w, h) if use_crops else (1, 1))
-        # views of one size run together (vendor: one SAM/CLIP call per image and per view kind)
-        sizes = {g.shape[-1] for g in globals_}
-        if len(sizes) != 1 or len({c.shape[-1] for c in crops}) > 1:
-            raise ValueError(f"forward_vendor: global views {sorted(sizes)} px and crops "
-                             f"{sorted({c.shape[-1] for c in crops})} px: expected one size each")
-        B = sizes.pop()
-        S = crops[0].shape[-1] if crops else B
-        mode = Mode(B, S, bool(crops))
-        layouts = [grid_layout(mode, grid) for grid in grids]
-        batch = Batch(torch.stack(globals_).float(), torch.cat(crops).float() if crops else torch.zeros(0, 3, S, S),
-                      layouts, mode)
-        return self.forward(batch, backend).split()
+        return self.forward(vendor_batch(pixel_values, images_crop, images_spatial_crop, self.config), backend).split()
 
 
 def _check_backend(backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     return backend
-
-
-def _num_images(x, name):
-    if isinstance(x, torch.Tensor):
-        if x.dim() == 0:
-            raise ValueError(f"{name}: got a 0-d tensor, expected one entry per image")
-        return x.shape[0]
-    if isinstance(x, (list, tuple)):
-        return len(x)
-    raise TypeError(f"{name} of type {type(x).__name__}: expected a tensor or a list of per-image tensors")
-
-
-def _check_tensor(x, name, shape):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: entry of type {type(x).__name__}, expected a tensor")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: dtype {x.dtype}, expected a floating-point tensor")
-    if x.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
-        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{name}: per-image shape {tuple(x.shape)}, expected {want}")
-    return x
 
 
 def _drop_unused_keys(state_dict, prefix, *args):

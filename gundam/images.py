@@ -6,44 +6,90 @@ and above 640 px, a grid of `image_size` crops of the image resized to the grid 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from gundam.config import Mode, resolve_mode
-from gundam.layout import SMALL_IMAGE, ImageLayout, image_layout
+from gundam.config import MAX_IMAGE_PIXELS, Mode, resolve_mode
+from gundam.layout import SMALL_IMAGE, ImageLayout, grid_layout, image_layout
 
-MAX_IMAGE_PIXELS = 200_000_000  # larger images are refused (decompression-bomb guard)
 PAD_COLOR = (127, 127, 127)     # int(0.5 * 255): the normalisation mean
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit (and 32-bit int) pixels: scaled, not clipped
 
 
 def load_image(source) -> Image.Image:
-    """A PIL image or a path -> RGB PIL image, opened as the vendor's script does (EXIF transpose, then RGB)."""
+    """A path or a PIL image -> RGB PIL image: the one way every image is opened (preprocess, data loaders,
+    `gundam tokens`).
+
+    A path is opened as the vendor's script does: EXIF orientation applied, then RGB. A PIL image is taken as
+    given (no EXIF rotation, the frame it is on). Differences from a plain `convert("RGB")`, on purpose: 16-bit
+    and 32-bit integer grey (`I;16`, `I`) is scaled to 8 bits (0..65535 -> 0..255) where PIL would clip it to
+    white. Alpha is dropped, not composited (as the vendor). Every failure is a ValueError naming the file.
+    """
     if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise ValueError(f"image {path!r}: no such file")
+        filename = getattr(source, "filename", None)
+        return _rgb(source, f"image {filename!r}" if filename else "PIL image")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"image of type {type(source).__name__}: expected a PIL image or a path (str or os.PathLike)")
+    path = check_image_file(source)
+    name = f"image {path!r}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            f = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{name}: too many pixels ({e})") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{name}: not an image file PIL can read") from None
+    except Exception as e:  # noqa: BLE001 - PIL's plugins raise many kinds on malformed headers
+        raise ValueError(f"{name}: cannot read ({type(e).__name__}: {e})") from None
+    with f:
+        _check_pixels(f.size, name)
         try:
-            with Image.open(path) as f:
-                _check_pixels(f.size, path)
-                f.load()
-                image = ImageOps.exif_transpose(f)
-                if image is f:
-                    image = f.copy()
-        except UnidentifiedImageError:
-            raise ValueError(f"image {path!r}: not an image file PIL can read") from None
-        except Image.DecompressionBombError as e:
-            raise ValueError(f"image {path!r}: too many pixels ({e})") from None
-        except (OSError, SyntaxError) as e:  # truncated or corrupt data
-            raise ValueError(f"image {path!r}: cannot decode ({e})") from None
-    else:
-        raise TypeError(f"image of type {type(source).__name__}: expected a PIL image or a path")
-    _check_pixels(image.size, getattr(source, "filename", None) or "image")
-    return image.convert("RGB") if image.mode != "RGB" else image
+            f.load()
+            image = ImageOps.exif_transpose(f)
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt data, bad EXIF
+            raise ValueError(f"{name}: cannot decode ({type(e).__name__}: {e})") from None
+        return _rgb(image if image is not f else f.copy(), name)
+
+
+def check_image_file(source) -> str:
+    """`source` as a path string if it names a regular, non-empty file, or a ValueError saying what it is."""
+    path = os.fspath(source)
+    path = os.fsdecode(path) if isinstance(path, bytes) else path
+    if os.path.isfile(path):
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"image {path!r}: empty file")
+        return path
+    if os.path.isdir(path):
+        raise ValueError(f"image {path!r}: is a directory, expected an image file")
+    if os.path.islink(path):
+        raise ValueError(f"image {path!r}: symbolic link to nothing (broken, or a loop)")
+    if os.path.exists(path):
+        raise ValueError(f"image {path!r}: not a regular file")
+    raise ValueError(f"image {path!r}: no such file")
+
+
+def _rgb(image: Image.Image, name: str) -> Image.Image:
+    _check_pixels(image.size, name)
+    try:
+        image.load()  # a lazily opened PIL image decodes here (truncated data fails here)
+    except Exception as e:  # noqa: BLE001 - same as a corrupt file: say which image and why
+        raise ValueError(f"{name}: cannot decode ({type(e).__name__}: {e})") from None
+    try:
+        if image.mode in WIDE_MODES:
+            wide = np.asarray(image).astype(np.int64).clip(0, 65535)
+            image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")  # round(v * 255/65535)
+        if image.mode != "RGB":
+            with warnings.catch_warnings():  # palette + transparency: dropped as the vendor's convert drops it
+                warnings.simplefilter("ignore", UserWarning)
+                image = image.convert("RGB")
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{name}: cannot convert PIL mode {image.mode} to RGB ({e})") from None
+    return image
 
 
 def _check_pixels(size, name):
@@ -93,6 +139,27 @@ class Batch:
     crops: torch.Tensor
     layouts: list[ImageLayout]
     mode: Mode
+
+    def __post_init__(self):
+        """A batch is checked when built: a hand-made inconsistent one would otherwise fail in a reshape deep in
+        the encoder, or silently drop views."""
+        self.mode = resolve_mode(self.mode)
+        if isinstance(self.layouts, ImageLayout) or not isinstance(self.layouts, (list, tuple)):
+            raise TypeError(f"Batch layouts of type {type(self.layouts).__name__}: expected a list of ImageLayout")
+        self.layouts = list(self.layouts)
+        if not self.layouts:
+            raise ValueError("Batch: no layouts, expected one per image (at least one image)")
+        for i, lay in enumerate(self.layouts):
+            if not isinstance(lay, ImageLayout):
+                raise TypeError(f"Batch layouts[{i}] of type {type(lay).__name__}: expected an ImageLayout")
+            if lay.mode != self.mode:
+                raise ValueError(f"Batch layouts[{i}] has {lay.mode}, the batch has {self.mode}: expected one mode")
+            if lay != grid_layout(self.mode, lay.grid, lay.width, lay.height):
+                raise ValueError(f"Batch layouts[{i}] = {lay}: inconsistent, expected what "
+                                 f"gundam.layout.grid_layout makes of its mode and grid")
+        B, S = self.mode.base_size, self.mode.image_size
+        _check_views(self.global_views, "global_views", (self.n_images, 3, B, B), "one per layout")
+        _check_views(self.crops, "crops", (sum(self.n_crops), 3, S, S), f"the layouts' crops: {self.n_crops}")
 
     @property
     def n_images(self) -> int:
@@ -147,6 +214,32 @@ class Batch:
         return self.global_views[:, None], images_crop, spatial
 
 
+def _check_views(x, name, shape, why):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"Batch {name} of type {type(x).__name__}: expected a tensor {list(shape)}")
+    if not (x.dtype == torch.uint8 or x.is_floating_point()):
+        raise TypeError(f"Batch {name}: dtype {x.dtype}, expected uint8 (0..255) or floating point (in [-1, 1])")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"Batch {name}: shape {list(x.shape)}, expected {list(shape)} ({why})")
+
+
+def check_pixel_values(x: torch.Tensor, name: str, device: torch.device):
+    """Float pixels must be normalised, [-1, 1] (NaN, Inf or 0..255 floats would give wrong embeddings, not an
+    error): one reduction while they are still on the host. Pixels already on a GPU are not checked: reading
+    the result would make the forward wait for the device (and break CUDA-graph capture). uint8 pixels are
+    always in range. Meta pixels (no data) go only to a meta encoder (counting FLOPs)."""
+    if x.is_meta:
+        if device.type != "meta":
+            raise ValueError(f"batch {name} is a meta tensor (no data), the encoder is on {device}: expected "
+                             f"pixels (a meta batch runs only through a meta encoder, e.g. to count FLOPs)")
+        return
+    if x.is_floating_point() and x.numel() and x.device.type == "cpu":
+        worst = x.abs().amax().item()  # NaN propagates through amax
+        if not worst <= 1 + 1e-3:
+            bad = "NaN" if worst != worst else "Inf" if worst == float("inf") else f"|value| up to {worst:.4g}"
+            raise ValueError(f"batch {name}: {bad}: expected normalised pixels in [-1, 1] (or uint8 0..255)")
+
+
 def image_views(source, mode: Mode) -> tuple[torch.Tensor, torch.Tensor, ImageLayout]:
     """One image (PIL image or path) -> (global view uint8 [3, B, B], crops uint8 [n_crops, 3, S, S], layout):
     the one code path from an image to its views (preprocess and data loaders call it)."""
@@ -163,6 +256,8 @@ def preprocess(images, mode: str | Mode = "gundam", max_crops: int | None = None
     mode = resolve_mode(mode, max_crops)
     if isinstance(images, (Image.Image, str, os.PathLike)):
         images = [images]
+    if isinstance(images, (bytes, bytearray, np.ndarray, torch.Tensor)) or not hasattr(images, "__iter__"):
+        raise TypeError(f"images of type {type(images).__name__}: expected a PIL image or a path, or a list of them")
     images = list(images)
     if not images:
         raise ValueError("preprocess: got no images, expected at least one")

@@ -8,6 +8,7 @@ followed by `image_newline`, then `view_seperator`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -25,14 +26,30 @@ def _candidate_grids(min_crops: int, max_crops: int) -> list[tuple[int, int]]:
 
 
 def _closest_grid(width: int, height: int, mode: Mode) -> tuple[int, int]:
-    aspect = width / height
-    best_diff, best = float("inf"), (1, 1)
+    """The vendor's rule: the candidate whose w/h is closest to width/height; on a tie, the later candidate if
+    width*height > 0.5 * image_size^2 * w*h.
+
+    Distances are compared exactly, as fractions: floats lose them at large sizes (10^20 x 1 came out 3x2) and
+    cannot divide a 400-digit width at all. Where two candidates are exactly equally close, the vendor's floats
+    still decide first: `abs(width / height - w / h)` rounds differently on the two sides of a midpoint
+    (1500x1800 lies exactly between 2/3 and 1, and the vendor's floats put it nearer 1), and the model was
+    trained on those choices. At a tie the floats depend only on the small exact ratio, so they are defined at
+    any size; for every size with sides below ~10^12 the result is the vendor's.
+    """
+    aspect = Fraction(width, height)
+    best, best_diff = None, None
     for w, h in _candidate_grids(mode.min_crops, mode.max_crops):
-        diff = abs(aspect - w / h)
-        if diff < best_diff:
-            best_diff, best = diff, (w, h)
-        elif diff == best_diff and width * height > 0.5 * mode.image_size * mode.image_size * w * h:
-            best = (w, h)
+        diff = abs(aspect - Fraction(w, h))
+        if best is None or diff < best_diff:
+            best, best_diff = (w, h), diff
+        elif diff == best_diff:
+            # equal ratios (2/1, 4/2) give equal floats; two ratios either side of the image's are a midpoint
+            # (at most 9), so width / height is a small float here
+            v_new = v_best = 0.0
+            if w * best[1] != h * best[0]:
+                v_new, v_best = abs(width / height - w / h), abs(width / height - best[0] / best[1])
+            if v_new < v_best or (v_new == v_best and 2 * width * height > mode.image_size ** 2 * w * h):
+                best = (w, h)
     return best
 
 
@@ -61,13 +78,16 @@ class ImageLayout:
 
 
 def grid_layout(mode: Mode, grid: tuple[int, int], width: int = 0, height: int = 0) -> ImageLayout:
-    """The layout of an image whose crop grid is already known."""
-    w, h = grid
+    """The layout of an image whose crop grid is already known (width, height 0: unknown)."""
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2):
+        raise ValueError(f"grid={grid!r}: expected (w_tiles, h_tiles)")
+    w, h = check_int(grid[0], "grid w_tiles"), check_int(grid[1], "grid h_tiles")
+    width, height = check_int(width, "image width", 0), check_int(height, "image height", 0)
     qb, qi = mode.qb, mode.qi
     n_crops = 0 if (w, h) == (1, 1) else w * h
     global_tokens = qb * (qb + 1)
     local_tokens = (h * qi) * (w * qi + 1) if n_crops else 0
-    return ImageLayout(int(width), int(height), mode, (w, h), n_crops, qb, qi, global_tokens, local_tokens,
+    return ImageLayout(width, height, mode, (w, h), n_crops, qb, qi, global_tokens, local_tokens,
                        global_tokens + local_tokens + 1)
 
 

@@ -14,6 +14,7 @@ import weakref
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from gundam.config import ClipConfig, EncoderConfig, SamConfig
 
@@ -31,7 +32,8 @@ class TableCache:
     parameter never matches) with the same version counter, storage, dtype and device: in-place updates
     (optimizer steps, `load_state_dict`, `.to()`) invalidate it. Writes through `param.data` bypass the version
     counter: call `GundamEncoder.clear_cache()` after those. Bypassed while autograd is recording, so
-    fine-tuning gets gradients through the interpolation.
+    fine-tuning gets gradients through the interpolation. Tables are never inference tensors, so one made under
+    `torch.inference_mode()` serves a later forward with autograd (frozen weights, gradients for the input).
     """
 
     def __init__(self):
@@ -43,7 +45,10 @@ class TableCache:
         state = (param._version, param.data_ptr(), param.dtype, param.device)
         entry = self.tables.get((id(param), key))
         if entry is None or entry[0]() is not param or entry[1] != state:
-            entry = (weakref.ref(param), state, fn())
+            # made as a normal tensor even under inference_mode: an inference tensor cached here would crash a
+            # later forward that records autograd ("Inference tensors cannot be saved for backward")
+            with torch.inference_mode(False), torch.no_grad():
+                entry = (weakref.ref(param), state, fn())
             self.tables[(id(param), key)] = entry
         return entry[2]
 
@@ -195,6 +200,14 @@ class SamBlock(nn.Module):
         return out.view(x.shape)
 
 
+def run_block(block: nn.Module, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """block(x), or with activation checkpointing while autograd records: the block's activations are dropped
+    after the forward and recomputed in the backward (GundamEncoder.gradient_checkpointing_enable)."""
+    if checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    return block(x)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, embed_dim: int):
         super().__init__()
@@ -227,6 +240,7 @@ class Sam(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tables = TableCache()
+        self.gradient_checkpointing = False
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid, cfg.grid, cfg.embed_dim))
         self.blocks = nn.ModuleList(
@@ -247,7 +261,7 @@ class Sam(nn.Module):
         x = self.patch_embed(x)                       # [B, g, g, C]
         x = x + self.pos_embed_for(x.shape[1])
         for blk in self.blocks:
-            x = blk(x)
+            x = run_block(blk, x, self.gradient_checkpointing)
         x = self.neck(x.permute(0, 3, 1, 2))          # [B, out_chans, g, g]
         return self.net_3(self.net_2(x))              # [B, net_3_chans, g/4, g/4]
 
@@ -333,11 +347,12 @@ class ClipLayer(nn.Module):
 class ClipTransformer(nn.Module):
     def __init__(self, cfg: ClipConfig):
         super().__init__()
+        self.gradient_checkpointing = False
         self.layers = nn.ModuleList(ClipLayer(cfg) for _ in range(cfg.num_layers))
 
     def forward(self, x):
         for layer in self.layers:
-            x = layer(x)
+            x = run_block(layer, x, self.gradient_checkpointing)
         return x
 
 

@@ -15,10 +15,44 @@ from safetensors import SafetensorError, safe_open
 
 PREFIXES = ("model.", "")
 INDEX = "model.safetensors.index.json"
+ENCODER_KEYS = ("sam_model.", "vision_model.", "projector.", "image_newline", "view_seperator")
+# CLIP's patch-embedding conv and position ids are in vendor checkpoints but unused (SAM's output replaces them)
+UNUSED_KEYS = ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.position_ids")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """A floating torch dtype, or one of DTYPES' names ("bfloat16", "bf16", "torch.float16", ...)."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"dtype={dtype!r}: expected a floating torch dtype or one of {', '.join(DTYPES)}")
+
+
+def resolve_device(device) -> torch.device:
+    """A device this torch can allocate on, or a one-line ValueError (e.g. "cuda" on a CPU-only build)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device={device!r}: expected a device such as 'cpu', 'cuda' or 'cuda:1'") from None
+    if dev.type == "meta":
+        raise ValueError(f"device={device!r}: expected a device that holds data (cpu, cuda, ...)")
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        cuda = "this torch has no CUDA" if dev.type == "cuda" and not torch.cuda.is_available() else why
+        raise ValueError(f"device={device!r}: not available ({cuda})") from None
+    return dev
 
 
 def checkpoint_files(path) -> list[str]:
     """The safetensors files of a checkpoint path (only the shards that hold encoder tensors when indexed)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint path of type {type(path).__name__}: expected a str or os.PathLike")
     path = os.fspath(path)
     if os.path.isfile(path):
         if path.endswith(".json"):
@@ -37,15 +71,22 @@ def checkpoint_files(path) -> list[str]:
     raise ValueError(f"checkpoint {path!r}: no such file or directory")
 
 
+def _is_encoder_key(key: str) -> bool:
+    return any(key.startswith(p + w) for p in PREFIXES for w in ENCODER_KEYS)
+
+
 def _indexed_files(index_path: str) -> list[str]:
     try:
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint index {index_path!r}: not a valid safetensors index ({e})") from None
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"checkpoint index {index_path!r}: not a valid JSON file ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise ValueError(f"checkpoint index {index_path!r}: expected a JSON object with \"weight_map\": "
+                         f"{{tensor name: shard file name}}")
     folder = os.path.dirname(index_path)
-    wanted = ("sam_model.", "vision_model.", "projector.", "image_newline", "view_seperator")
-    shards = {v for k, v in weight_map.items() if any(k.startswith(p + w) for p in PREFIXES for w in wanted)}
+    shards = {v for k, v in weight_map.items() if _is_encoder_key(k)}
     if not shards:
         raise ValueError(f"checkpoint index {index_path!r}: names no encoder tensor (sam_model.*, vision_model.*, ...)")
     files = [os.path.join(folder, s) for s in sorted(shards)]
@@ -55,28 +96,51 @@ def _indexed_files(index_path: str) -> list[str]:
     return files
 
 
-def load_encoder_state_dict(path, encoder: torch.nn.Module, device="cpu", dtype: torch.dtype = torch.float32):
-    """Read the tensors `encoder.state_dict()` names (vendor names) from the checkpoint, checked for shape."""
+def load_encoder_state_dict(path, encoder: torch.nn.Module, device="cpu", dtype: torch.dtype = torch.float32,
+                            strict: bool = True):
+    """Read the tensors `encoder.state_dict()` names (vendor names) from the checkpoint, checked for shape,
+    floating dtype and finite values after the cast to `dtype`.
+
+    strict: encoder tensors in the checkpoint that the encoder does not have (a deeper SAM or CLIP than the
+    config, say) are an error; with strict=False they are ignored. Other tensors (the language model) are never
+    read.
+    """
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     found: dict[str, torch.Tensor] = {}
+    unused: list[str] = []
     for file in checkpoint_files(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
-                keys = set(f.keys())
-                for name in expected:
-                    if name in found:
-                        continue
-                    for prefix in PREFIXES:
-                        if prefix + name in keys:
-                            found[name] = f.get_tensor(prefix + name)
-                            break
+                for key in f.keys():
+                    name = key.removeprefix("model.")
+                    if name in expected:
+                        if name not in found:  # with and without the prefix: the first one read
+                            found[name] = f.get_tensor(key)
+                    elif _is_encoder_key(key) and name not in UNUSED_KEYS:
+                        unused.append(key)
         except (OSError, SafetensorError) as e:
             raise ValueError(f"checkpoint file {file!r}: cannot read as safetensors ({e})") from None
+    where = f"checkpoint {os.fspath(path)!r}"
     missing = [k for k in expected if k not in found]
     if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(f"checkpoint {os.fspath(path)!r}: missing encoder tensors {', '.join(missing[:5])}{more}")
+        raise ValueError(f"{where}: missing encoder tensors {_some(missing)}")
+    if unused and strict:
+        raise ValueError(f"{where}: encoder tensors the config does not use: {_some(unused)} (a different "
+                         f"encoder than the config; pass strict=False to ignore them)")
     bad = [f"{k} {tuple(found[k].shape)} (expected {expected[k]})" for k in expected if tuple(found[k].shape) != expected[k]]
     if bad:
-        raise ValueError(f"checkpoint {os.fspath(path)!r}: wrong shapes: {'; '.join(bad[:5])}")
-    return {k: v.to(device=device, dtype=dtype) for k, v in found.items()}
+        raise ValueError(f"{where}: wrong shapes: {'; '.join(bad[:5])}")
+    bad = [f"{k} ({found[k].dtype})" for k in expected if not found[k].is_floating_point()]
+    if bad:
+        raise ValueError(f"{where}: non-floating tensors {_some(bad)}: expected floating-point weights")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in found.items()}
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{where}: NaN or Inf in {_some(bad)} (as {dtype})")
+    return state
+
+
+def _some(names: list[str]) -> str:
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return ", ".join(names[:5]) + more

@@ -1,7 +1,14 @@
-"""LayerNorm over the last dim of a token-major [T, C] buffer, with an optional fused residual add.
+"""LayerNorm over the last dim of a token-major [T, C] buffer, with an optional fused residual add, and its
+backward.
 
 Pre-LN blocks do `h = shortcut + attn_out; y = norm2(h)`: with `residual` the kernel reads both, writes the
-residual stream h and LN(h) in one pass. Statistics are torch's: fp32 mean, biased variance, rsqrt(var + eps).
+residual stream h and LN(h) in one pass. Statistics are torch's: mean, biased variance, rsqrt(var + eps), in
+fp32 (fp64 for fp64 inputs, so gradients can be checked to ~1e-10 in the interpreter).
+
+Backward (`LayerNormFunction`): one pass over the rows recomputes the row's statistics from h (already loaded,
+so nothing is saved but h), writes dx = dh_total (the LN gradient plus the gradient arriving on the residual
+stream; it is also the residual's gradient), and accumulates dW, dB per program in registers; the per-program
+partials [programs, C] are reduced in torch (deterministic, no atomics).
 """
 import torch
 import triton
@@ -9,36 +16,84 @@ import triton.language as tl
 
 from gundam.kernels.launch import FLOAT_DTYPES, check_tensor, resolve_config
 
+DTYPES = (*FLOAT_DTYPES, torch.float64)
+
 
 @triton.jit
 def _layer_norm_kernel(
-    x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr,
+    x_ptr,          # [T, C] input (rows may be strided)
+    r_ptr,          # [T, C] residual (HAS_RESIDUAL)
+    w_ptr, b_ptr,   # [C]
+    y_ptr,          # [T, C] out: LN(h) * w + b
+    h_ptr,          # [T, C] out: h = x + r (HAS_RESIDUAL)
     C, eps,
     stride_xm, stride_rm, stride_ym, stride_hm,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     # One program per row: T is thousands to tens of thousands of rows, so this already fills the GPU, and a
     # whole row (C <= 1024) fits in registers, so x and r are read once and y and h written once.
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < C
-    x = tl.load(x_ptr + row * stride_xm + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_xm + offs_n, mask=mask_n, other=0.0).to(ACC)
     if HAS_RESIDUAL:
-        r = tl.load(r_ptr + row * stride_rm + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row * stride_rm + offs_n, mask=mask_n, other=0.0).to(ACC)
         # The residual stream is stored in the activation dtype; normalise exactly that rounded value, as the
         # torch path does (a no-op in fp32).
         h = (x + r).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * stride_hm + offs_n, h, mask=mask_n)
-        x = h.to(tl.float32)
+        x = h.to(ACC)
     mean = tl.sum(x, axis=0) / C
     # Two-pass variance on the register-resident row: no E[x^2] - E[x]^2 cancellation.
     xc = tl.where(mask_n, x - mean, 0.0)
     var = tl.sum(xc * xc, axis=0) / C
     rstd = tl.rsqrt(var + eps)
-    w = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
+    b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
     y = xc * rstd * w + b
     tl.store(y_ptr + row * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    dy_ptr,             # [T, C] gradient of y
+    dh_ptr,             # [T, C] gradient arriving on the residual stream h (HAS_DH)
+    h_ptr,              # [T, C] what was normalised (h, or x without residual)
+    w_ptr,              # [C]
+    dx_ptr,             # [T, C] out: gradient of x (= of the residual)
+    dw_ptr, db_ptr,     # [programs, C] out, ACC dtype: this program's partial sums of dW, dB
+    T, C, eps, rows_per_program,
+    stride_dym, stride_dhm, stride_hm, stride_dxm,
+    HAS_DH: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C
+    w = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
+    dw = tl.zeros([BLOCK_N], dtype=ACC)
+    db = tl.zeros([BLOCK_N], dtype=ACC)
+    row0 = pid * rows_per_program
+    for i in range(0, rows_per_program):
+        row = row0 + i
+        if row < T:
+            row64 = row.to(tl.int64)
+            h = tl.load(h_ptr + row64 * stride_hm + offs_n, mask=mask_n, other=0.0).to(ACC)
+            dy = tl.load(dy_ptr + row64 * stride_dym + offs_n, mask=mask_n, other=0.0).to(ACC)
+            mean = tl.sum(h, axis=0) / C
+            hc = tl.where(mask_n, h - mean, 0.0)
+            rstd = tl.rsqrt(tl.sum(hc * hc, axis=0) / C + eps)
+            xhat = hc * rstd
+            wdy = w * dy
+            c1 = tl.sum(xhat * wdy, axis=0) / C
+            c2 = tl.sum(wdy, axis=0) / C
+            dx = (wdy - (xhat * c1 + c2)) * rstd
+            if HAS_DH:
+                dx += tl.load(dh_ptr + row64 * stride_dhm + offs_n, mask=mask_n, other=0.0).to(ACC)
+            tl.store(dx_ptr + row64 * stride_dxm + offs_n, dx.to(dx_ptr.dtype.element_ty), mask=mask_n)
+            dw += dy * xhat
+            db += dy
+    tl.store(dw_ptr + pid * C + offs_n, dw, mask=mask_n)
+    tl.store(db_ptr + pid * C + offs_n, db, mask=mask_n)
 
 
 def default_config(C):
@@ -46,15 +101,12 @@ def default_config(C):
     return dict(num_warps=min(max(triton.next_power_of_2(C) // 256, 1), 8))
 
 
-def layer_norm(x, weight, bias, eps, residual=None, *, config=None):
-    """LN(x) * weight + bias over the last dim of x [T, C]; returns y [T, C] in x's dtype.
+def _acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
-    With residual [T, C]: h = x + residual, returns (LN(h) * weight + bias, h).
-    Rows may be strided (e.g. a column slice of a wider buffer); C must be contiguous.
-    config: overrides of default_config (num_warps).
-    """
-    fn = "layer_norm"
-    check_tensor(fn, "x", x, ndim=2, dtypes=FLOAT_DTYPES, unit_stride=True)
+
+def _check(fn, x, weight, bias, eps, residual):
+    check_tensor(fn, "x", x, ndim=2, dtypes=DTYPES, unit_stride=True)
     T, C = x.shape
     if C == 0:
         raise ValueError(f"{fn}: x has shape {tuple(x.shape)}, expected C >= 1 channels")
@@ -65,21 +117,86 @@ def layer_norm(x, weight, bias, eps, residual=None, *, config=None):
     check_tensor(fn, "bias", bias, shape=(C,), **like)
     if not eps > 0:
         raise ValueError(f"{fn}: eps={eps}, expected a positive float")
-    BLOCK_N = triton.next_power_of_2(C)
-    if BLOCK_N > 16384:
+    if triton.next_power_of_2(C) > 16384:
         raise ValueError(f"{fn}: x has C={C} channels, expected C <= 16384 (one row per program)")
-    cfg = resolve_config(fn, default_config(C), config, pow2=("num_warps",))
+
+
+def _forward(x, weight, bias, eps, residual, num_warps):
+    T, C = x.shape
     weight, bias = weight.contiguous(), bias.contiguous()
-    y = torch.empty((T, C), **like)
-    h = torch.empty((T, C), **like) if residual is not None else y
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = torch.empty_like(y) if residual is not None else x
     r = residual if residual is not None else x
     if T > 0:
         _layer_norm_kernel[(T,)](
             x, r, weight, bias, y, h,
             C, float(eps),
             x.stride(0), r.stride(0), y.stride(0), h.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N, num_warps=cfg["num_warps"],
+            HAS_RESIDUAL=residual is not None, BLOCK_N=triton.next_power_of_2(C), ACC=_acc(x.dtype),
+            num_warps=num_warps,
         )
+    return y, h
+
+
+def _backward(dy, dh, h, weight, eps, num_warps):
+    """(dx [T, C], dw [C], db [C]) for y = LN(h) * w + b, with dh the gradient arriving on h (or None)."""
+    T, C = h.shape
+    dy = dy.contiguous() if dy.stride(-1) != 1 else dy
+    dx = torch.empty_like(h, memory_format=torch.contiguous_format)
+    programs = max(1, min(T, 512))                       # enough programs to fill a GPU; partials stay small
+    rows = triton.cdiv(max(T, 1), programs)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    dw = torch.empty(programs, C, dtype=acc, device=h.device)
+    db = torch.empty(programs, C, dtype=acc, device=h.device)
+    if T == 0:
+        dw.zero_(), db.zero_()
+    else:
+        if dh is not None and dh.stride(-1) != 1:
+            dh = dh.contiguous()
+        _layer_norm_bwd_kernel[(programs,)](
+            dy, dh if dh is not None else dy, h, weight.contiguous(), dx, dw, db,
+            T, C, float(eps), rows,
+            dy.stride(0), dh.stride(0) if dh is not None else 0, h.stride(0), dx.stride(0),
+            HAS_DH=dh is not None, BLOCK_N=triton.next_power_of_2(C), ACC=_acc(h.dtype), num_warps=num_warps,
+        )
+    return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """layer_norm with a backward: saves only what was normalised (h, or x) and the weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, residual, num_warps):
+        y, h = _forward(x, weight, bias, eps, residual, num_warps)
+        ctx.save_for_backward(h, weight)
+        ctx.eps, ctx.num_warps, ctx.has_residual = eps, num_warps, residual is not None
+        return (y, h) if residual is not None else y
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        h, weight = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(h)
+        dx, dw, db = _backward(dy, dh, h, weight, ctx.eps, ctx.num_warps)
+        # h = x + residual: both get dh_total
+        return dx, dw, db, None, dx if ctx.has_residual else None, None
+
+
+def layer_norm(x, weight, bias, eps, residual=None, *, config=None):
+    """LN(x) * weight + bias over the last dim of x [T, C]; returns y [T, C] in x's dtype.
+
+    With residual [T, C]: h = x + residual, returns (LN(h) * weight + bias, h).
+    Rows may be strided (e.g. a column slice of a wider buffer); C must be contiguous. Differentiable (in x,
+    weight, bias and residual) when autograd records.
+    config: overrides of default_config (num_warps).
+    """
+    fn = "layer_norm"
+    _check(fn, x, weight, bias, eps, residual)
+    num_warps = resolve_config(fn, default_config(x.shape[1]), config, pow2=("num_warps",))["num_warps"]
+    inputs = (x, weight, bias) if residual is None else (x, weight, bias, residual)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return LayerNormFunction.apply(x, weight, bias, eps, residual, num_warps)
+    y, h = _forward(x, weight, bias, eps, residual, num_warps)
     return (y, h) if residual is not None else y
 
 
@@ -91,22 +208,41 @@ def layer_norm_reference(x, weight, bias, eps, residual=None):
     return torch.nn.functional.layer_norm(h, (h.shape[-1],), weight, bias, eps), h
 
 
+def _divisible(kernel, extra=()):
+    # What the JIT specializes for 16-byte aligned tensors with C and row strides multiples of 16.
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+            if name.endswith("_ptr") or name.startswith("stride_") or name in ("C", *extra)}
+
+
 def _config(dtype, C, has_residual):
-    BLOCK_N = triton.next_power_of_2(C)
     p = f"*{dtype}"
     return dict(
         kernel=_layer_norm_kernel,
         signature=dict(x_ptr=p, r_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, h_ptr=p, C="i32", eps="fp32",
                        stride_xm="i32", stride_rm="i32", stride_ym="i32", stride_hm="i32",
-                       HAS_RESIDUAL="constexpr", BLOCK_N="constexpr"),
-        constexprs=dict(HAS_RESIDUAL=has_residual, BLOCK_N=BLOCK_N),
-        # What the JIT specializes for 16-byte aligned tensors with C and row strides multiples of 16.
-        attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(_layer_norm_kernel.arg_names)
-               if name.endswith("_ptr") or name.startswith("stride_") or name == "C"},
+                       HAS_RESIDUAL="constexpr", BLOCK_N="constexpr", ACC="constexpr"),
+        constexprs=dict(HAS_RESIDUAL=has_residual, BLOCK_N=triton.next_power_of_2(C), ACC=tl.float32),
+        attrs=_divisible(_layer_norm_kernel),
         num_warps=default_config(C)["num_warps"],
         name=f"layer_norm_{dtype}_C{C}{'_residual' if has_residual else ''}",
     )
 
 
-# Production configs: SAM (C=768) and CLIP (C=1024), with and without the fused residual.
-COMPILE_CONFIGS = [_config(dt, C, res) for dt in ("bf16", "fp16") for C in (768, 1024) for res in (False, True)]
+def _bwd_config(dtype, C, has_dh):
+    p = f"*{dtype}"
+    return dict(
+        kernel=_layer_norm_bwd_kernel,
+        signature=dict(dy_ptr=p, dh_ptr=p, h_ptr=p, w_ptr=p, dx_ptr=p, dw_ptr="*fp32", db_ptr="*fp32",
+                       T="i32", C="i32", eps="fp32", rows_per_program="i32",
+                       stride_dym="i32", stride_dhm="i32", stride_hm="i32", stride_dxm="i32",
+                       HAS_DH="constexpr", BLOCK_N="constexpr", ACC="constexpr"),
+        constexprs=dict(HAS_DH=has_dh, BLOCK_N=triton.next_power_of_2(C), ACC=tl.float32),
+        attrs=_divisible(_layer_norm_bwd_kernel),
+        num_warps=default_config(C)["num_warps"],
+        name=f"layer_norm_bwd_{dtype}_C{C}{'_dh' if has_dh else ''}",
+    )
+
+
+# Production configs: SAM (C=768) and CLIP (C=1024), with and without the fused residual, forward and backward.
+COMPILE_CONFIGS = ([_config(dt, C, res) for dt in ("bf16", "fp16") for C in (768, 1024) for res in (False, True)]
+                   + [_bwd_config(dt, C, dh) for dt in ("bf16", "fp16") for C in (768, 1024) for dh in (False, True)])

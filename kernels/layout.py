@@ -13,6 +13,8 @@ import triton.language as tl
 
 from gundam.kernels.launch import FLOAT_DTYPES, check_tensor, resolve_config
 
+DTYPES = (*FLOAT_DTYPES, torch.float64)   # fp64: gradient checks in the interpreter
+
 NEWLINE = -1    # row-map code in the CLIP column: write image_newline
 SEPARATOR = -2  # row-map code in the CLIP column: write view_seperator
 _NEWLINE, _SEPARATOR = tl.constexpr(NEWLINE), tl.constexpr(SEPARATOR)  # the same codes, visible to the kernel
@@ -21,10 +23,16 @@ _NEWLINE, _SEPARATOR = tl.constexpr(NEWLINE), tl.constexpr(SEPARATOR)  # the sam
 @dataclass(frozen=True)
 class RowMap:
     """Where each output row comes from: rows[r] = (CLIP row, SAM row) of a projected token, or
-    (NEWLINE | SEPARATOR, -1). The bounds are kept on the host so the launcher checks them without a sync."""
-    rows: torch.Tensor         # int32 [T_out, 2], contiguous
-    clip_rows: int             # 1 + largest CLIP row read
-    sam_rows: int              # 1 + largest SAM row read
+    (NEWLINE | SEPARATOR, -1). The bounds and the backward's index lists are made on the host, so neither
+    the launcher nor the backward waits for the device."""
+    rows: torch.Tensor            # int32 [T_out, 2], contiguous
+    clip_rows: int                # 1 + largest CLIP row read
+    sam_rows: int                 # 1 + largest SAM row read
+    token_rows: torch.Tensor      # int64 [n_tok]: output rows that are projected tokens
+    token_clip: torch.Tensor      # int64 [n_tok]: their CLIP rows
+    token_sam: torch.Tensor       # int64 [n_tok]: their SAM rows
+    newline_rows: torch.Tensor    # int64 [n_newline]
+    separator_rows: torch.Tensor  # int64 [n_images]
 
     @staticmethod
     def from_host(rows: torch.Tensor, device=None) -> "RowMap":
@@ -35,8 +43,17 @@ class RowMap:
         top = int(rows.max()) if rows.numel() else -1
         if top >= 2**31:
             raise ValueError(f"RowMap: source row {top} does not fit int32")
-        return RowMap(rows.to(torch.int32).contiguous().to(device), int(rows[:, 0].max()) + 1 if rows.numel() else 0,
-                      int(rows[:, 1].max()) + 1 if rows.numel() else 0)
+        rows = rows.long()
+        token = (rows[:, 0] >= 0).nonzero().flatten()
+        on = lambda t: t.contiguous().to(device)   # noqa: E731
+        return RowMap(
+            rows=on(rows.to(torch.int32)),
+            clip_rows=int(rows[:, 0].max()) + 1 if rows.numel() else 0,
+            sam_rows=int(rows[:, 1].max()) + 1 if rows.numel() else 0,
+            token_rows=on(token), token_clip=on(rows[token, 0]), token_sam=on(rows[token, 1]),
+            newline_rows=on((rows[:, 0] == NEWLINE).nonzero().flatten()),
+            separator_rows=on((rows[:, 0] == SEPARATOR).nonzero().flatten()),
+        )
 
 
 @triton.jit
@@ -93,28 +110,17 @@ def default_config(T_out):
     return dict(BLOCK_M=128 if T_out >= 4096 else 64, BLOCK_N=128, BLOCK_K=64, num_warps=8)
 
 
-def project_and_layout(sam, clip, weight, bias, newline, separator, row_map, *, out=None, config=None):
-    """out [T_out, N]: projected tokens and newline/separator rows placed by `row_map` (a RowMap).
-
-    sam [T_sam, K_sam], clip [T_clip, K_clip] (packed token-major, rows may be strided), weight [N, K_clip+K_sam]
-    (nn.Linear weight: CLIP columns first), bias / newline / separator [N]; all one dtype and device.
-    out: optional preallocated [T_out, N] output (rows may be strided).
-    config: overrides of default_config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), e.g. small blocks for the
-    interpreter.
-    """
-    fn = "project_and_layout"
+def _check(fn, sam, clip, weight, bias, newline, separator, row_map, out):
     if not isinstance(row_map, RowMap):
         raise TypeError(f"{fn}: row_map is a {type(row_map).__name__}, expected a RowMap")
-    check_tensor(fn, "sam", sam, ndim=2, dtypes=FLOAT_DTYPES, unit_stride=True)
-    dtype, device = sam.dtype, sam.device
-    like = dict(dtype=dtype, device=device)
+    check_tensor(fn, "sam", sam, ndim=2, dtypes=DTYPES, unit_stride=True)
+    like = dict(dtype=sam.dtype, device=sam.device)
     check_tensor(fn, "clip", clip, ndim=2, unit_stride=True, **like)
-    K_clip, K_sam = clip.shape[1], sam.shape[1]
-    check_tensor(fn, "weight", weight, shape=(None, K_clip + K_sam), unit_stride=True, **like)
+    check_tensor(fn, "weight", weight, shape=(None, clip.shape[1] + sam.shape[1]), unit_stride=True, **like)
     N = weight.shape[0]
     for name, t in (("bias", bias), ("newline", newline), ("separator", separator)):
         check_tensor(fn, name, t, shape=(N,), **like)
-    check_tensor(fn, "row_map.rows", row_map.rows, shape=(None, 2), dtype=torch.int32, device=device)
+    check_tensor(fn, "row_map.rows", row_map.rows, shape=(None, 2), dtype=torch.int32, device=sam.device)
     if not row_map.rows.is_contiguous():
         raise ValueError(f"{fn}: row_map.rows has strides {row_map.rows.stride()}, expected contiguous")
     if row_map.clip_rows > clip.shape[0]:
@@ -123,12 +129,14 @@ def project_and_layout(sam, clip, weight, bias, newline, separator, row_map, *, 
     if row_map.sam_rows > sam.shape[0]:
         raise ValueError(f"{fn}: row_map reads SAM rows up to {row_map.sam_rows - 1}, expected fewer than "
                          f"sam's {sam.shape[0]} rows")
-    T_out = row_map.rows.shape[0]
-    cfg = resolve_config(fn, default_config(T_out), config, pow2=("BLOCK_M", "BLOCK_N", "BLOCK_K"), minimum=16)
+    if out is not None:
+        check_tensor(fn, "out", out, shape=(row_map.rows.shape[0], N), unit_stride=True, **like)
+
+
+def _forward(sam, clip, weight, bias, newline, separator, row_map, out, cfg):
+    T_out, N = row_map.rows.shape[0], weight.shape[0]
     if out is None:
-        out = torch.empty((T_out, N), **like)
-    else:
-        check_tensor(fn, "out", out, shape=(T_out, N), unit_stride=True, **like)
+        out = torch.empty((T_out, N), dtype=sam.dtype, device=sam.device)
     if T_out == 0:
         return out
     bias, newline, separator = bias.contiguous(), newline.contiguous(), separator.contiguous()
@@ -136,11 +144,57 @@ def project_and_layout(sam, clip, weight, bias, newline, separator, row_map, *, 
     _project_layout_kernel[grid](
         sam, clip, weight, bias, newline, separator, row_map.rows, out,
         T_out, sam.stride(0), clip.stride(0), weight.stride(0), out.stride(0),
-        N=N, K_CLIP=K_clip, K_SAM=K_sam, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        # fp32 inputs: exact products, not TF32 (fp16/bf16 ignore it).
-        INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+        N=N, K_CLIP=clip.shape[1], K_SAM=sam.shape[1],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        # fp32/fp64 inputs: exact products, not TF32 (fp16/bf16 ignore it).
+        INPUT_PRECISION="tf32" if sam.dtype in (torch.float16, torch.bfloat16) else "ieee",
+        num_warps=cfg["num_warps"],
     )
     return out
+
+
+class ProjectLayoutFunction(torch.autograd.Function):
+    """project_and_layout with a backward. Every source row feeds exactly one output row, so the gradients of
+    the CLIP and SAM halves are written by index (no accumulation); dW, dB are two GEMMs and a sum over the
+    token rows; image_newline and view_seperator get the sums of their rows' gradients."""
+
+    @staticmethod
+    def forward(ctx, sam, clip, weight, bias, newline, separator, row_map, cfg):
+        ctx.save_for_backward(sam, clip, weight)
+        ctx.row_map = row_map
+        return _forward(sam, clip, weight, bias, newline, separator, row_map, None, cfg)
+
+    @staticmethod
+    def backward(ctx, dout):
+        sam, clip, weight = ctx.saved_tensors
+        rm, K_clip = ctx.row_map, clip.shape[1]
+        d_tok = dout[rm.token_rows]                                               # [n_tok, N]
+        d_weight = torch.cat([d_tok.T @ clip[rm.token_clip], d_tok.T @ sam[rm.token_sam]], dim=1)
+        d_clip = torch.zeros_like(clip).index_copy_(0, rm.token_clip, d_tok @ weight[:, :K_clip])
+        d_sam = torch.zeros_like(sam).index_copy_(0, rm.token_sam, d_tok @ weight[:, K_clip:])
+        return (d_sam, d_clip, d_weight, d_tok.sum(0), dout[rm.newline_rows].sum(0),
+                dout[rm.separator_rows].sum(0), None, None)
+
+
+def project_and_layout(sam, clip, weight, bias, newline, separator, row_map, *, out=None, config=None):
+    """out [T_out, N]: projected tokens and newline/separator rows placed by `row_map` (a RowMap).
+
+    sam [T_sam, K_sam], clip [T_clip, K_clip] (packed token-major, rows may be strided), weight [N, K_clip+K_sam]
+    (nn.Linear weight: CLIP columns first), bias / newline / separator [N]; all one dtype and device.
+    out: optional preallocated [T_out, N] output (rows may be strided; not with autograd).
+    config: overrides of default_config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), e.g. small blocks for the
+    interpreter. Differentiable in every tensor argument when autograd records.
+    """
+    fn = "project_and_layout"
+    _check(fn, sam, clip, weight, bias, newline, separator, row_map, out)
+    cfg = resolve_config(fn, default_config(row_map.rows.shape[0]), config, pow2=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+                         minimum=16)
+    inputs = (sam, clip, weight, bias, newline, separator)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        if out is not None:
+            raise ValueError(f"{fn}: out= given while autograd records, expected out=None (a new output)")
+        return ProjectLayoutFunction.apply(*inputs, row_map, cfg)
+    return _forward(*inputs, row_map, out, cfg)
 
 
 def _config(dtype, T_out):

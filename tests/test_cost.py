@@ -406,3 +406,15 @@ def test_sweep_png(tmp_path):
     assert cli("--sweep", "--out", str(out)) == 0
     png = tmp_path / "sweep.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("size", [(1300, 650), (500, 400)])
+def test_training_flops_match_flop_counter(size):
+    # forward + backward of the torch path (the vendor's computation), measured, against the model's count
+    from testutils import TINY, TINY_MODE, page, randomize
+    enc = randomize(GundamEncoder(TINY), seed=1)
+    batch = preprocess(page(*size, seed=2), TINY_MODE)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        enc(batch, backend="torch").embeddings.pow(2).sum().backward()
+    est = estimate(*size, TINY_MODE, config=TINY, dtype="fp32")
+    assert est.total.train_matmul_flops == fc.get_total_flops()

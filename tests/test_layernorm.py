@@ -77,3 +77,49 @@ def test_layer_norm_bad_inputs():
         layer_norm(x, w, b, 0)
     with pytest.raises(ValueError, match=r"config num_warps=3, expected a power of two"):
         layer_norm(x, w, b, 1e-6, config=dict(num_warps=3))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("T, C", [(7, 48), (13, 100)])
+def test_layer_norm_backward_float64(T, C, residual):
+    # the kernels run in fp64 here: gradients equal autograd through the torch reference to ~1e-10, including
+    # the gradient arriving on the residual stream h
+    x, r, w, b = (t.double().requires_grad_() for t in _inputs(T, C, torch.float64, seed=T * C + residual))
+    g = torch.Generator().manual_seed(1)
+    dy, dh = torch.randn(T, C, generator=g, dtype=torch.float64), torch.randn(T, C, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (layer_norm, layer_norm_reference):
+        if residual:
+            y, h = fn(x, w, b, 1e-5, residual=r)
+            loss = (y * dy).sum() + (h * dh).sum()
+            grads.append(torch.autograd.grad(loss, (x, w, b, r)))
+        else:
+            loss = (fn(x, w, b, 1e-5) * dy).sum()
+            grads.append(torch.autograd.grad(loss, (x, w, b)))
+    for name, got, want in zip("xwbr", *grads):
+        assert_close(got, want, 1e-10, 1e-10, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_layer_norm_backward_against_float64(dtype, atol, rtol):
+    T, C = 37, 96
+    x, r, w, b = _inputs(T, C, dtype, seed=5)
+    dy = torch.randn(T, C, generator=torch.Generator().manual_seed(2)).to(dtype)
+    xs = [t.clone().requires_grad_() for t in (x, w, b)]
+    got = torch.autograd.grad((layer_norm(*xs, 1e-6) * dy).sum(), xs)
+    xd = [t.double().requires_grad_() for t in (x, w, b)]
+    want = torch.autograd.grad((layer_norm_reference(*xd, 1e-6) * dy.double()).sum(), xd)
+    scale = max(1.0, C ** 0.5)          # dW and dB sum over T rows
+    for name, g_, w_ in zip("xwb", got, want):
+        assert g_.dtype == dtype
+        assert_close(g_, w_, atol * scale, rtol, f"d{name} {dtype}")
+
+
+def test_layer_norm_backward_many_rows_per_program():
+    # T > 512 puts several rows in each backward program (their dW/dB partials accumulate in registers)
+    x, r, w, b = (t.double().requires_grad_() for t in _inputs(1030, 16, torch.float64, seed=9))
+    dy = torch.randn(1030, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = torch.autograd.grad((layer_norm(x, w, b, 1e-6, residual=r)[0] * dy).sum(), (x, w, b, r))
+    want = torch.autograd.grad((layer_norm_reference(x, w, b, 1e-6, residual=r)[0] * dy).sum(), (x, w, b, r))
+    for name, g_, w_ in zip("xwbr", got, want):
+        assert_close(g_, w_, 1e-10, 1e-10, f"d{name}")

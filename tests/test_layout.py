@@ -144,3 +144,32 @@ def test_project_and_layout_bad_inputs():
         call(out=torch.empty(3, 8))
     with pytest.raises(ValueError, match=r"config BLOCK_N=8, expected a power of two >= 16"):
         call(config=dict(BLOCK_N=8))
+
+
+def test_backward_float64():
+    # gradients of every input (both halves, weight, bias, newline, separator) against autograd through the torch
+    # layout of the torch projection, kernels in fp64: to ~1e-10
+    layouts, per_image, T_sam, T_clip = _batch([(1, 1), (3, 2), (1, 2)], Mode(192, 128, True), seed=8)
+    params = [t.double().requires_grad_() for t in _params(T_sam, T_clip, 20, 12, 24, torch.float64, seed=9)]
+    sam, clip, weight, bias, newline, separator = params
+
+    def index_rows(view):
+        _, s, c, q = view
+        t = torch.arange(q * q)
+        return torch.stack([c + 1 + t, s + t], dim=1)
+
+    def projected(view):
+        _, s, c, q = view
+        return torch.nn.functional.linear(torch.cat([clip[c + 1:c + 1 + q * q], sam[s:s + q * q]], -1), weight, bias)
+
+    rows = _layout_all(layouts, per_image, index_rows, torch.tensor([NEWLINE, -1]), torch.tensor([SEPARATOR, -1]))
+    dout = torch.randn(rows.shape[0], 24, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    got = project_and_layout(sam, clip, weight, bias, newline, separator, RowMap.from_host(rows), config=TINY_BLOCKS)
+    grads = torch.autograd.grad((got * dout).sum(), params)
+    want = _layout_all(layouts, per_image, projected, newline, separator)
+    wants = torch.autograd.grad((want * dout).sum(), params)
+    for name, g, w in zip(("sam", "clip", "weight", "bias", "newline", "separator"), grads, wants):
+        assert_close(g, w, 1e-10, 1e-10, f"d{name}")
+    # CLIP's class tokens feed no output: zero gradient
+    class_rows = [c for glob, crops in per_image for _, _, c, _ in glob + crops]
+    assert grads[1][class_rows].abs().max() == 0

@@ -214,40 +214,33 @@ def test_vendor_init_and_state_dict_names():
     GundamEncoder(TINY).load_state_dict(sd)
 
 
-def test_forward_vendor(tiny_encoder, batch):
-    with torch.no_grad():
-        ref = tiny_encoder(batch).split()
-        pv, ic, sc = batch.to_vendor()
-        got = tiny_encoder.forward_vendor(pv, ic, sc)
-        # vLLM passes per-image lists when crop counts differ
-        n = batch.n_crops
-        crops = list(torch.split(batch.crops, n))
-        lists = tiny_encoder.forward_vendor([pv[i] for i in range(4)],
-                                            [c[None] if len(c) else torch.zeros(1, 1, 3, 192, 192) for c in crops],
-                                            [sc[i] for i in range(4)])
-    for a, b, c in zip(ref, got, lists):
-        assert torch.equal(a, b) and torch.equal(a, c)
-
-
-def test_forward_vendor_bad_input(tiny_encoder, batch):
-    pv, ic, sc = batch.to_vendor()
-    with pytest.raises(ValueError, match="same number of images"):
-        tiny_encoder.forward_vendor(pv, ic[:2], sc)
-    with pytest.raises(ValueError, match="per-image shape"):
-        tiny_encoder.forward_vendor(pv[:, 0], ic, sc)
-    with pytest.raises(TypeError, match="floating-point"):
-        tiny_encoder.forward_vendor(pv.to(torch.int32), ic, sc)
-    with pytest.raises(ValueError, match="needs 9 crops"):
-        tiny_encoder.forward_vendor(pv, ic, torch.tensor([[[3, 3]]] * 4))
-    with pytest.raises(TypeError, match="expected a tensor or a list"):
-        tiny_encoder.forward_vendor("x", ic, sc)
-    with pytest.raises(ValueError, match="backend"):
-        tiny_encoder.forward_vendor(pv, ic, sc, backend="cuda")
-
-
 def test_uint8_pixels_equal_preprocessed_floats(tiny_encoder, batch):
     # uint8 pixels, normalised on the encoder's device, give the very same tokens as preprocess's floats
     to_u8 = lambda x: torch.round((x.double() + 1) * 127.5).to(torch.uint8)   # exact inverse on 0..255
     u8 = gundam.Batch(to_u8(batch.global_views), to_u8(batch.crops), batch.layouts, batch.mode)
     with torch.no_grad():
         assert torch.equal(tiny_encoder(u8).embeddings, tiny_encoder(batch).embeddings)
+
+
+def test_gradient_checkpointing_same_gradients(batch):
+    enc = randomize(GundamEncoder(TINY), seed=4)
+    grads, saved = [], []
+    for on in (False, True):
+        enc.zero_grad()
+        enc.gradient_checkpointing_enable() if on else enc.gradient_checkpointing_disable()
+        assert enc.is_gradient_checkpointing == on
+        count = [0]
+
+        def pack(t):   # every tensor autograd keeps for the backward
+            count[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = enc(batch, backend="torch").embeddings.pow(2).mean()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in enc.named_parameters()})
+        saved.append(count[0])
+    assert saved[1] < saved[0] / 2, saved          # the blocks' activations are not kept
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name   # same ops recomputed: bit-identical

@@ -1,0 +1,199 @@
+"""Training data for the encoder: JSONL records, a dataset of uint8 views, `collate` into the encoder's `Batch`,
+and a batch sampler that fills batches by a budget of views.
+
+    ds = GundamDataset.from_jsonl("overfit/records.jsonl", mode="gundam")
+    sampler = ViewBudgetSampler(ds.views, budget=24, seed=0)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=2, pin_memory=True)
+    for rb in loader:                       # RecordBatch
+        out = encoder(rb.batch)             # uint8 pixels, normalised on the encoder's device
+        per_image = out.split()             # the i-th goes with rb.records[i]
+
+Images are decoded and cropped in the worker through `gundam.images.image_views`, the code path `preprocess`
+uses; pixels stay uint8 (4x fewer bytes between processes and to the device than float32).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from gundam.config import Mode, check_int, resolve_mode
+from gundam.images import Batch, image_views
+from gundam.layout import ImageLayout, image_layout
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image and its text: the seed format plus the image size (batches are planned without decoding)."""
+    id: str
+    image: str          # path relative to the records file
+    source: str
+    type: str
+    prompt: str
+    answer: str
+    width: int
+    height: int
+
+
+def read_records(path) -> list[Record]:
+    """Records from a JSONL file, one object per line (blank lines skipped)."""
+    names = [f.name for f in fields(Record)]
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{os.fspath(path)}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e})") from None
+            missing = [k for k in names if k not in obj] if isinstance(obj, dict) else names
+            if missing:
+                raise ValueError(f"{where}: missing fields {missing}: expected {names}")
+            for key in ("width", "height"):
+                check_int(obj[key], f"{where}: {key}")
+            records.append(Record(**{k: obj[k] for k in names}))
+    return records
+
+
+def write_records(path, records: list[Record]):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+
+
+@dataclass
+class Example:
+    """One decoded record: what `GundamDataset[i]` yields."""
+    global_view: torch.Tensor   # uint8 [3, B, B]
+    crops: torch.Tensor         # uint8 [n_crops, 3, S, S], row-major tile order
+    layout: ImageLayout
+    record: Record
+
+
+class GundamDataset(Dataset):
+    """Records -> `Example`s; each image is decoded and cropped when it is asked for (in the loader's worker)."""
+
+    def __init__(self, records: list[Record], root, mode: str | Mode = "gundam", max_crops: int | None = None):
+        self.records = list(records)
+        self.root = os.fspath(root)
+        self.mode = resolve_mode(mode, max_crops)
+        # from the recorded sizes: a sampler can plan batches before any image is decoded
+        self.layouts = [image_layout(r.width, r.height, self.mode) for r in self.records]
+
+    @classmethod
+    def from_jsonl(cls, path, mode: str | Mode = "gundam", max_crops: int | None = None,
+                   limit: int | None = None) -> "GundamDataset":
+        """The records of a JSONL file (the first `limit` of them when given); images relative to the file."""
+        records = read_records(path)
+        if limit is not None:
+            records = records[:check_int(limit, "limit")]
+        return cls(records, os.path.dirname(os.path.abspath(path)), mode, max_crops)
+
+    @property
+    def views(self) -> list[int]:
+        """Views per record (the global view + its crops): what a batch costs the encoder."""
+        return [1 + lay.n_crops for lay in self.layouts]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Example:
+        record = self.records[i]
+        glob, crops, layout = image_views(os.path.join(self.root, record.image), self.mode)
+        if (layout.width, layout.height) != (record.width, record.height):
+            raise ValueError(f"record {record.id!r}: width x height {record.width}x{record.height}, but the image "
+                             f"{record.image!r} is {layout.width}x{layout.height}")
+        return Example(glob, crops, layout, record)
+
+
+@dataclass
+class RecordBatch:
+    """A collated batch: the encoder's `Batch` (uint8 pixels) and the records, in the same image order."""
+    batch: Batch
+    records: list[Record]
+    crop_offsets: torch.Tensor  # int64 [n_images + 1]: image i's crops are batch.crops[crop_offsets[i]:crop_offsets[i+1]]
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """int64 [n_images + 1]: image i's tokens are rows offsets[i]:offsets[i + 1] of the encoder output."""
+        return self.batch.offsets
+
+    def pin_memory(self) -> "RecordBatch":
+        """Pinned pixels (DataLoader(pin_memory=True) calls this), so the copy to the GPU can be asynchronous."""
+        b = self.batch
+        return RecordBatch(Batch(b.global_views.pin_memory(), b.crops.pin_memory(), b.layouts, b.mode),
+                           self.records, self.crop_offsets)
+
+    def to(self, device) -> "RecordBatch":
+        """Pixels moved to `device` (still uint8: the encoder normalises them there)."""
+        b = self.batch
+        pixels = [t.to(device, non_blocking=True) for t in (b.global_views, b.crops)]
+        return RecordBatch(Batch(*pixels, b.layouts, b.mode), self.records, self.crop_offsets)
+
+
+def collate(examples: list[Example]) -> RecordBatch:
+    """Examples -> RecordBatch: global views stacked, crops concatenated in image order."""
+    if not examples:
+        raise ValueError("collate: got no examples, expected at least one")
+    mode = examples[0].layout.mode
+    for ex in examples:
+        if ex.layout.mode != mode:
+            raise ValueError(f"collate: record {ex.record.id!r} has mode {ex.layout.mode}, the batch has {mode}")
+    crops = torch.cat([ex.crops for ex in examples])                         # [sum of n_crops, 3, S, S]
+    crop_offsets = torch.tensor([0] + [ex.layout.n_crops for ex in examples], dtype=torch.int64).cumsum(0)
+    batch = Batch(torch.stack([ex.global_view for ex in examples]), crops, [ex.layout for ex in examples], mode)
+    return RecordBatch(batch, [ex.record for ex in examples], crop_offsets)
+
+
+class ViewBudgetSampler(Sampler[list[int]]):
+    """Batches of indices whose views (1 + crops per image) add up to at most `budget`.
+
+    The encoder's cost follows the number of views, not of images: a receipt cut 1x5 is six views, a chart cut
+    2x1 three. Indices are shuffled with `seed` (plus the
+    epoch, see `set_epoch`) and put into batches in that order, a new batch whenever the next image would pass
+    the budget. Every index appears exactly once per epoch.
+    """
+
+    def __init__(self, views: list[int], budget: int, shuffle: bool = True, seed: int = 0):
+        self.views = [check_int(v, f"views[{i}]") for i, v in enumerate(views)]
+        self.budget = check_int(budget, "budget")
+        worst = max(range(len(self.views)), key=self.views.__getitem__, default=None)
+        if worst is not None and self.views[worst] > self.budget:
+            raise ValueError(f"budget={budget} views: item {worst} alone has {self.views[worst]} views; "
+                             f"expected a budget of at least {self.views[worst]}")
+        self.shuffle = shuffle
+        self.seed = check_int(seed, "seed", lo=0)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        """A different (still deterministic) order per epoch; call it before each epoch, as with torch's
+        DistributedSampler."""
+        self.epoch = check_int(epoch, "epoch", lo=0)
+
+    def batches(self) -> list[list[int]]:
+        n = len(self.views)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(n))
+        batches, current, used = [], [], 0
+        for i in order:
+            if current and used + self.views[i] > self.budget:
+                batches.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += self.views[i]
+        if current:
+            batches.append(current)
+        return batches
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())

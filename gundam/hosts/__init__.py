@@ -1,0 +1,113 @@
+"""`gundam.patch(model)`: a host framework's DeepSeek-OCR model encodes its images through `GundamEncoder`.
+
+    model = AutoModel.from_pretrained("deepseek-ai/DeepSeek-OCR", trust_remote_code=True)
+    gundam.patch(model)          # generate / infer unchanged; all images of a batch in one encoder pass
+    gundam.unpatch(model)        # back to the vendor's code
+
+Hosts (one module each): Hugging Face remote code (gundam.hosts.hf), vLLM (gundam.hosts.vllm, with a
+`vllm.general_plugins` entry point for its worker processes) and SGLang (gundam.hosts.sglang). Patching is per
+instance: a few instance attributes shadow the class's methods (for vLLM, the instance's class also becomes a
+same-named subclass) and `unpatch` undoes it; the class, other instances and everything else of the host are
+untouched. The encoder is built around the host's own parameters (gundam.hosts.shared): nothing is copied.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from gundam.encoder import GundamEncoder, _check_backend
+from gundam.hosts import hf, sglang, vllm
+from gundam.hosts.shared import owns_encoder, shared_encoder, shares
+
+STATE = "_gundam_patch"        # the patch's state, in the patched module's __dict__ (not a submodule)
+MISSING = object()
+HOSTS = {"hf": hf, "vllm": vllm, "sglang": sglang}
+
+
+@dataclass
+class Patch:
+    kind: str
+    owner: nn.Module                       # the module holding sam_model, vision_model, projector, ...
+    encoder: GundamEncoder
+    params: dict = field(repr=False)       # the host parameters the encoder holds
+    saved: list = field(default_factory=list, repr=False)   # (object, attribute, previous instance value)
+
+    def current(self) -> GundamEncoder:
+        """The encoder, rebuilt if the host's parameter objects were replaced since it was built."""
+        if not shares(self.params, self.owner):
+            self.encoder, self.params = shared_encoder(self.owner, self.encoder.backend)
+        return self.encoder
+
+
+def patch(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Route `model`'s image encoding through GundamEncoder, sharing its parameters; returns `model`.
+    Patching a patched model only sets `backend`."""
+    backend = _check_backend(backend)
+    owner, kind = _find_host(model)
+    state = owner.__dict__.get(STATE)
+    if state is not None:
+        state.encoder.backend = backend
+        return model
+    encoder, params = shared_encoder(owner, backend)
+    state = Patch(kind, owner, encoder, params)
+    for obj, name, value in HOSTS[kind].replacements(model, owner, state.current):
+        state.saved.append((obj, name, type(obj) if name == "__class__" else obj.__dict__.get(name, MISSING)))
+        object.__setattr__(obj, name, value)  # an instance attribute (never a registered submodule), or a class
+    owner.__dict__[STATE] = state
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo `patch`: the host's own methods again (a model that is not patched is returned as is)."""
+    for module in _modules(model):
+        state = module.__dict__.pop(STATE, None)
+        if state is not None:
+            for obj, name, previous in reversed(state.saved):
+                if previous is MISSING:  # (`__class__` always has a previous value)
+                    del obj.__dict__[name]
+                else:
+                    object.__setattr__(obj, name, previous)
+    return model
+
+
+def patched_encoder(model: nn.Module) -> GundamEncoder | None:
+    """The GundamEncoder a patched model encodes with (None if it is not patched)."""
+    for module in _modules(model):
+        state = module.__dict__.get(STATE)
+        if state is not None:
+            return state.current()
+    return None
+
+
+def _modules(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gundam.patch: got a {type(model).__name__}, expected a DeepSeek-OCR model (a torch "
+                        f"nn.Module)")
+    return model.modules()
+
+
+def _find_host(model) -> tuple[nn.Module, str]:
+    """The module that holds the encoder (the model itself, or one it wraps: HF's DeepseekOCRModel inside
+    DeepseekOCRForCausalLM, a PEFT wrapper) and which host's class it is."""
+    for module in _modules(model):
+        if owns_encoder(module):
+            kind = _host_kind(module)
+            if kind is not None:
+                return module, kind
+    raise TypeError(f"gundam.patch: {type(model).__name__} is not a DeepSeek-OCR model of a supported host: "
+                    f"expected a module holding sam_model, vision_model, projector, image_newline and "
+                    f"view_seperator (DeepseekOCRForCausalLM of Hugging Face remote code, vLLM or SGLang)")
+
+
+def _host_kind(module) -> str | None:
+    """Which host's class: told apart by the class's own forward signature and methods."""
+    forward = inspect.signature(type(module).forward).parameters
+    if "images_seq_mask" in forward:    # HF remote code: only DeepSeek-OCR's own model class is read and known
+        return "hf" if any(c.__name__ == "DeepseekOCRModel" for c in type(module).__mro__) else None
+    if "forward_batch" in forward and hasattr(module, "_process_image_input"):
+        return "sglang"
+    if hasattr(module, "_pixel_values_to_embedding"):
+        return "vllm"
+    return None

@@ -1,0 +1,60 @@
+"""vLLM: `DeepseekOCRForCausalLM` of `vllm/model_executor/models/deepseek_ocr.py` (and the vendor's own vLLM
+class in DeepSeek-OCR-master/DeepSeek-OCR-vllm/deepseek_ocr.py, which takes the per-image layout).
+
+Read (behaviour only) at vllm-project/vllm 029329a and 48dca59, and the encoder-CUDA-graph version documented
+for v0.24+: `embed_multimodal` -> `_process_image_input` -> `_pixel_values_to_embedding(pixel_values [n, 3, B, B],
+images_crop [sum of crops, 3, S, S], images_spatial_crop [n, 2])` -> one tensor per image, encoded one image
+after another. Newer versions also implement `SupportsEncoderCudaGraph`: the encoder is captured in CUDA graphs
+by token budget, global views and crops on separate paths.
+
+The patch replaces `_pixel_values_to_embedding` on the instance with `GundamEncoder.forward_vendor` (either
+layout, all images in one pass). It opts the instance out of the encoder CUDA graphs (its class becomes a
+subclass with the protocol method `encoder_cudagraph_forward` set to None, so `isinstance(model,
+SupportsEncoderCudaGraph)` is false), so vLLM takes its eager path, which is the patched one. vLLM decides this
+when it sets up its model runner: patch before that, as the plugin below does (graphs an engine has already
+captured hold the vendor's encoder). Tensor-parallel ranks hold 1/tp of CLIP's weights: refused
+(gundam.hosts.shared).
+
+Worker processes: with `GUNDAM_PATCH_VLLM=1` in the environment, the `vllm.general_plugins` entry point
+`register` makes vLLM build `gundam.hosts.vllm_model.DeepseekOCRForCausalLM` (and `UnlimitedOCRForCausalLM`,
+vLLM's subclass of it for baidu/Unlimited-OCR in models/unlimited_ocr.py, read at 0414545, where that vLLM has
+it), which patch themselves after loading their weights (`GUNDAM_BACKEND` picks the backend, default "auto").
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+ENV = "GUNDAM_PATCH_VLLM"
+
+
+def replacements(model, owner, encoder):
+    def pixel_values_to_embedding(pixel_values, images_crop, images_spatial_crop):
+        return encoder().forward_vendor(pixel_values, images_crop, images_spatial_crop)
+
+    out = [(owner, "_pixel_values_to_embedding", pixel_values_to_embedding)]
+    if getattr(type(owner), "encoder_cudagraph_forward", None) is not None:
+        out.append((owner, "__class__", eager_class(type(owner))))
+    return out
+
+
+_EAGER = {}
+
+
+def eager_class(cls):
+    """`cls` without vLLM's encoder CUDA graphs: its protocol method set to None on a subclass of the same name
+    (an instance attribute would not do: from Python 3.12 on, runtime protocol checks read the class)."""
+    if cls not in _EAGER:
+        _EAGER[cls] = type(cls.__name__, (cls,), {"encoder_cudagraph_forward": None, "__module__": cls.__module__,
+                                                   "__qualname__": cls.__qualname__})
+    return _EAGER[cls]
+
+
+def register():
+    """vLLM general plugin: runs in every vLLM process; does nothing unless GUNDAM_PATCH_VLLM=1."""
+    if os.environ.get(ENV, "0").lower() not in ("1", "true", "yes"):
+        return
+    from vllm import ModelRegistry
+    for arch, module in (("DeepseekOCRForCausalLM", "deepseek_ocr"), ("UnlimitedOCRForCausalLM", "unlimited_ocr")):
+        if importlib.util.find_spec(f"vllm.model_executor.models.{module}") is not None:
+            ModelRegistry.register_model(arch, f"gundam.hosts.vllm_model:{arch}")

@@ -1,0 +1,148 @@
+"""The vendor's encoder inputs -> a `Batch`: what `GundamEncoder.forward_vendor` takes.
+
+Two layouts reach `_pixel_values_to_embedding` in the programs that serve DeepSeek-OCR:
+
+- per image (the vendor's own vLLM and HF code, SGLang; read at deepseek-ai/DeepSeek-OCR e4ac34e,
+  sgl-project/sglang b4ea46f): pixel_values [n, 1, 3, B, B], images_crop [n, 1, N, 3, S, S],
+  images_spatial_crop [n, 1, 2], each a tensor or a list of per-image entries (lists when crop counts
+  differ). An image without crops carries zero crops (the vendor's processor writes one all-zero crop), so
+  the vendor decides "crops or not" by `sum(crops) != 0`, and so does this layout here: that test is its
+  contract. The image's crops are then the first w*h rows (rows past them are padding).
+- flat (vLLM's upstream `DeepseekOCRForCausalLM`, read at vllm-project/vllm 029329a): pixel_values
+  [n, 3, B, B], images_crop [sum of crops, 3, S, S] with no rows for an image without crops (possibly
+  [0, 3, S, S]), images_spatial_crop [n, 2]. The layout says how many crops an image has (w*h when the grid
+  is not 1x1, else none), so that count is used and no pixels are summed.
+
+Pixels are normalised floats (what the vendor passes) or uint8 (normalised on the encoder's device).
+"""
+from __future__ import annotations
+
+import torch
+
+from gundam.config import Mode, check_int
+from gundam.images import Batch
+from gundam.layout import grid_layout
+
+
+def vendor_batch(pixel_values, images_crop, images_spatial_crop, config) -> Batch:
+    """The vendor's `_pixel_values_to_embedding` arguments, either layout -> Batch (flat crops are not copied).
+    `config`: the encoder's EncoderConfig (which view sizes it takes)."""
+    n = _num_images(pixel_values, "pixel_values")
+    flat = isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4
+    # flat: images_crop holds crops, not images, and is checked against the tile counts instead
+    counts = [n, _num_images(images_spatial_crop, "images_spatial_crop")]
+    if not flat:
+        counts.insert(1, _num_images(images_crop, "images_crop"))
+    if len(set(counts)) != 1:
+        names = "pixel_values and images_spatial_crop" if flat else \
+            "pixel_values, images_crop and images_spatial_crop"
+        raise ValueError(f"forward_vendor: {names} must have the same number of images, got "
+                         f"{', '.join(map(str, counts))}")
+    if flat:
+        globals_, crops, grids = _flat(pixel_values, images_crop, images_spatial_crop)
+    else:
+        globals_, crops, grids = _per_image(pixel_values, images_crop, images_spatial_crop, n)
+    B = _view_size(globals_, "pixel_values", config)
+    if crops is None:  # no image has crops: an empty crop tensor of the global views' size
+        crops = globals_.new_zeros(0, 3, B, B)
+    S = _view_size(crops, "images_crop", config)
+    mode = Mode(B, S, crops.shape[0] > 0)
+    return Batch(globals_, crops, [grid_layout(mode, g) for g in grids], mode)
+
+
+def _flat(pixel_values, images_crop, images_spatial_crop):
+    _check_pixels(pixel_values, "pixel_values", (None, 3, None, None))
+    _check_pixels(images_crop, "images_crop", (None, 3, None, None))
+    if not isinstance(images_spatial_crop, torch.Tensor) or list(images_spatial_crop.shape[1:]) != [2]:
+        got = list(images_spatial_crop.shape) if isinstance(images_spatial_crop, torch.Tensor) else "a list"
+        raise ValueError(f"forward_vendor: images_spatial_crop is {got} with flat pixel_values [n, 3, B, B], "
+                         f"expected a tensor [n, 2]")
+    rows = _numbers(images_spatial_crop, "images_spatial_crop").reshape(-1, 2).tolist()
+    grids = [_grid(row, f"images_spatial_crop[{j}]") for j, row in enumerate(rows)]
+    wanted = sum(w * h for w, h in grids if (w, h) != (1, 1))
+    if images_crop.shape[0] != wanted:
+        raise ValueError(f"forward_vendor: images_crop has {images_crop.shape[0]} crops, images_spatial_crop "
+                         f"asks for {wanted} (w*h of each image whose grid is not 1x1)")
+    return pixel_values, (images_crop if wanted else None), grids
+
+
+def _per_image(pixel_values, images_crop, images_spatial_crop, n):
+    globals_, crops, grids = [], [], []
+    for j in range(n):
+        globals_.append(_check_pixels(pixel_values[j], f"pixel_values[{j}]", (1, 3, None, None))[0])
+        patches = _check_pixels(images_crop[j], f"images_crop[{j}]", (1, None, 3, None, None))[0]
+        w, h = _grid(_numbers(images_spatial_crop[j], f"images_spatial_crop[{j}]").reshape(-1).tolist(),
+                     f"images_spatial_crop[{j}]")
+        if patches.shape[0] and bool(patches.sum() != 0):          # the vendor's test: all zeros = no crops
+            if (w, h) == (1, 1) or patches.shape[0] < w * h:
+                raise ValueError(f"forward_vendor: images_crop[{j}] holds {patches.shape[0]} non-zero crops for a "
+                                 f"{w}x{h} grid, expected w*h crops for a grid of more than one tile, or all "
+                                 f"zeros for no crops")
+            crops.append(patches[:w * h])
+        else:
+            w = h = 1
+        grids.append((w, h))
+    return _join(globals_, "pixel_values", torch.stack), _join(crops, "images_crop", torch.cat) if crops else None, grids
+
+
+def _num_images(x, name):
+    if isinstance(x, torch.Tensor):
+        if x.dim() == 0:
+            raise ValueError(f"forward_vendor: {name} is a 0-d tensor, expected one entry per image")
+        n = x.shape[0]
+    elif isinstance(x, (list, tuple)):
+        n = len(x)
+    else:
+        raise TypeError(f"forward_vendor: {name} of type {type(x).__name__}, expected a tensor or a list of "
+                        f"per-image tensors")
+    if n == 0:
+        raise ValueError(f"forward_vendor: {name} holds no images, expected at least one")
+    return n
+
+
+def _check_pixels(x, name, shape):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"forward_vendor: {name} of type {type(x).__name__}, expected a tensor")
+    if not (x.is_floating_point() or x.dtype == torch.uint8):
+        raise TypeError(f"forward_vendor: {name} has dtype {x.dtype}, expected floating-point (normalised) or "
+                        f"uint8 pixels")
+    if x.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"forward_vendor: {name} has shape {list(x.shape)}, expected {want}")
+    if x.is_meta:
+        raise ValueError(f"forward_vendor: {name} is a meta tensor (no data), expected pixels")
+    return x
+
+
+def _join(tensors, name, join):
+    kinds = sorted({f"{t.dtype} on {t.device}" for t in tensors})
+    if len(kinds) > 1:
+        raise ValueError(f"forward_vendor: {name} mixes {', '.join(kinds)}, expected one dtype and device")
+    sizes = sorted({tuple(t.shape[-2:]) for t in tensors})
+    if len(sizes) > 1:
+        raise ValueError(f"forward_vendor: {name} views of sizes {sizes}, expected one size")
+    return join(tensors)
+
+
+def _view_size(views, name, config) -> int:
+    H, W = views.shape[-2:]
+    if H != W:
+        raise ValueError(f"forward_vendor: {name} views are {H}x{W} px, expected square views")
+    config.tokens_per_side(H, f"forward_vendor: {name} view size")   # raises unless the encoder takes it
+    return H
+
+
+def _numbers(x, name) -> torch.Tensor:
+    """Tile counts as a CPU tensor: integers, or floats holding integers (SGLang casts them to the vision dtype)."""
+    x = torch.as_tensor(x)
+    if x.is_meta:
+        raise ValueError(f"forward_vendor: {name} is a meta tensor (no data), expected tile counts")
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"forward_vendor: {name} has dtype {x.dtype}, expected integer tile counts")
+    return x.cpu()
+
+
+def _grid(values, name) -> tuple[int, int]:
+    if len(values) != 2 or not all(float(v).is_integer() for v in values):
+        raise ValueError(f"forward_vendor: {name} = {values}, expected 2 integers [w_tiles, h_tiles]")
+    return tuple(check_int(int(v), f"forward_vendor: {name} tiles") for v in values)
