@@ -111,3 +111,14 @@ def _host_kind(module) -> str | None:
     if hasattr(module, "_pixel_values_to_embedding"):
         return "vllm"
     return None
+
+
+class PatchAfterLoading:
+    """Mixin for a host's model class: the model patches itself once its weights are loaded (how the vLLM plugin
+    and SGLang's registry use gundam); GUNDAM_BACKEND picks the backend (default "auto")."""
+
+    def load_weights(self, weights):
+        import os
+        loaded = super().load_weights(weights)
+        patch(self, backend=os.environ.get("GUNDAM_BACKEND", "auto"))
+        return loaded

@@ -7,18 +7,9 @@ server (SGLang's documented way to add a model implementation without changing i
 
 (`UnlimitedOCRForCausalLM` likewise, for baidu/Unlimited-OCR, where that SGLang has it.) `GUNDAM_BACKEND` picks
 the backend (default "auto")."""
-import os
-
 from sglang.srt.models import deepseek_ocr
 
-from gundam.hosts import patch
-
-
-class PatchAfterLoading:
-    def load_weights(self, weights):
-        loaded = super().load_weights(weights)
-        patch(self, backend=os.environ.get("GUNDAM_BACKEND", "auto"))
-        return loaded
+from gundam.hosts import PatchAfterLoading
 
 
 class DeepseekOCRForCausalLM(PatchAfterLoading, deepseek_ocr.DeepseekOCRForCausalLM):

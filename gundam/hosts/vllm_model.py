@@ -1,21 +1,14 @@
 """vLLM's DeepSeek-OCR models, patched after they load their weights (imported by vLLM only, through the plugin
 in gundam.hosts.vllm when GUNDAM_PATCH_VLLM=1). vLLM finds a subclass's multimodal processor through the MRO
 (its ClassRegistry), so the subclasses need no registration of their own."""
-import os
-
 from vllm.model_executor.models import deepseek_ocr
 
-from gundam.hosts import patch
+from gundam import hosts
 
 
-class PatchAfterLoading:
+class PatchAfterLoading(hosts.PatchAfterLoading):
     # vLLM reads encoder-CUDA-graph support off the class too: the patched encoder runs eagerly
     encoder_cudagraph_forward = None
-
-    def load_weights(self, weights):
-        loaded = super().load_weights(weights)
-        patch(self, backend=os.environ.get("GUNDAM_BACKEND", "auto"))
-        return loaded
 
 
 class DeepseekOCRForCausalLM(PatchAfterLoading, deepseek_ocr.DeepseekOCRForCausalLM):
