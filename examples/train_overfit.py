@@ -65,7 +65,8 @@ class Block(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model))
+        d = cfg.d_model
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x):
         B, L, C = x.shape
@@ -226,22 +227,23 @@ def train(args, emit=print) -> dict:
         make_overfit_set(data_dir, seed=args.seed, n=args.images or 10)
         print(f"rendered the overfit set into {data_dir} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     dataset = GundamDataset.from_jsonl(os.path.join(data_dir, "records.jsonl"), mode, limit=args.images)
-    budget = args.views
     cached = Cached(dataset)
-    sampler = ViewBudgetSampler(dataset.views, budget, seed=args.seed)
+    sampler = ViewBudgetSampler(dataset.views, args.views, seed=args.seed)
     loader = DataLoader(cached, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers,
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    eval_loader = DataLoader(cached, batch_sampler=ViewBudgetSampler(dataset.views, budget, shuffle=False),
+    eval_loader = DataLoader(cached, batch_sampler=ViewBudgetSampler(dataset.views, args.views, shuffle=False),
                              collate_fn=collate)
     encoder, decoder = build(args, dataset, device)
     if args.backend == "triton":
         refuse_untrainable(encoder, next(iter(eval_loader)), device)
     params = list(encoder.parameters()) + list(decoder.parameters())
-    optimizer = torch.optim.AdamW([{"params": list(encoder.parameters()), "lr": args.lr if args.encoder_lr is None else args.encoder_lr},
+    encoder_lr = args.lr if args.encoder_lr is None else args.encoder_lr
+    optimizer = torch.optim.AdamW([{"params": list(encoder.parameters()), "lr": encoder_lr},
                                    {"params": list(decoder.parameters()), "lr": args.lr}], weight_decay=0.0)
     n_enc, n_dec = (sum(p.numel() for p in m.parameters()) for m in (encoder, decoder))
-    print(f"{len(dataset)} images, mode {mode.base_size}/{mode.image_size} (crops {'on' if mode.crop_mode else 'off'}), "
-          f"{len(sampler)} batches of <= {budget} views per epoch; encoder {n_enc / 1e6:.2f}M params, "
+    crops = f"{mode.image_size} px crops" if mode.crop_mode else "no crops"
+    print(f"{len(dataset)} images: {mode.base_size} px global views, {crops}; "
+          f"{len(sampler)} batches of <= {args.views} views per epoch; encoder {n_enc / 1e6:.2f}M params, "
           f"decoder {n_dec / 1e6:.2f}M; {device}, backend {args.backend}", file=sys.stderr)
 
     initial, _ = evaluate(encoder, decoder, eval_loader, device)
@@ -275,7 +277,8 @@ def save(out_dir, encoder: GundamEncoder, decoder: Decoder):
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     # encoder keys are the vendor's: GundamEncoder.from_pretrained(path, config=...) loads the file
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, os.path.join(out_dir, "encoder.safetensors"),
+    state = {k: v.contiguous() for k, v in encoder.state_dict().items()}
+    save_file(state, os.path.join(out_dir, "encoder.safetensors"),
               metadata={"config": json.dumps(asdict(encoder.config))})
     save_file(decoder.state_dict(), os.path.join(out_dir, "decoder.safetensors"),
               metadata={"config": json.dumps(asdict(decoder.cfg))})

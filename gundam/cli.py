@@ -1,4 +1,4 @@
-"""The `gundam` command: encode images, count tokens, estimate cost, render the overfit set."""
+"""The `gundam` command: encode images, count tokens, estimate cost."""
 from __future__ import annotations
 
 import argparse
@@ -191,7 +191,8 @@ def cmd_make_overfit_set(args) -> int:
     try:
         import matplotlib  # noqa: F401 - the charts are drawn with it
     except ImportError:
-        raise RuntimeError("make-overfit-set draws its charts with matplotlib: pip install 'gundam-encoder[data]'") from None
+        raise RuntimeError("make-overfit-set draws its charts with matplotlib: "
+                           "pip install 'gundam-encoder[data]'") from None
     from gundam.overfit import make_overfit_set
 
     t0 = time.perf_counter()

@@ -39,7 +39,7 @@ class Record:
 
 
 def read_records(path) -> list[Record]:
-    """Records from a JSONL file, one object per line (blank lines skipped)."""
+    """Records from a JSONL file, one object per line (blank lines skipped, other fields ignored)."""
     names = [f.name for f in fields(Record)]
     records = []
     with open(path, encoding="utf-8") as f:
@@ -56,6 +56,9 @@ def read_records(path) -> list[Record]:
                 raise ValueError(f"{where}: missing fields {missing}: expected {names}")
             for key in ("width", "height"):
                 check_int(obj[key], f"{where}: {key}")
+            for key in ("id", "image", "source", "type", "prompt", "answer"):
+                if not isinstance(obj[key], str):
+                    raise ValueError(f"{where}: {key}={obj[key]!r}: expected a string")
             records.append(Record(**{k: obj[k] for k in names}))
     return records
 
@@ -116,7 +119,7 @@ class RecordBatch:
     """A collated batch: the encoder's `Batch` (uint8 pixels) and the records, in the same image order."""
     batch: Batch
     records: list[Record]
-    crop_offsets: torch.Tensor  # int64 [n_images + 1]: image i's crops are batch.crops[crop_offsets[i]:crop_offsets[i+1]]
+    crop_offsets: torch.Tensor  # int64 [n_images + 1]: image i's crops are crops[crop_offsets[i]:crop_offsets[i+1]]
 
     @property
     def offsets(self) -> torch.Tensor:

@@ -3,7 +3,7 @@
 4 receipts (dense small monospace text, long and narrow), 3 charts (matplotlib: fine tick labels, legends;
 wide) and 3 scene-text images (signs on brick, stucco or wood, in perspective). Paper texture, slight rotation,
 sensor noise and JPEG compression make them look photographed. Sizes are fixed so that, in Gundam mode, they
-cover ten different crop grids (1x2 .. 1x5 receipts, 3x2 / 2x1 / 3x1 charts, 2x2 / 2x3 / 3x2 scenes).
+cover nine different crop grids (1x2 .. 1x5 receipts, 3x2 / 2x1 / 3x1 charts, 2x2 / 2x3 / 3x2 scenes).
 
 Fonts are the DejaVu faces matplotlib ships and Pillow's built-in default font: nothing from the system, nothing
 downloaded. Each image draws from its own generator seeded by (seed, index), so rendering the first n images
@@ -20,6 +20,7 @@ import os
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
+from gundam.config import check_int
 from gundam.data import Record, write_records
 
 PROMPT = "<image>\nFree OCR."   # the same for every image: only the vision tokens tell the images apart
@@ -36,8 +37,10 @@ TYPES = {"receipt": "receipt_ocr", "chart": "chart_ocr", "scene": "scene_text_oc
 
 def make_overfit_set(out_dir, seed: int = 0, n: int = len(SPECS)) -> list[Record]:
     """Render the first `n` images into out_dir/images and write out_dir/records.jsonl; returns the records."""
-    if not 1 <= n <= len(SPECS):
-        raise ValueError(f"n={n}: expected 1..{len(SPECS)} images")
+    check_int(n, "n", 1, len(SPECS))
+    check_int(seed, "seed", lo=0)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{os.fspath(out_dir)!r} is a file: expected a directory (or a path to create one at)")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     records, counts = [], dict.fromkeys(TYPES, 0)
     for index, (kind, w, h) in enumerate(SPECS[:n]):
@@ -160,9 +163,9 @@ def receipt(w: int, h: int, rng) -> tuple[Image.Image, str]:
             (_two(f"{month:02d}/{day:02d}/2024 {hour:02d}:{minute:02d}", f"REG {rng.integers(1, 9)}", cols), False),
             (_two(f"TRANS {rng.integers(1000, 9999)}", f"CASHIER {rng.integers(10, 99)}", cols), False),
             ("-" * cols, False)]
-    tail_len = 13
+    tail_len = 13                                           # the lines after the items, below
     body, total, count = [], 0.0, 0
-    while len(head) + len(body) + tail_len + 2 <= n_lines:
+    while len(head) + len(body) + tail_len + 2 <= n_lines:  # room for one more item (up to two lines)
         name = ITEMS[int(rng.integers(len(ITEMS)))]
         qty, price = int(rng.choice([1, 1, 1, 2, 3])), round(float(rng.uniform(0.5, 24)), 2)
         amount = round(qty * price, 2)
@@ -189,7 +192,8 @@ def receipt(w: int, h: int, rng) -> tuple[Image.Image, str]:
     draw = ImageDraw.Draw(layer)
     for i, (text, strong) in enumerate(lines):
         ink = int(rng.integers(25, 70))                 # thermal print fades unevenly from line to line
-        draw.text((margin, margin + i * step), text, font=font(bold if strong else mono, size), fill=(ink, ink, ink + 5))
+        face = font(bold if strong else mono, size)
+        draw.text((margin, margin + i * step), text, font=face, fill=(ink, ink, ink + 5))
     # a torn bottom edge: up to 8 px cut away, varying along the edge
     tear = ph - 1 - rng.integers(0, 9, pw // 12 + 2).repeat(12)[:pw]
     ImageDraw.Draw(layer).point([(x, y) for x in range(pw) for y in range(tear[x] + 1, ph)], fill=(0, 0, 0, 0))
@@ -260,7 +264,7 @@ def line_chart(ax, rng):
         start, growth = rng.uniform(200, 900), rng.uniform(-8, 30)
         y = start + growth * x + 60 * np.sin(x / 2 + rng.uniform(0, 6)) + rng.normal(0, 25, months)
         ax.plot(x, np.maximum(y, 10), marker="o", markersize=3, linewidth=1.4, label=name)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=10, title=None)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=10)
     ax.grid(True, linewidth=0.4, alpha=0.6)
     year = int(rng.integers(2015, 2023))
     xt = _ticks(ax, "x", x[::2], [f"{MONTHS[i % 12]} {year + i // 12}" for i in x[::2]])
@@ -399,7 +403,8 @@ def wall(kind: str, w: int, h: int, rng) -> Image.Image:
         for x in range(0, w, 260):                                            # dark joints between planks
             draw.rectangle((x, 0, x + 5, h), fill=(60, 40, 25))
         return image
-    return tinted(Image.new("RGB", (w, h), (220, 206, 176)), field(rng, w, h, 4, 0.85, 1), field(rng, w, h, 90, 0.85, 1))
+    stucco = Image.new("RGB", (w, h), (220, 206, 176))
+    return tinted(stucco, field(rng, w, h, 4, 0.85, 1), field(rng, w, h, 90, 0.85, 1))
 
 
 def scene(w: int, h: int, rng) -> tuple[Image.Image, str]:

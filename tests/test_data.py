@@ -39,7 +39,8 @@ def test_records_roundtrip_and_bad_lines(tmp_path):
     assert [(r.width, r.height) for r in records] == list(SIZES) and records[2].answer == "page 2"
     good = json.loads(path.read_text().splitlines()[0])
     for bad, message in (("{not json", "not JSON"), (json.dumps({"id": "x"}), "missing fields"),
-                         (json.dumps({**good, "width": 12.5}), "width=12.5")):
+                         (json.dumps({**good, "width": 12.5}), "width=12.5"),
+                         (json.dumps({**good, "answer": 7}), "answer=7: expected a string")):
         (tmp_path / "bad.jsonl").write_text(json.dumps(good) + "\n\n" + bad + "\n")
         with pytest.raises(ValueError, match=rf"bad.jsonl:3: .*{re.escape(message)}"):
             read_records(tmp_path / "bad.jsonl")
@@ -172,8 +173,8 @@ def test_make_overfit_set_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     records = read_records(tmp_path / "records.jsonl")
     assert {rec.id: crop_grid(rec.width, rec.height, "gundam") for rec in records} == GRIDS
-    assert [rec.type for rec in records].count("receipt_ocr") == 4
-    assert [rec.type for rec in records].count("chart_ocr") == [rec.type for rec in records].count("scene_text_ocr") == 3
+    types = [rec.type for rec in records]
+    assert (types.count("receipt_ocr"), types.count("chart_ocr"), types.count("scene_text_ocr")) == (4, 3, 3)
     assert len({rec.prompt for rec in records}) == 1 and records[0].prompt.startswith("<image>")
     assert len({rec.answer[:200] for rec in records}) == 10
     for rec in records:
