@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -162,14 +161,6 @@ def parse_mode(text: str, max_crops: int | None) -> Mode:
 # ----------------------------------------------------------------------------------------------------------
 # training
 
-def enable_checkpointing(encoder: GundamEncoder):
-    """Recompute each SAM block and CLIP layer in the backward pass instead of keeping its activations.
-    A stopgap that wraps the modules' forwards from outside, until the encoder has its own switch."""
-    for module in [*encoder.sam_model.blocks, *encoder.vision_model.transformer.layers]:
-        forward = module.forward
-        module.forward = lambda x, forward=forward: checkpoint(forward, x, use_reentrant=False)
-
-
 def build(args, dataset: GundamDataset, device) -> tuple[GundamEncoder, Decoder]:
     torch.manual_seed(args.seed)
     if args.weights:
@@ -177,7 +168,7 @@ def build(args, dataset: GundamDataset, device) -> tuple[GundamEncoder, Decoder]
     else:
         encoder = GundamEncoder(small_encoder_config(), backend=args.backend).to(device)
     if args.checkpointing:
-        enable_checkpointing(encoder)
+        encoder.gradient_checkpointing_enable()   # each SAM block and CLIP layer recomputed in the backward
     # any image's tokens with any text: the swap loss pairs answers with other images
     max_len = max(lay.tokens for lay in dataset.layouts) + max(sum(map(len, text_of(r))) for r in dataset.records)
     decoder = Decoder(DecoderConfig(encoder.config.projector.n_embed, max_len)).to(device)
