@@ -6,10 +6,10 @@ we read registers and spills (ptxas -v on the same PTX), shared memory (Triton's
 ptxas's performance warnings, the occupancy they allow, and whether tensor-core instructions were emitted
 (HMMA on sm_80, HGMMA/wgmma on sm_90, from the SASS).
 
-The PTX is assembled twice with `ptxas -v`: with Triton's own flags (the cubin a launch runs: registers,
-spills) and with no flags besides the target (what anyone re-assembling the PTX sees). A warning from either
-(e.g. "(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized") or spill in either is
-a problem (`problems`).
+The PTX is assembled twice with `ptxas -v`: as Triton does (its ptxas for the arch and its flags: the cubin a
+launch runs, registers, spills) and with the wheel's ptxas-blackwell and no flags besides the target (what
+anyone re-assembling the PTX sees). A warning from either (e.g. "(C7515) Potential Performance Loss:
+wgmma.mma_async instructions are serialized") or a spill in either is a problem (`problems`).
 
 Registering a kernel: give its module in `gundam.kernels` a `COMPILE_CONFIGS` list of dicts with
   name, kernel, signature (arg -> "*bf16" / "i32" / "fp32" / "constexpr"), constexprs   (required)
@@ -127,13 +127,13 @@ def _bin(tool):
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
-def _ptxas(ptx, arch, flags):
-    """Run the wheel's ptxas for sm_<arch> on the PTX with `flags` + -v; returns its log."""
+def _ptxas(ptx, arch, flags, ptxas):
+    """Run `ptxas` on the PTX for sm_<arch> with `flags` + -v; returns its log."""
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        cmd = [get_ptxas(arch).path, *flags, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+        cmd = [ptxas, *flags, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
                "-o", os.path.join(d, "k.o")]
         res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -156,10 +156,13 @@ def _parse_ptxas(log):
 
 
 def _ptxas_usage(ptx, arch):
-    """ptxas -v with Triton's flags (registers, spills, smem of the real cubin) and with none (warnings and
-    spills of a plain re-assembly): (regs, spill stores, spill loads, static smem, warnings)."""
-    regs, st, ld, smem, warnings = _parse_ptxas(_ptxas(ptx, arch, ["-lineinfo", "--regAllocOptLevel=2"]))
-    _, pst, pld, _, plain = _parse_ptxas(_ptxas(ptx, arch, []))
+    """ptxas -v as Triton runs it (its ptxas for the arch and its flags: registers, spills, smem of the real
+    cubin) and the wheel's newest ptxas (ptxas-blackwell) with no flags (warnings and spills of a plain
+    re-assembly): (regs, spill stores, spill loads, static smem, warnings)."""
+    triton_flags = ["-lineinfo", "--regAllocOptLevel=2"]
+    regs, st, ld, smem, warnings = _parse_ptxas(_ptxas(ptx, arch, triton_flags, get_ptxas(arch).path))
+    newest = _bin("ptxas-blackwell") if os.path.exists(_bin("ptxas-blackwell")) else get_ptxas(arch).path
+    _, pst, pld, _, plain = _parse_ptxas(_ptxas(ptx, arch, [], newest))
     if pst or pld:
         plain.append(f"plain re-assembly spills: {pst} B stores, {pld} B loads")
     return regs, st, ld, smem, list(dict.fromkeys(warnings + plain))
