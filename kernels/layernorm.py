@@ -141,21 +141,17 @@ def _forward(x, weight, bias, eps, residual, num_warps):
 def _backward(dy, dh, h, weight, eps, num_warps):
     """(dx [T, C], dw [C], db [C]) for y = LN(h) * w + b, with dh the gradient arriving on h (or None)."""
     T, C = h.shape
-    dy = dy.contiguous() if dy.stride(-1) != 1 else dy
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dh = dh if dh is None or dh.stride(-1) == 1 else dh.contiguous()
     dx = torch.empty_like(h, memory_format=torch.contiguous_format)
     programs = max(1, min(T, 512))                       # enough programs to fill a GPU; partials stay small
-    rows = triton.cdiv(max(T, 1), programs)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    dw = torch.empty(programs, C, dtype=acc, device=h.device)
-    db = torch.empty(programs, C, dtype=acc, device=h.device)
-    if T == 0:
-        dw.zero_(), db.zero_()
-    else:
-        if dh is not None and dh.stride(-1) != 1:
-            dh = dh.contiguous()
+    dw = torch.zeros(programs, C, dtype=acc, device=h.device)
+    db = torch.zeros(programs, C, dtype=acc, device=h.device)
+    if T > 0:
         _layer_norm_bwd_kernel[(programs,)](
             dy, dh if dh is not None else dy, h, weight.contiguous(), dx, dw, db,
-            T, C, float(eps), rows,
+            T, C, float(eps), triton.cdiv(T, programs),
             dy.stride(0), dh.stride(0) if dh is not None else 0, h.stride(0), dx.stride(0),
             HAS_DH=dh is not None, BLOCK_N=triton.next_power_of_2(C), ACC=_acc(h.dtype), num_warps=num_warps,
         )
@@ -174,9 +170,7 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh=None):
-        h, weight = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(h)
+        h, weight = ctx.saved_tensors     # autograd passes zeros for an unused output (materialize_grads)
         dx, dw, db = _backward(dy, dh, h, weight, ctx.eps, ctx.num_warps)
         # h = x + residual: both get dh_total
         return dx, dw, db, None, dx if ctx.has_residual else None, None
