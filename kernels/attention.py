@@ -73,7 +73,9 @@ PROG_COLS = SEG_COLS + 1
 _TOKEN, _H, _W, _ROW0, _COL0, _GH, _GW, _RH_OFF, _RW_OFF, _Q0 = map(tl.constexpr, range(PROG_COLS))
 
 LOG2E = 1.4426950408889634
-RELPOS_BLOCK_M = 32     # query block of _relpos_kernel
+RELPOS_BLOCK_M = 32     # query block of _relpos_kernel and _relpos_bwd_kernel
+RELPOS_BWD_SUB_BLOCKS = 4   # query blocks per _relpos_bwd_kernel program: fewer partial table gradients
+DTYPES = (*FLOAT_DTYPES, torch.float64)   # fp64: gradient checks in Triton's interpreter
 
 
 class View(NamedTuple):
@@ -113,7 +115,7 @@ class SegmentTable:
     rel_sizes_w: tuple
     class_token: bool           # CLIP groups: no rel-pos
     group_shapes: tuple = ()    # ((GH, GW), number of groups) pairs: block-size choice without a device read
-    programs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # (BLOCK_M, TAIL_M): table
+    programs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # blocking: device table
 
     @property
     def num_groups(self):
@@ -127,6 +129,36 @@ class SegmentTable:
                      for q0, _ in query_blocks(row[SEG_GH] * row[SEG_GW], block_m, tail_m)]
             self.programs[key] = torch.tensor(progs, dtype=torch.int32, device=self.device).reshape(-1, PROG_COLS)
         return self.programs[key]
+
+    def key_tile_table(self, block_kh, block_kw):
+        """int32 [P, PROG_COLS] on `device`: one row per (group, key tile) of the backward's dK/dV kernel, the
+        tile's index (row-major over the group's BLOCK_KH x BLOCK_KW tiles) in the PROG_Q0 column."""
+        key = ("key_tiles", block_kh, block_kw)
+        if key not in self.programs:
+            progs = [(*row, t) for row in self.rows.tolist()
+                     for t in range(-(-row[SEG_GH] // block_kh) * -(-row[SEG_GW] // block_kw))]
+            self.programs[key] = torch.tensor(progs, dtype=torch.int32, device=self.device).reshape(-1, PROG_COLS)
+        return self.programs[key]
+
+    def relpos_backward_table(self, block_m):
+        """(int32 [P, PROG_COLS] on `device`, runs): the rel-pos backward's programs, one per block_m queries of
+        every group, groups sorted by shape; runs = [(GH, GW, RH_OFF, RW_OFF, first program, end)] so the
+        partial table gradients of one shape are one contiguous range of programs (a deterministic sum)."""
+        rows = sorted(self.rows.tolist(), key=lambda r: (r[SEG_GH], r[SEG_GW]))    # stable: groups in order
+        runs, start = [], 0
+        for row in rows:
+            n = len(query_blocks(row[SEG_GH] * row[SEG_GW], block_m, block_m))
+            shape = (row[SEG_GH], row[SEG_GW], row[SEG_RH_OFF], row[SEG_RW_OFF])
+            if runs and runs[-1][:4] == shape:
+                runs[-1] = (*shape, runs[-1][4], start + n)
+            else:
+                runs.append((*shape, start, start + n))
+            start += n
+        key = ("relpos_backward", block_m)
+        if key not in self.programs:
+            progs = [(*row, q0) for row in rows for q0, _ in query_blocks(row[SEG_GH] * row[SEG_GW], block_m, block_m)]
+            self.programs[key] = torch.tensor(progs, dtype=torch.int32, device=self.device).reshape(-1, PROG_COLS)
+        return self.programs[key], runs
 
     def to(self, device):
         device = _device(device)
@@ -251,24 +283,57 @@ def pack_rel_pos(tables, sizes):
 # ------------------------------------------------------------------------------------------------ kernels
 
 @triton.jit
-def _block_queries(prog, BLOCK_M: tl.constexpr):
-    """A program's group and query block: positions in the group, realness, packed token index."""
-    tok0 = tl.load(prog + _TOKEN)
-    H = tl.load(prog + _H)
-    W = tl.load(prog + _W)
-    R0 = tl.load(prog + _ROW0)
-    C0 = tl.load(prog + _COL0)
-    GH = tl.load(prog + _GH)
-    GW = tl.load(prog + _GW)
+def _group(prog):
+    """A program's group: token offset of the view, view H x W, group origin (R0, C0), group GH x GW."""
+    return (tl.load(prog + _TOKEN), tl.load(prog + _H), tl.load(prog + _W), tl.load(prog + _ROW0),
+            tl.load(prog + _COL0), tl.load(prog + _GH), tl.load(prog + _GW))
+
+
+@triton.jit
+def _queries(q0, tok0, H, W, R0, C0, GH, GW, BLOCK_M: tl.constexpr):
+    """Queries q0 .. q0 + BLOCK_M - 1 of a group: positions in the group, realness, packed token index."""
     # queries: a flat run of the group's row-major index, addressed in the packed layout
-    offs_m = tl.load(prog + _Q0) + tl.arange(0, BLOCK_M)
+    offs_m = q0 + tl.arange(0, BLOCK_M)
     q_gh = offs_m // GW
     q_gw = offs_m % GW
     q_y = R0 + q_gh
     q_x = C0 + q_gw
     q_real = (offs_m < GH * GW) & (q_y < H) & (q_x < W)  # padded / out-of-group rows: computed, not stored
     q_tok = (tok0 + q_y * W + q_x).to(tl.int64)
+    return q_gh, q_gw, q_real, q_tok
+
+
+@triton.jit
+def _block_queries(prog, BLOCK_M: tl.constexpr):
+    """A program's group and query block: positions in the group, realness, packed token index."""
+    tok0, H, W, R0, C0, GH, GW = _group(prog)
+    q_gh, q_gw, q_real, q_tok = _queries(tl.load(prog + _Q0), tok0, H, W, R0, C0, GH, GW, BLOCK_M)
     return tok0, H, W, R0, C0, GH, GW, q_gh, q_gw, q_real, q_tok
+
+
+@triton.jit
+def _key_tile(t, n_col_tiles, H, W, R0, C0, GH, GW, k_view, pad_k_ptr, stride_qkv_t,
+              BLOCK_KH: tl.constexpr, BLOCK_KW: tl.constexpr, ALIGNED: tl.constexpr):
+    """Key tile t of a group (row-major over BLOCK_KH x BLOCK_KW rectangles): its origin, which keys are in
+    the group (padding included) and which are tokens, their token index within the view, and each key's k row
+    (the bias row for padded keys)."""
+    BLOCK_N: tl.constexpr = BLOCK_KH * BLOCK_KW
+    offs_n = tl.arange(0, BLOCK_N)
+    kh0 = (t // n_col_tiles) * BLOCK_KH
+    kw0 = (t % n_col_tiles) * BLOCK_KW
+    k_gh = kh0 + offs_n // BLOCK_KW
+    k_gw = kw0 + offs_n % BLOCK_KW
+    k_in = (k_gh < GH) & (k_gw < GW)                 # inside the group (padding included)
+    k_y = R0 + k_gh
+    k_x = C0 + k_gw
+    k_real = k_in & (k_y < H) & (k_x < W)
+    # one pointer select per key row, and v = k + stride_qkv_s for token and bias rows alike: fewer live
+    # 64-bit values (125 registers for the 8-warp global config on sm_90: 2 CTAs per SM)
+    k_idx = k_y * W + k_x
+    k_rows = tl.where(k_real, k_view + k_idx * stride_qkv_t, pad_k_ptr)
+    if ALIGNED:     # the select hides the rows' 16-byte alignment from Triton; without it no cp.async
+        k_rows = tl.multiple_of(k_rows, 16)
+    return kh0, kw0, k_in, k_real, k_idx, k_rows
 
 
 @triton.jit
@@ -284,7 +349,7 @@ def _store_rel(q, q_g, q_real, table_ptr, stride_table, OFF, G, offs_d, out_base
     k = q_g[:, None] + G - 1 - offs_r[None, :]                                    # table row i -> key k
     tl.store(out_base + (out_rows[:, None] + k), p, mask=q_real[:, None] & (k >= 0) & (k < G))
     pad = q_real[:, None] & ((offs_r >= G) & (offs_r < row_len))[None, :]
-    tl.store(out_base + (out_rows[:, None] + offs_r[None, :]), tl.full(p.shape, float("-inf"), tl.float32),
+    tl.store(out_base + (out_rows[:, None] + offs_r[None, :]), tl.full(p.shape, float("-inf"), p.dtype),
              mask=pad)
 
 
@@ -320,11 +385,12 @@ def _relpos_kernel(
 
 @triton.jit
 def _attend(
-    prog, head, qkv_ptr, kvpad_ptr, relh_ptr, relw_ptr, out_ptr, qk_scale,
+    prog, head, qkv_ptr, kvpad_ptr, relh_ptr, relw_ptr, out_ptr, lse_ptr, qk_scale,
     stride_qkv_t, stride_qkv_s, stride_qkv_h,
-    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t, stride_out_t, stride_out_h,
+    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t, stride_out_t, stride_out_h, stride_lse_head,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_KW: tl.constexpr,
-    HAS_REL: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_LSE: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One query block of one group, one head: flash attention over the group's key tiles."""
     tok0, H, W, R0, C0, GH, GW, q_gh, q_gw, q_real, q_tok = _block_queries(prog, BLOCK_M)
@@ -337,7 +403,6 @@ def _attend(
 
     # keys: BLOCK_KH x BLOCK_KW sub-rectangles of the group grid; key j of a block is at (j // KW, j % KW)
     BLOCK_N: tl.constexpr = BLOCK_KH * BLOCK_KW
-    offs_n = tl.arange(0, BLOCK_N)
     offs_kr = tl.arange(0, BLOCK_KH)
     offs_kc = tl.arange(0, BLOCK_KW)
     # real keys: int32 offsets from the view's first k row (the launcher checks a view's span fits);
@@ -350,23 +415,12 @@ def _attend(
     # is written between the last wgmma and its wait: ptxas then serializes every wgmma (C7515).
     tl.assume(n_tiles > 0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
     for t in range(0, n_tiles):
-        kh0 = (t // n_col_tiles) * BLOCK_KH
-        kw0 = (t % n_col_tiles) * BLOCK_KW
-        k_gh = kh0 + offs_n // BLOCK_KW
-        k_gw = kw0 + offs_n % BLOCK_KW
-        k_in = (k_gh < GH) & (k_gw < GW)                 # inside the group (padding included)
-        k_y = R0 + k_gh
-        k_x = C0 + k_gw
-        k_real = k_in & (k_y < H) & (k_x < W)
-        # one pointer select per key row, and v = k + stride_qkv_s for token and bias rows alike: fewer live
-        # 64-bit values (125 registers for the 8-warp global config on sm_90: 2 CTAs per SM)
-        k_rows = tl.where(k_real, k_view + (k_y * W + k_x) * stride_qkv_t, pad_k_ptr)
-        if ALIGNED:     # the select hides the rows' 16-byte alignment from Triton; without it no cp.async
-            k_rows = tl.multiple_of(k_rows, 16)
+        kh0, kw0, k_in, k_real, k_idx, k_rows = _key_tile(t, n_col_tiles, H, W, R0, C0, GH, GW, k_view, pad_k_ptr,
+                                                   stride_qkv_t, BLOCK_KH, BLOCK_KW, ALIGNED)
         v_rows = k_rows + stride_qkv_s
         k = tl.load(k_rows[:, None] + offs_d[None, :], mask=k_in[:, None], other=0.0)      # [BLOCK_N, D]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                       # [BLOCK_M, BLOCK_N]
@@ -395,32 +449,261 @@ def _attend(
     acc = acc / l_i[:, None]
     out_ptrs = out_ptr + q_tok[:, None] * stride_out_t + head * stride_out_h + offs_d[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_real[:, None])
+    if HAS_LSE:     # natural-log log-sum-exp of the scores, for the backward
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(lse_ptr + head.to(tl.int64) * stride_lse_head + q_tok, lse, mask=q_real)
 
 
 @triton.jit
 def _attention_kernel(
-    qkv_ptr, kvpad_ptr, prog_ptr, relh_ptr, relw_ptr, out_ptr,
+    qkv_ptr, kvpad_ptr, prog_ptr, relh_ptr, relw_ptr, out_ptr, lse_ptr,
     qk_scale,
     stride_qkv_t, stride_qkv_s, stride_qkv_h,
     stride_prog,
     stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t,
-    stride_out_t, stride_out_h,
+    stride_out_t, stride_out_h, stride_lse_head,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_KH: tl.constexpr,
-    BLOCK_KW: tl.constexpr, HAS_REL: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_KW: tl.constexpr, HAS_REL: tl.constexpr, HAS_LSE: tl.constexpr, ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     # program = (group, query block) x head; a group's last block is a TAIL_M one when its queries fit
     prog = prog_ptr + tl.program_id(0) * stride_prog
     head = tl.program_id(1)
-    args = (prog, head, qkv_ptr, kvpad_ptr, relh_ptr, relw_ptr, out_ptr, qk_scale,
+    args = (prog, head, qkv_ptr, kvpad_ptr, relh_ptr, relw_ptr, out_ptr, lse_ptr, qk_scale,
             stride_qkv_t, stride_qkv_s, stride_qkv_h,
-            stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t, stride_out_t, stride_out_h)
+            stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t, stride_out_t, stride_out_h,
+            stride_lse_head)
+    flags = (HAS_REL, HAS_LSE, ALIGNED, DOT_PRECISION, ACC)
     if TAIL_M < BLOCK_M:
         if tl.load(prog + _GH) * tl.load(prog + _GW) - tl.load(prog + _Q0) <= TAIL_M:
-            _attend(*args, HEAD_DIM, TAIL_M, BLOCK_KH, BLOCK_KW, HAS_REL, ALIGNED, DOT_PRECISION)
+            _attend(*args, HEAD_DIM, TAIL_M, BLOCK_KH, BLOCK_KW, *flags)
         else:
-            _attend(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, HAS_REL, ALIGNED, DOT_PRECISION)
+            _attend(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, *flags)
     else:
-        _attend(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, HAS_REL, ALIGNED, DOT_PRECISION)
+        _attend(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, *flags)
+
+
+@triton.jit
+def _attend_dq(
+    prog, head, qkv_ptr, kvpad_ptr, relh_ptr, relw_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, drelh_ptr, drelw_ptr,
+    qk_scale, scale,
+    stride_qkv_t, stride_qkv_s, stride_qkv_h,
+    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t, stride_do_t, stride_do_h, stride_lse_head,
+    stride_dq_t, stride_dq_h,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_KW: tl.constexpr,
+    HAS_REL: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """dQ of one query block of one group, one head, over the group's key tiles (the forward's loop, with P
+    recomputed from the log-sum-exp); with rel-pos also dRel_h = sum over kw of dS (one tile's rows kh0.. at a
+    time) and dRel_w = sum over kh of dS (key tiles span whole group rows: accumulated in registers)."""
+    tok0, H, W, R0, C0, GH, GW, q_gh, q_gw, q_real, q_tok = _block_queries(prog, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
+                mask=q_real[:, None], other=0.0)
+    do = tl.load(do_ptr + q_tok[:, None] * stride_do_t + head * stride_do_h + offs_d[None, :],
+                 mask=q_real[:, None], other=0.0)
+    # padded queries: lse = +inf gives P = 0, so they add nothing anywhere
+    lse2 = tl.load(lse_ptr + head.to(tl.int64) * stride_lse_head + q_tok, mask=q_real,
+                   other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + head.to(tl.int64) * stride_lse_head + q_tok, mask=q_real, other=0.0)
+    if HAS_REL:
+        relh_rows = relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t    # [BLOCK_M]
+        relw_rows = relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t
+        drelh_rows = drelh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t
+        drelw_rows = drelw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t
+        drel_w = tl.zeros([BLOCK_M, BLOCK_KW], dtype=ACC)
+
+    BLOCK_N: tl.constexpr = BLOCK_KH * BLOCK_KW
+    offs_kr = tl.arange(0, BLOCK_KH)
+    offs_kc = tl.arange(0, BLOCK_KW)
+    k_view = qkv_ptr + tok0.to(tl.int64) * stride_qkv_t + 1 * stride_qkv_s + head * stride_qkv_h
+    pad_k_ptr = kvpad_ptr + 1 * stride_qkv_s + head * stride_qkv_h
+    n_col_tiles = tl.cdiv(GW, BLOCK_KW)       # 1 with rel-pos (the launcher makes tiles span whole rows)
+    n_tiles = tl.cdiv(GH, BLOCK_KH) * n_col_tiles
+    tl.assume(n_tiles > 0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
+    for t in range(0, n_tiles):
+        kh0, kw0, k_in, k_real, k_idx, k_rows = _key_tile(t, n_col_tiles, H, W, R0, C0, GH, GW, k_view, pad_k_ptr,
+                                                   stride_qkv_t, BLOCK_KH, BLOCK_KW, ALIGNED)
+        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=k_in[:, None], other=0.0)      # [BLOCK_N, D]
+        v = tl.load((k_rows + stride_qkv_s)[:, None] + offs_d[None, :], mask=k_in[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                       # [BLOCK_M, BLOCK_N]
+        if HAS_REL:
+            bh = tl.load(relh_rows[:, None] + (kh0 + offs_kr)[None, :], mask=q_real[:, None], other=0.0)
+            bw = tl.load(relw_rows[:, None] + (kw0 + offs_kc)[None, :], mask=q_real[:, None], other=0.0)
+            s = qk * qk_scale + tl.reshape(bh[:, :, None] + bw[:, None, :], (BLOCK_M, BLOCK_N))
+        else:
+            s = qk * qk_scale + tl.where(k_in, 0.0, float("-inf"))[None, :]
+        p = tl.math.exp2(s - lse2[:, None])                                               # softmax probabilities
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])                                                   # d loss / d score
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        if HAS_REL:
+            ds3 = tl.reshape(ds, (BLOCK_M, BLOCK_KH, BLOCK_KW))
+            # this tile alone covers rows kh0 .. kh0 + KH - 1 of the group: each entry written once
+            tl.store(drelh_rows[:, None] + (kh0 + offs_kr)[None, :], tl.sum(ds3, 2), mask=q_real[:, None])
+            drel_w += tl.sum(ds3, 1)
+
+    dq_ptrs = dq_ptr + q_tok[:, None] * stride_dq_t + head * stride_dq_h + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_real[:, None])
+    if HAS_REL:
+        tl.store(drelw_rows[:, None] + offs_kc[None, :], drel_w, mask=q_real[:, None])
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    qkv_ptr, kvpad_ptr, prog_ptr, relh_ptr, relw_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, drelh_ptr, drelw_ptr,
+    qk_scale, scale,
+    stride_qkv_t, stride_qkv_s, stride_qkv_h,
+    stride_prog,
+    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t,
+    stride_do_t, stride_do_h, stride_lse_head, stride_dq_t, stride_dq_h,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_KH: tl.constexpr,
+    BLOCK_KW: tl.constexpr, HAS_REL: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    # program = (group, query block) x head, the forward's program table
+    prog = prog_ptr + tl.program_id(0) * stride_prog
+    head = tl.program_id(1)
+    args = (prog, head, qkv_ptr, kvpad_ptr, relh_ptr, relw_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, drelh_ptr,
+            drelw_ptr, qk_scale, scale, stride_qkv_t, stride_qkv_s, stride_qkv_h,
+            stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t, stride_do_t, stride_do_h,
+            stride_lse_head, stride_dq_t, stride_dq_h)
+    flags = (HAS_REL, ALIGNED, DOT_PRECISION, ACC)
+    if TAIL_M < BLOCK_M:
+        if tl.load(prog + _GH) * tl.load(prog + _GW) - tl.load(prog + _Q0) <= TAIL_M:
+            _attend_dq(*args, HEAD_DIM, TAIL_M, BLOCK_KH, BLOCK_KW, *flags)
+        else:
+            _attend_dq(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, *flags)
+    else:
+        _attend_dq(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, *flags)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    qkv_ptr, kvpad_ptr, prog_ptr, relh_ptr, relw_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, dpad_ptr,
+    qk_scale, scale,
+    stride_qkv_t, stride_qkv_s, stride_qkv_h,
+    stride_prog,
+    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t,
+    stride_do_t, stride_do_h, stride_lse_head, stride_dqkv_t, stride_dqkv_s, stride_dqkv_h,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_KW: tl.constexpr,
+    HAS_REL: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    # program = (group, key tile) x head, looping over the group's queries in flat runs of BLOCK_M.
+    # Transposed like the scores: s^T [keys, queries], so dV += P^T dO and dK += dS^T Q need no transposes
+    # of register tiles; Q^T, the bias tiles and the row statistics are loaded transposed.
+    prog = prog_ptr + tl.program_id(0) * stride_prog
+    head = tl.program_id(1)
+    tok0, H, W, R0, C0, GH, GW = _group(prog)
+    BLOCK_N: tl.constexpr = BLOCK_KH * BLOCK_KW
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_kr = tl.arange(0, BLOCK_KH)
+    offs_kc = tl.arange(0, BLOCK_KW)
+    k_view = qkv_ptr + tok0.to(tl.int64) * stride_qkv_t + 1 * stride_qkv_s + head * stride_qkv_h
+    pad_k_ptr = kvpad_ptr + 1 * stride_qkv_s + head * stride_qkv_h
+    kh0, kw0, k_in, k_real, k_idx, k_rows = _key_tile(tl.load(prog + _Q0), tl.cdiv(GW, BLOCK_KW), H, W, R0, C0, GH, GW,
+                                               k_view, pad_k_ptr, stride_qkv_t, BLOCK_KH, BLOCK_KW, ALIGNED)
+    k = tl.load(k_rows[:, None] + offs_d[None, :], mask=k_in[:, None], other=0.0)          # [BLOCK_N, D]
+    v = tl.load((k_rows + stride_qkv_s)[:, None] + offs_d[None, :], mask=k_in[:, None], other=0.0)
+    k_add = tl.where(k_in, 0.0, float("-inf"))       # out-of-group keys (no rel-pos: the tables do it otherwise)
+
+    n_q = GH * GW
+    tl.assume(n_q > 0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+    for q0 in range(0, n_q, BLOCK_M):
+        q_gh, q_gw, q_real, q_tok = _queries(q0, tok0, H, W, R0, C0, GH, GW, BLOCK_M)
+        qT = tl.load(qkv_ptr + q_tok[None, :] * stride_qkv_t + head * stride_qkv_h + offs_d[:, None],
+                     mask=q_real[None, :], other=0.0)                                  # [D, BLOCK_M]
+        do = tl.load(do_ptr + q_tok[:, None] * stride_do_t + head * stride_do_h + offs_d[None, :],
+                     mask=q_real[:, None], other=0.0)                                  # [BLOCK_M, D]
+        lse2 = tl.load(lse_ptr + head.to(tl.int64) * stride_lse_head + q_tok, mask=q_real,
+                       other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + head.to(tl.int64) * stride_lse_head + q_tok, mask=q_real, other=0.0)
+        qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)                                # [BLOCK_N, BLOCK_M]
+        if HAS_REL:
+            relh_rows = relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t
+            relw_rows = relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t
+            bhT = tl.load(relh_rows[None, :] + (kh0 + offs_kr)[:, None], mask=q_real[None, :], other=0.0)
+            bwT = tl.load(relw_rows[None, :] + (kw0 + offs_kc)[:, None], mask=q_real[None, :], other=0.0)
+            sT = qkT * qk_scale + tl.reshape(bhT[:, None, :] + bwT[None, :, :], (BLOCK_N, BLOCK_M))
+        else:
+            sT = qkT * qk_scale + k_add[:, None]
+        pT = tl.math.exp2(sT - lse2[None, :])
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)                     # [BLOCK_N, BLOCK_M]
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    dk = dk * scale
+
+    # token keys: their rows of dqkv; padded keys (the qkv bias): this program's sums, reduced by the launcher
+    dk_view = dqkv_ptr + tok0.to(tl.int64) * stride_dqkv_t + 1 * stride_dqkv_s + head * stride_dqkv_h
+    dk_ptrs = dk_view + (k_idx * stride_dqkv_t)[:, None] + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(dqkv_ptr.dtype.element_ty), mask=k_real[:, None])
+    tl.store(dk_ptrs + stride_dqkv_s, dv.to(dqkv_ptr.dtype.element_ty), mask=k_real[:, None])
+    pad = (k_in & ~k_real)[:, None]
+    dpad = dpad_ptr + (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + head) * (2 * HEAD_DIM) + offs_d
+    tl.store(dpad, tl.sum(tl.where(pad, dk, 0.0), 0))
+    tl.store(dpad + HEAD_DIM, tl.sum(tl.where(pad, dv, 0.0), 0))
+
+
+@triton.jit
+def _relpos_bwd_kernel(
+    qkv_ptr, prog_ptr, rph_ptr, rpw_ptr, drelh_ptr, drelw_ptr, dq_ptr, dqkv_ptr, part_h_ptr, part_w_ptr,
+    stride_qkv_t, stride_qkv_h,
+    stride_prog, stride_rph, stride_rpw,
+    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t,
+    stride_dq_t, stride_dq_h, stride_dqkv_t, stride_dqkv_h,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_BLOCKS: tl.constexpr, BLOCK_RH: tl.constexpr,
+    BLOCK_RW: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    # The backward of _relpos_kernel, program = (group, SUB_BLOCKS query blocks of BLOCK_M) x head. dRel_h is
+    # gathered back to table rows (the inverse of the forward's scattered store): G_h[q, i] = dRel_h[q, kh]
+    # for i = qh - kh + GH - 1. Then dq = dq(attention) + G_h Rh + G_w Rw, written to dqkv, and this program's
+    # partial dRh = G_h^T q (and dRw), reduced over programs and heads by the launcher.
+    prog = prog_ptr + tl.program_id(0) * stride_prog
+    head = tl.program_id(1)
+    tok0, H, W, R0, C0, GH, GW = _group(prog)
+    q_first = tl.load(prog + _Q0)
+    RH_OFF = tl.load(prog + _RH_OFF)
+    RW_OFF = tl.load(prog + _RW_OFF)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_rh = tl.arange(0, BLOCK_RH)
+    offs_rw = tl.arange(0, BLOCK_RW)
+    rh = tl.load(rph_ptr + (RH_OFF + offs_rh)[:, None] * stride_rph + offs_d[None, :],
+                 mask=(offs_rh < 2 * GH - 1)[:, None], other=0.0)                        # [BLOCK_RH, D]
+    rw = tl.load(rpw_ptr + (RW_OFF + offs_rw)[:, None] * stride_rpw + offs_d[None, :],
+                 mask=(offs_rw < 2 * GW - 1)[:, None], other=0.0)
+    drh_base = drelh_ptr + head.to(tl.int64) * stride_relh_head + tok0.to(tl.int64) * stride_relh_t
+    drw_base = drelw_ptr + head.to(tl.int64) * stride_relw_head + tok0.to(tl.int64) * stride_relw_t
+    acc_h = tl.zeros([BLOCK_RH, HEAD_DIM], dtype=ACC)
+    acc_w = tl.zeros([BLOCK_RW, HEAD_DIM], dtype=ACC)
+    for sub in range(0, SUB_BLOCKS):
+        q_gh, q_gw, q_real, q_tok = _queries(q_first + sub * BLOCK_M, tok0, H, W, R0, C0, GH, GW, BLOCK_M)
+        q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
+                    mask=q_real[:, None], other=0.0)
+        q_view = (q_tok - tok0).to(tl.int32)              # token index within the view
+        kh = q_gh[:, None] + GH - 1 - offs_rh[None, :]                                   # table row i -> key kh
+        g_h = tl.load(drh_base + (q_view * stride_relh_t)[:, None] + kh,
+                      mask=q_real[:, None] & (kh >= 0) & (kh < GH), other=0.0)          # [BLOCK_M, BLOCK_RH]
+        kw = q_gw[:, None] + GW - 1 - offs_rw[None, :]
+        g_w = tl.load(drw_base + (q_view * stride_relw_t)[:, None] + kw,
+                      mask=q_real[:, None] & (kw >= 0) & (kw < GW), other=0.0)
+        g_h = g_h.to(rh.dtype)
+        g_w = g_w.to(rw.dtype)
+        dq = tl.load(dq_ptr + q_tok[:, None] * stride_dq_t + head * stride_dq_h + offs_d[None, :],
+                     mask=q_real[:, None], other=0.0)
+        dq = tl.dot(g_h, rh, dq, input_precision=DOT_PRECISION)
+        dq = tl.dot(g_w, rw, dq, input_precision=DOT_PRECISION)
+        tl.store(dqkv_ptr + q_tok[:, None] * stride_dqkv_t + head * stride_dqkv_h + offs_d[None, :],
+                 dq.to(dqkv_ptr.dtype.element_ty), mask=q_real[:, None])
+        acc_h = tl.dot(tl.trans(g_h), q, acc_h, input_precision=DOT_PRECISION)
+        acc_w = tl.dot(tl.trans(g_w), q, acc_w, input_precision=DOT_PRECISION)
+    part = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + head) * HEAD_DIM
+    tl.store(part_h_ptr + part * BLOCK_RH + offs_rh[:, None] * HEAD_DIM + offs_d[None, :], acc_h)
+    tl.store(part_w_ptr + part * BLOCK_RW + offs_rw[:, None] * HEAD_DIM + offs_d[None, :], acc_w)
 
 
 # ---------------------------------------------------------------------------------------------- heuristic
@@ -497,6 +780,38 @@ def choose_config(segments, head_dim, dtype, *, block_m=None, block_n=None, num_
                 num_warps=num_warps or (8 if big else 4), num_stages=num_stages or 3)
 
 
+def choose_backward_config(segments, head_dim, dtype):
+    """Block sizes of the backward kernels (keys of `attention`'s config= like choose_config's):
+
+    - dQ kernel (program per query block, the forward's program table): BWD_BLOCK_M / BWD_TAIL_M as the
+      forward's, key tiles BWD_BLOCK_KH x BWD_BLOCK_KW. With rel-pos a tile spans whole group rows (BWD_BLOCK_KW
+      >= every GW), so dRel_w accumulates in registers and each dRel_h entry has one writer (no read-back of
+      global memory inside a kernel): 1 x 64 for 64-wide views (40-wide ones issue 64 slots per row: 1.6x on
+      their q.k and p.v products), 2 x 16 for 14 x 14 windows (224 key slots, as the forward); no rel-pos
+      (CLIP): the forward's tile. bwd_num_warps: 8 for large groups, 4 otherwise.
+    - dK/dV kernel (program per key tile, looping over the group's queries): KV_BLOCK_KH x KV_BLOCK_KW = 64 keys
+      (the M of its dK, dV products: one wgmma warpgroup) as square as the groups allow, and KV_BLOCK_M = 64 or
+      32 queries per step, whichever issues fewer padded query rows (32 for 196-query windows and CLIP's
+      257-token groups), 4 warps.
+    - head_dim 128 and fp32 halve the key tiles (registers and shared memory).
+    """
+    shapes = segments.group_shapes
+    big = segments.max_group_tokens >= 1024
+    block_m, tail_m = default_blocking(shapes)
+    keys = 64 if head_dim <= 64 and dtype not in (torch.float32, torch.float64) else 32
+    if segments.class_token or not shapes:
+        kh, kw = (_pick_key_tile(shapes, keys) if shapes else (1, keys))
+    else:
+        kw = triton.next_power_of_2(segments.max_gw)
+        kh = max(1, keys // kw)
+    kv_kh, kv_kw = _pick_key_tile(shapes, keys) if shapes else (1, keys)
+    steps = {m: sum(cnt * _round_up(gh * gw, m) for (gh, gw), cnt in shapes) for m in (64, 32)}
+    kv_m = 64 if steps[64] <= steps[32] else 32
+    return dict(BWD_BLOCK_M=block_m, BWD_TAIL_M=tail_m, BWD_BLOCK_KH=kh, BWD_BLOCK_KW=kw,
+                bwd_num_warps=8 if big else 4, KV_BLOCK_M=kv_m, KV_BLOCK_KH=kv_kh, KV_BLOCK_KW=kv_kw,
+                kv_num_warps=4, bwd_num_stages=2)
+
+
 def _round_up(x, m):
     return -(-x // m) * m
 
@@ -546,87 +861,263 @@ def _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale,
     return T, heads, head_dim, has_rel, float(scale)
 
 
+def _acc_dtype(dtype):
+    """Accumulator / scratch dtype: fp64 for fp64 inputs (gradient checks in the interpreter), else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dot_precision(dtype):
+    return "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"    # "tf32" is ignored for 16-bit inputs
+
+
+def _resolve(fn, segments, head_dim, dtype, has_rel, config):
+    """choose_config + choose_backward_config with the caller's overrides, checked."""
+    defaults = {**choose_config(segments, head_dim, dtype), **choose_backward_config(segments, head_dim, dtype)}
+    cfg = resolve_config(fn, defaults, config, pow2=("BLOCK_M", "TAIL_M", "BLOCK_KH", "BLOCK_KW", "num_warps",
+                                                     "BWD_BLOCK_M", "BWD_TAIL_M", "BWD_BLOCK_KH", "BWD_BLOCK_KW",
+                                                     "bwd_num_warps", "KV_BLOCK_M", "KV_BLOCK_KH", "KV_BLOCK_KW",
+                                                     "kv_num_warps"))
+    for m, tail in (("BLOCK_M", "TAIL_M"), ("BWD_BLOCK_M", "BWD_TAIL_M")):
+        if config and m in config and tail not in config:     # the tail that goes with that BLOCK_M
+            cfg[tail] = default_tail(segments.group_shapes, cfg[m])
+    for pre in ("", "BWD_"):
+        bm, tm, n = cfg[pre + "BLOCK_M"], cfg[pre + "TAIL_M"], cfg[pre + "BLOCK_KH"] * cfg[pre + "BLOCK_KW"]
+        if not 16 <= tm <= bm or n < 16:
+            raise ValueError(f"{fn}: config {pre}BLOCK_M={bm}, {pre}TAIL_M={tm}, {pre}BLOCK_KH*{pre}BLOCK_KW={n}, "
+                             f"expected 16 <= {pre}TAIL_M <= {pre}BLOCK_M and {pre}BLOCK_KH*{pre}BLOCK_KW >= 16 "
+                             f"(tensor-core tiles)")
+    if cfg["KV_BLOCK_M"] < 16 or cfg["KV_BLOCK_KH"] * cfg["KV_BLOCK_KW"] < 16:
+        raise ValueError(f"{fn}: config KV_BLOCK_M={cfg['KV_BLOCK_M']}, KV_BLOCK_KH*KV_BLOCK_KW="
+                         f"{cfg['KV_BLOCK_KH'] * cfg['KV_BLOCK_KW']}, expected both >= 16 (tensor-core tiles)")
+    if has_rel and cfg["BWD_BLOCK_KW"] < segments.max_gw:
+        raise ValueError(f"{fn}: config BWD_BLOCK_KW={cfg['BWD_BLOCK_KW']}, expected >= {segments.max_gw} (the "
+                         f"widest group: with rel-pos the dQ kernel's key tiles span whole group rows)")
+    return cfg
+
+
+def _rel_lens(segments, kh_tiles, kw_tiles):
+    """Row lengths of the per-token rel-pos tables: whole key tiles of every kernel that reads them, 16-aligned."""
+    rh_len = _round_up(max(_round_up(segments.max_gh, kh) for kh in kh_tiles), 16)
+    rw_len = _round_up(max(_round_up(segments.max_gw, kw) for kw in kw_tiles), 16)
+    return rh_len, rw_len
+
+
+def _check_span(fn, segments, row):
+    if segments.max_view_tokens * row >= 2**31:
+        raise ValueError(f"{fn}: a view of {segments.max_view_tokens} tokens at row stride {row}, expected fewer "
+                         f"than 2**31 elements per view (32-bit offsets within a view)")
+
+
+def _kvpad(qkv, qkv_bias):
+    """k, v of padded keys: the qkv bias (zeros for a bias-free linear) as one token row with qkv's strides."""
+    _, _, heads, head_dim = qkv.shape
+    s_s, s_h = qkv.stride(1), qkv.stride(2)
+    kvpad = torch.zeros(2 * s_s + (heads - 1) * s_h + head_dim, device=qkv.device, dtype=qkv.dtype)
+    if qkv_bias is not None:
+        kvpad.as_strided((3, heads, head_dim), (s_s, s_h, 1)).copy_(qkv_bias.view(3, heads, head_dim))
+    return kvpad
+
+
+def _rel_tables(qkv, segments, rel_pos_h, rel_pos_w, rh_len, rw_len):
+    """Per-token rel-pos projections (`_relpos_kernel`), log2 units, fp32 (fp64 for fp64 inputs):
+    relh [heads, T, rh_len >= max GH] and relw [heads, T, rw_len]; for real tokens entries GH.. (GW..) hold -inf."""
+    T, _, heads, head_dim = qkv.shape
+    acc = _acc_dtype(qkv.dtype)
+    relh = torch.empty(heads, T, rh_len, device=qkv.device, dtype=acc)
+    relw = torch.empty(heads, T, rw_len, device=qkv.device, dtype=acc)
+    block_rh = max(16, triton.next_power_of_2(max(2 * segments.max_gh - 1, rh_len)))
+    block_rw = max(16, triton.next_power_of_2(max(2 * segments.max_gw - 1, rw_len)))
+    progs = segments.program_table(RELPOS_BLOCK_M, RELPOS_BLOCK_M)
+    _relpos_kernel[(progs.shape[0], heads)](
+        qkv, progs, rel_pos_h, rel_pos_w, relh, relw,
+        qkv.stride(0), qkv.stride(2),
+        progs.stride(0), rel_pos_h.stride(0), rel_pos_w.stride(0),
+        relh.stride(0), relh.stride(1), relw.stride(0), relw.stride(1), rh_len, rw_len,
+        HEAD_DIM=head_dim, BLOCK_M=RELPOS_BLOCK_M, BLOCK_RH=block_rh, BLOCK_RW=block_rw,
+        DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=_relpos_warps(block_rh, block_rw),
+    )
+    return relh, relw
+
+
+def _aligned(qkv):
+    """Every K/V row start (token rows and the bias row) 16-byte aligned -> vectorised, pipelined K/V loads."""
+    esize = qkv.element_size()
+    return qkv.data_ptr() % 16 == 0 and all(st * esize % 16 == 0 for st in qkv.stride()[:3])
+
+
+def _forward(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale, cfg, with_lse):
+    """The forward launches; returns (out, lse [heads, T] or None)."""
+    fn = "attention"
+    T, _, heads, head_dim = qkv.shape
+    has_rel = rel_pos_h is not None
+    acc = _acc_dtype(qkv.dtype)
+    if out is None:   # every row is written when the groups cover all T tokens: no fill
+        alloc = torch.empty if segments.covered_tokens == T else torch.zeros
+        out = alloc(T, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
+    # only real queries' entries are written (and read by the backward)
+    lse = torch.empty(heads, T, device=qkv.device, dtype=acc) if with_lse else None
+    if segments.num_groups == 0 or heads == 0:
+        return out, lse
+    # per-token rel-pos rows: padded to whole key tiles (the kernel reads whole tiles), 16-aligned
+    rh_len, rw_len = _rel_lens(segments, [cfg["BLOCK_KH"]], [cfg["BLOCK_KW"]])
+    _check_span(fn, segments, max(qkv.stride(0), rh_len, rw_len) if has_rel else qkv.stride(0))
+    kvpad = _kvpad(qkv, qkv_bias)
+    if has_rel:
+        relh, relw = _rel_tables(qkv, segments, rel_pos_h, rel_pos_w, rh_len, rw_len)
+    else:
+        relh = relw = torch.empty(1, device=qkv.device, dtype=acc)     # unused (HAS_REL=False)
+
+    progs = segments.program_table(cfg["BLOCK_M"], cfg["TAIL_M"])
+    _attention_kernel[(progs.shape[0], heads)](
+        qkv, kvpad, progs, relh, relw, out, lse if with_lse else out,
+        scale * LOG2E,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        progs.stride(0),
+        relh.stride(0) if has_rel else 0, relh.stride(1) if has_rel else 0,
+        relw.stride(0) if has_rel else 0, relw.stride(1) if has_rel else 0,
+        out.stride(0), head_dim, T,
+        HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], TAIL_M=cfg["TAIL_M"], BLOCK_KH=cfg["BLOCK_KH"],
+        BLOCK_KW=cfg["BLOCK_KW"], HAS_REL=has_rel, HAS_LSE=with_lse, ALIGNED=_aligned(qkv),
+        DOT_PRECISION=_dot_precision(qkv.dtype), ACC=_tl_acc(qkv.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def _tl_acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _backward(dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_bias, segments, scale, cfg):
+    """(dqkv, d rel_pos_h, d rel_pos_w, d qkv_bias) for the gradient dout of out; see the module docstring."""
+    T, _, heads, head_dim = qkv.shape
+    dev, acc, has_rel = qkv.device, _acc_dtype(qkv.dtype), rel_pos_h is not None
+    alloc = torch.empty if segments.covered_tokens == T else torch.zeros
+    dqkv = alloc(T, 3, heads, head_dim, device=dev, dtype=qkv.dtype)       # every token of a group is written
+    drh = torch.zeros(rel_pos_h.shape, device=dev, dtype=acc) if has_rel else None
+    drw = torch.zeros(rel_pos_w.shape, device=dev, dtype=acc) if has_rel else None
+    dkv_pad = torch.zeros(2, heads, head_dim, device=dev, dtype=acc)
+    if segments.num_groups == 0 or heads == 0:
+        return dqkv, drh, drw, dkv_pad
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    # delta[h, t] = dO . O per (head, query): [heads, T]
+    delta = torch.einsum("thd,thd->ht", dout.view(T, heads, head_dim).to(acc), out.view(T, heads, head_dim).to(acc))
+    delta = delta.contiguous()
+    rh_len, rw_len = _rel_lens(segments, [cfg["BWD_BLOCK_KH"], cfg["KV_BLOCK_KH"]],
+                               [cfg["BWD_BLOCK_KW"], cfg["KV_BLOCK_KW"]])
+    kvpad = _kvpad(qkv, qkv_bias)
+    if has_rel:     # recomputed, not saved: one cheap launch
+        relh, relw = _rel_tables(qkv, segments, rel_pos_h, rel_pos_w, rh_len, rw_len)
+        drelh, drelw = torch.empty_like(relh), torch.empty_like(relw)
+        dq = torch.empty(T, heads, head_dim, device=dev, dtype=acc)     # dq of the scores' q.k part, then + rel
+    else:
+        relh = relw = drelh = drelw = torch.empty(1, device=dev, dtype=acc)
+        dq = dqkv[:, 0]
+    rel_strides = (relh.stride(0), relh.stride(1), relw.stride(0), relw.stride(1)) if has_rel else (0, 0, 0, 0)
+    common = dict(HEAD_DIM=head_dim, HAS_REL=has_rel, ALIGNED=_aligned(qkv), DOT_PRECISION=_dot_precision(qkv.dtype),
+                  ACC=_tl_acc(qkv.dtype), num_stages=cfg["bwd_num_stages"])
+
+    progs = segments.program_table(cfg["BWD_BLOCK_M"], cfg["BWD_TAIL_M"])
+    _attention_bwd_dq_kernel[(progs.shape[0], heads)](
+        qkv, kvpad, progs, relh, relw, dout, lse, delta, dq, drelh, drelw,
+        scale * LOG2E, scale,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2), progs.stride(0), *rel_strides,
+        dout.stride(0), head_dim, T, dq.stride(0), dq.stride(1),
+        BLOCK_M=cfg["BWD_BLOCK_M"], TAIL_M=cfg["BWD_TAIL_M"], BLOCK_KH=cfg["BWD_BLOCK_KH"],
+        BLOCK_KW=cfg["BWD_BLOCK_KW"], num_warps=cfg["bwd_num_warps"], **common,
+    )
+
+    progs = segments.key_tile_table(cfg["KV_BLOCK_KH"], cfg["KV_BLOCK_KW"])
+    dpad = torch.empty(progs.shape[0], heads, 2, head_dim, device=dev, dtype=acc)    # padded keys' dK, dV sums
+    _attention_bwd_dkdv_kernel[(progs.shape[0], heads)](
+        qkv, kvpad, progs, relh, relw, dout, lse, delta, dqkv, dpad,
+        scale * LOG2E, scale,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2), progs.stride(0), *rel_strides,
+        dout.stride(0), head_dim, T, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
+        BLOCK_M=cfg["KV_BLOCK_M"], BLOCK_KH=cfg["KV_BLOCK_KH"], BLOCK_KW=cfg["KV_BLOCK_KW"],
+        num_warps=cfg["kv_num_warps"], **common,
+    )
+    dkv_pad = dpad.sum(0).transpose(0, 1)                                       # [2, heads, head_dim]
+
+    if has_rel:
+        block_rh = max(16, triton.next_power_of_2(2 * segments.max_gh - 1))
+        block_rw = max(16, triton.next_power_of_2(2 * segments.max_gw - 1))
+        progs, runs = segments.relpos_backward_table(RELPOS_BLOCK_M * RELPOS_BWD_SUB_BLOCKS)
+        part_h = torch.empty(progs.shape[0], heads, block_rh, head_dim, device=dev, dtype=acc)
+        part_w = torch.empty(progs.shape[0], heads, block_rw, head_dim, device=dev, dtype=acc)
+        _relpos_bwd_kernel[(progs.shape[0], heads)](
+            qkv, progs, rel_pos_h, rel_pos_w, drelh, drelw, dq, dqkv, part_h, part_w,
+            qkv.stride(0), qkv.stride(2), progs.stride(0), rel_pos_h.stride(0), rel_pos_w.stride(0), *rel_strides,
+            dq.stride(0), dq.stride(1), dqkv.stride(0), dqkv.stride(2),
+            HEAD_DIM=head_dim, BLOCK_M=RELPOS_BLOCK_M, SUB_BLOCKS=RELPOS_BWD_SUB_BLOCKS, BLOCK_RH=block_rh,
+            BLOCK_RW=block_rw, DOT_PRECISION=_dot_precision(qkv.dtype), ACC=_tl_acc(qkv.dtype),
+            num_warps=_relpos_warps(block_rh, block_rw),
+        )
+        # every shape's programs are one contiguous run: sum over its programs and the heads (shared tables)
+        for gh, gw, rh_off, rw_off, a, b in runs:
+            drh[rh_off:rh_off + 2 * gh - 1] += part_h[a:b].sum((0, 1))[:2 * gh - 1]
+            drw[rw_off:rw_off + 2 * gw - 1] += part_w[a:b].sum((0, 1))[:2 * gw - 1]
+    return dqkv, drh, drw, dkv_pad
+
+
+class AttentionFunction(torch.autograd.Function):
+    """`attention` with a backward (FlashAttention-2 style, deterministic, no N x N tensor).
+
+    Saved for backward: qkv, out, the log-sum-exp [heads, T] (fp32; fp64 for fp64 inputs), the packed
+    rel_pos_h / rel_pos_w tables and qkv_bias. Not saved: the per-token rel-pos projections (relh / relw,
+    [heads, T, ~max GH]); the backward recomputes them with `_relpos_kernel`."""
+
+    @staticmethod
+    def forward(ctx, qkv, rel_pos_h, rel_pos_w, qkv_bias, segments, scale, cfg):
+        out, lse = _forward(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, None, scale, cfg, with_lse=True)
+        ctx.save_for_backward(qkv, out, lse, rel_pos_h, rel_pos_w, qkv_bias)
+        ctx.segments, ctx.scale, ctx.cfg = segments, scale, cfg
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, out, lse, rel_pos_h, rel_pos_w, qkv_bias = ctx.saved_tensors
+        dqkv, drh, drw, dkv_pad = _backward(dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_bias, ctx.segments,
+                                            ctx.scale, ctx.cfg)
+        dbias = None
+        if qkv_bias is not None and ctx.needs_input_grad[3]:    # padded keys' k, v are the bias; q gets nothing
+            dbias = torch.cat([torch.zeros_like(dkv_pad[0]).flatten(), dkv_pad.flatten()]).to(qkv_bias.dtype)
+        if drh is not None:
+            drh, drw = drh.to(rel_pos_h.dtype), drw.to(rel_pos_w.dtype)
+        return dqkv, drh, drw, dbias, None, None, None
+
+
 def attention(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bias=None, out=None, scale=None,
               config=None):
     """Attention over every group of `segments` in one launch; returns out [T, heads * head_dim].
 
-    qkv: [T, 3, heads, head_dim] (e.g. `linear_out.view(T, 3, heads, head_dim)`), fp32/fp16/bf16.
+    qkv: [T, 3, heads, head_dim] (e.g. `linear_out.view(T, 3, heads, head_dim)`), fp32/fp16/bf16 (fp64 for
+        gradient checks in Triton's interpreter).
     segments: SegmentTable from build_segments, for qkv's device.
     rel_pos_h, rel_pos_w: packed rel-pos tables (pack_rel_pos over segments.rel_sizes_*), or None for no bias.
     qkv_bias: the qkv linear's bias (3 * heads * head_dim values): the k and v of padded window keys.
         None means a bias-free linear, i.e. padded keys have k = v = 0 (still keys, not masked).
     out: optional [T, heads * head_dim] output written in place; tokens outside every group are untouched.
         Default: a new tensor, zero outside the groups (not filled at all when the groups cover every token).
+        Not with autograd.
     scale: logit scale, default head_dim ** -0.5.
-    config: overrides of choose_config (BLOCK_M, TAIL_M, BLOCK_KH, BLOCK_KW, num_warps, num_stages).
+    config: overrides of choose_config (BLOCK_M, TAIL_M, BLOCK_KH, BLOCK_KW, num_warps, num_stages) and of
+        choose_backward_config (BWD_*, KV_*, bwd_num_warps, kv_num_warps, bwd_num_stages).
+    Differentiable in qkv, rel_pos_h, rel_pos_w and qkv_bias when autograd records (AttentionFunction).
     """
     fn = "attention"
-    T, heads, head_dim, has_rel, scale = _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale)
-    if out is None:   # every row is written when the groups cover all T tokens: no fill
-        alloc = torch.empty if segments.covered_tokens == T else torch.zeros
-        out = alloc(T, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
-    if segments.num_groups == 0 or heads == 0:
-        return out
-    cfg = resolve_config(fn, choose_config(segments, head_dim, qkv.dtype), config,
-                         pow2=("BLOCK_M", "TAIL_M", "BLOCK_KH", "BLOCK_KW", "num_warps"))
-    if config and "BLOCK_M" in config and "TAIL_M" not in config:     # the tail that goes with that BLOCK_M
-        cfg["TAIL_M"] = default_tail(segments.group_shapes, cfg["BLOCK_M"])
-    if not 16 <= cfg["TAIL_M"] <= cfg["BLOCK_M"] or cfg["BLOCK_KH"] * cfg["BLOCK_KW"] < 16:
-        raise ValueError(f"{fn}: config BLOCK_M={cfg['BLOCK_M']}, TAIL_M={cfg['TAIL_M']}, BLOCK_KH*BLOCK_KW="
-                         f"{cfg['BLOCK_KH'] * cfg['BLOCK_KW']}, expected 16 <= TAIL_M <= BLOCK_M and "
-                         f"BLOCK_KH*BLOCK_KW >= 16 (tensor-core tiles)")
-    dot_precision = "ieee" if qkv.dtype == torch.float32 else "tf32"   # "tf32" is ignored for 16-bit inputs
-    # per-token rel-pos rows: padded to whole key tiles (the kernel reads whole tiles), 16-aligned
-    rh_len = _round_up(_round_up(segments.max_gh, cfg["BLOCK_KH"]), 16)
-    rw_len = _round_up(_round_up(segments.max_gw, cfg["BLOCK_KW"]), 16)
-    row = max(qkv.stride(0), rh_len, rw_len) if has_rel else qkv.stride(0)
-    if segments.max_view_tokens * row >= 2**31:
-        raise ValueError(f"{fn}: a view of {segments.max_view_tokens} tokens at row stride {row}, expected fewer "
-                         f"than 2**31 elements per view (32-bit offsets within a view)")
-
-    # k, v of padded keys: the qkv bias (zeros for a bias-free linear) as one token row with qkv's strides
-    s_s, s_h = qkv.stride(1), qkv.stride(2)
-    kvpad = torch.zeros(2 * s_s + (heads - 1) * s_h + head_dim, device=qkv.device, dtype=qkv.dtype)
-    if qkv_bias is not None:
-        kvpad.as_strided((3, heads, head_dim), (s_s, s_h, 1)).copy_(qkv_bias.view(3, heads, head_dim))
-
-    if has_rel:
-        # per-token rel-pos projections, fp32, log2 units: [heads, T, rh_len >= max GH] and [heads, T, rw_len];
-        # for real tokens entries GH.. (GW..) hold -inf
-        relh = torch.empty(heads, T, rh_len, device=qkv.device, dtype=torch.float32)
-        relw = torch.empty(heads, T, rw_len, device=qkv.device, dtype=torch.float32)
-        block_rh = max(16, triton.next_power_of_2(max(2 * segments.max_gh - 1, rh_len)))
-        block_rw = max(16, triton.next_power_of_2(max(2 * segments.max_gw - 1, rw_len)))
-        progs = segments.program_table(RELPOS_BLOCK_M, RELPOS_BLOCK_M)
-        _relpos_kernel[(progs.shape[0], heads)](
-            qkv, progs, rel_pos_h, rel_pos_w, relh, relw,
-            qkv.stride(0), qkv.stride(2),
-            progs.stride(0), rel_pos_h.stride(0), rel_pos_w.stride(0),
-            relh.stride(0), relh.stride(1), relw.stride(0), relw.stride(1), rh_len, rw_len,
-            HEAD_DIM=head_dim, BLOCK_M=RELPOS_BLOCK_M, BLOCK_RH=block_rh, BLOCK_RW=block_rw,
-            DOT_PRECISION=dot_precision, num_warps=_relpos_warps(block_rh, block_rw),
-        )
-    else:
-        relh = relw = torch.empty(1, device=qkv.device, dtype=torch.float32)     # unused (HAS_REL=False)
-
-    # every K/V row start (token rows and the bias row) 16-byte aligned -> vectorised, pipelined K/V loads
-    esize = qkv.element_size()
-    aligned = qkv.data_ptr() % 16 == 0 and all(st * esize % 16 == 0 for st in qkv.stride()[:3])
-
-    progs = segments.program_table(cfg["BLOCK_M"], cfg["TAIL_M"])
-    _attention_kernel[(progs.shape[0], heads)](
-        qkv, kvpad, progs, relh, relw, out,
-        scale * LOG2E,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2),
-        progs.stride(0),
-        relh.stride(0) if has_rel else 0, relh.stride(1) if has_rel else 0,
-        relw.stride(0) if has_rel else 0, relw.stride(1) if has_rel else 0,
-        out.stride(0), head_dim,
-        HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], TAIL_M=cfg["TAIL_M"], BLOCK_KH=cfg["BLOCK_KH"],
-        BLOCK_KW=cfg["BLOCK_KW"], HAS_REL=has_rel, ALIGNED=aligned, DOT_PRECISION=dot_precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    return out
+    T, heads, head_dim, has_rel, scale = _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale,
+                                                       dtypes=DTYPES)
+    cfg = _resolve(fn, segments, head_dim, qkv.dtype, has_rel, config)
+    tensors = (qkv, rel_pos_h, rel_pos_w, qkv_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        if out is not None:
+            raise ValueError(f"{fn}: out= given while autograd records, expected out=None (a new output)")
+        rh_len, rw_len = _rel_lens(segments, [cfg["BWD_BLOCK_KH"], cfg["KV_BLOCK_KH"]],
+                                   [cfg["BWD_BLOCK_KW"], cfg["KV_BLOCK_KW"]])
+        _check_span(fn, segments, max(qkv.stride(0), rh_len, rw_len) if has_rel else qkv.stride(0))
+        return AttentionFunction.apply(qkv, rel_pos_h, rel_pos_w, qkv_bias, segments, scale, cfg)
+    return _forward(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale, cfg, with_lse=False)[0]
 
 
 # ---------------------------------------------------------------------------------------------- reference
