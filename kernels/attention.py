@@ -52,6 +52,7 @@ Design, and what it does for the H100 targets (bf16, head_dim 64):
   (bench/compile_report.py).
 """
 import dataclasses
+import inspect
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -473,14 +474,13 @@ def _attention_kernel(
             stride_qkv_t, stride_qkv_s, stride_qkv_h,
             stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t, stride_out_t, stride_out_h,
             stride_lse_head)
-    flags = (HAS_REL, HAS_LSE, ALIGNED, DOT_PRECISION, ACC)
     if TAIL_M < BLOCK_M:
         if tl.load(prog + _GH) * tl.load(prog + _GW) - tl.load(prog + _Q0) <= TAIL_M:
-            _attend(*args, HEAD_DIM, TAIL_M, BLOCK_KH, BLOCK_KW, *flags)
+            _attend(*args, HEAD_DIM, TAIL_M, BLOCK_KH, BLOCK_KW, HAS_REL, HAS_LSE, ALIGNED, DOT_PRECISION, ACC)
         else:
-            _attend(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, *flags)
+            _attend(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, HAS_REL, HAS_LSE, ALIGNED, DOT_PRECISION, ACC)
     else:
-        _attend(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, *flags)
+        _attend(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, HAS_REL, HAS_LSE, ALIGNED, DOT_PRECISION, ACC)
 
 
 @triton.jit
@@ -570,14 +570,13 @@ def _attention_bwd_dq_kernel(
             drelw_ptr, qk_scale, scale, stride_qkv_t, stride_qkv_s, stride_qkv_h,
             stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t, stride_do_t, stride_do_h,
             stride_lse_head, stride_dq_t, stride_dq_h)
-    flags = (HAS_REL, ALIGNED, DOT_PRECISION, ACC)
     if TAIL_M < BLOCK_M:
         if tl.load(prog + _GH) * tl.load(prog + _GW) - tl.load(prog + _Q0) <= TAIL_M:
-            _attend_dq(*args, HEAD_DIM, TAIL_M, BLOCK_KH, BLOCK_KW, *flags)
+            _attend_dq(*args, HEAD_DIM, TAIL_M, BLOCK_KH, BLOCK_KW, HAS_REL, ALIGNED, DOT_PRECISION, ACC)
         else:
-            _attend_dq(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, *flags)
+            _attend_dq(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, HAS_REL, ALIGNED, DOT_PRECISION, ACC)
     else:
-        _attend_dq(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, *flags)
+        _attend_dq(*args, HEAD_DIM, BLOCK_M, BLOCK_KH, BLOCK_KW, HAS_REL, ALIGNED, DOT_PRECISION, ACC)
 
 
 @triton.jit
@@ -651,59 +650,50 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _relpos_bwd_kernel(
-    qkv_ptr, prog_ptr, rph_ptr, rpw_ptr, drelh_ptr, drelw_ptr, dq_ptr, dqkv_ptr, part_h_ptr, part_w_ptr,
+    qkv_ptr, prog_ptr, rp_ptr, drel_ptr, dq_in_ptr, dq_out_ptr, part_ptr,
     stride_qkv_t, stride_qkv_h,
-    stride_prog, stride_rph, stride_rpw,
-    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t,
-    stride_dq_t, stride_dq_h, stride_dqkv_t, stride_dqkv_h,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_BLOCKS: tl.constexpr, BLOCK_RH: tl.constexpr,
-    BLOCK_RW: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    stride_prog, stride_rp, stride_drel_head, stride_drel_t,
+    stride_dq_in_t, stride_dq_in_h, stride_dq_out_t, stride_dq_out_h,
+    AXIS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_BLOCKS: tl.constexpr,
+    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    # The backward of _relpos_kernel, program = (group, SUB_BLOCKS query blocks of BLOCK_M) x head. dRel_h is
-    # gathered back to table rows (the inverse of the forward's scattered store): G_h[q, i] = dRel_h[q, kh]
-    # for i = qh - kh + GH - 1. Then dq = dq(attention) + G_h Rh + G_w Rw, written to dqkv, and this program's
-    # partial dRh = G_h^T q (and dRw), reduced over programs and heads by the launcher.
+    # The backward of _relpos_kernel for one axis (AXIS 0: rows, Rh; 1: columns, Rw), program = (group,
+    # SUB_BLOCKS query blocks of BLOCK_M) x head. dRel is gathered back to table rows (the inverse of the
+    # forward's scattered store): G[q, i] = dRel_h[q, kh] for i = qh - kh + GH - 1. Then dq_out = dq_in + G Rh,
+    # and this program's partial dRh = G^T q, reduced over programs and heads by the launcher. One axis per
+    # launch keeps one [BLOCK_R, HEAD_DIM] accumulator live (both spill for 127-row tables).
     prog = prog_ptr + tl.program_id(0) * stride_prog
     head = tl.program_id(1)
     tok0, H, W, R0, C0, GH, GW = _group(prog)
     q_first = tl.load(prog + _Q0)
-    RH_OFF = tl.load(prog + _RH_OFF)
-    RW_OFF = tl.load(prog + _RW_OFF)
+    if AXIS == 0:
+        OFF = tl.load(prog + _RH_OFF)
+        G = GH
+    else:
+        OFF = tl.load(prog + _RW_OFF)
+        G = GW
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_rh = tl.arange(0, BLOCK_RH)
-    offs_rw = tl.arange(0, BLOCK_RW)
-    rh = tl.load(rph_ptr + (RH_OFF + offs_rh)[:, None] * stride_rph + offs_d[None, :],
-                 mask=(offs_rh < 2 * GH - 1)[:, None], other=0.0)                        # [BLOCK_RH, D]
-    rw = tl.load(rpw_ptr + (RW_OFF + offs_rw)[:, None] * stride_rpw + offs_d[None, :],
-                 mask=(offs_rw < 2 * GW - 1)[:, None], other=0.0)
-    drh_base = drelh_ptr + head.to(tl.int64) * stride_relh_head + tok0.to(tl.int64) * stride_relh_t
-    drw_base = drelw_ptr + head.to(tl.int64) * stride_relw_head + tok0.to(tl.int64) * stride_relw_t
-    acc_h = tl.zeros([BLOCK_RH, HEAD_DIM], dtype=ACC)
-    acc_w = tl.zeros([BLOCK_RW, HEAD_DIM], dtype=ACC)
+    offs_r = tl.arange(0, BLOCK_R)
+    table = tl.load(rp_ptr + (OFF + offs_r)[:, None] * stride_rp + offs_d[None, :],
+                    mask=(offs_r < 2 * G - 1)[:, None], other=0.0)                          # [BLOCK_R, D]
+    drel_base = drel_ptr + head.to(tl.int64) * stride_drel_head + tok0.to(tl.int64) * stride_drel_t
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=ACC)
     for sub in range(0, SUB_BLOCKS):
         q_gh, q_gw, q_real, q_tok = _queries(q_first + sub * BLOCK_M, tok0, H, W, R0, C0, GH, GW, BLOCK_M)
         q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
                     mask=q_real[:, None], other=0.0)
         q_view = (q_tok - tok0).to(tl.int32)              # token index within the view
-        kh = q_gh[:, None] + GH - 1 - offs_rh[None, :]                                   # table row i -> key kh
-        g_h = tl.load(drh_base + (q_view * stride_relh_t)[:, None] + kh,
-                      mask=q_real[:, None] & (kh >= 0) & (kh < GH), other=0.0)          # [BLOCK_M, BLOCK_RH]
-        kw = q_gw[:, None] + GW - 1 - offs_rw[None, :]
-        g_w = tl.load(drw_base + (q_view * stride_relw_t)[:, None] + kw,
-                      mask=q_real[:, None] & (kw >= 0) & (kw < GW), other=0.0)
-        g_h = g_h.to(rh.dtype)
-        g_w = g_w.to(rw.dtype)
-        dq = tl.load(dq_ptr + q_tok[:, None] * stride_dq_t + head * stride_dq_h + offs_d[None, :],
+        k = (q_gh if AXIS == 0 else q_gw)[:, None] + G - 1 - offs_r[None, :]           # table row i -> key k
+        g = tl.load(drel_base + (q_view * stride_drel_t)[:, None] + k,
+                    mask=q_real[:, None] & (k >= 0) & (k < G), other=0.0).to(table.dtype)   # [BLOCK_M, BLOCK_R]
+        dq = tl.load(dq_in_ptr + q_tok[:, None] * stride_dq_in_t + head * stride_dq_in_h + offs_d[None, :],
                      mask=q_real[:, None], other=0.0)
-        dq = tl.dot(g_h, rh, dq, input_precision=DOT_PRECISION)
-        dq = tl.dot(g_w, rw, dq, input_precision=DOT_PRECISION)
-        tl.store(dqkv_ptr + q_tok[:, None] * stride_dqkv_t + head * stride_dqkv_h + offs_d[None, :],
-                 dq.to(dqkv_ptr.dtype.element_ty), mask=q_real[:, None])
-        acc_h = tl.dot(tl.trans(g_h), q, acc_h, input_precision=DOT_PRECISION)
-        acc_w = tl.dot(tl.trans(g_w), q, acc_w, input_precision=DOT_PRECISION)
-    part = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + head) * HEAD_DIM
-    tl.store(part_h_ptr + part * BLOCK_RH + offs_rh[:, None] * HEAD_DIM + offs_d[None, :], acc_h)
-    tl.store(part_w_ptr + part * BLOCK_RW + offs_rw[:, None] * HEAD_DIM + offs_d[None, :], acc_w)
+        dq = tl.dot(g, table, dq, input_precision=DOT_PRECISION)
+        tl.store(dq_out_ptr + q_tok[:, None] * stride_dq_out_t + head * stride_dq_out_h + offs_d[None, :],
+                 dq.to(dq_out_ptr.dtype.element_ty), mask=q_real[:, None])
+        acc = tl.dot(tl.trans(g), q, acc, input_precision=DOT_PRECISION)
+    part = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + head) * BLOCK_R * HEAD_DIM
+    tl.store(part_ptr + part + offs_r[:, None] * HEAD_DIM + offs_d[None, :], acc)
 
 
 # ---------------------------------------------------------------------------------------------- heuristic
@@ -742,6 +732,21 @@ def _pick_key_tile(shapes, block_n):
     return best[1], best[2]
 
 
+def _fewest_slots(shapes, block_m, tail_m, sizes, block_kw=None):
+    """(BLOCK_KH, BLOCK_KW) of the key tile, among tiles of `sizes` keys, that issues the fewest key slots
+    (mma_work); ties to the larger tile. block_kw: a fixed tile width (then BLOCK_KH = max(1, size // width))."""
+    best = None
+    for n in sizes:
+        if block_kw:
+            kh, kw = max(1, n // block_kw), block_kw
+        else:
+            kh, kw = _pick_key_tile(shapes, n) if shapes else (1, n)
+        issued = mma_work(shapes, block_m, tail_m, kh, kw)[0]
+        if best is None or issued < best[0]:
+            best = (issued, kh, kw)
+    return best[1], best[2]
+
+
 def choose_config(segments, head_dim, dtype, *, block_m=None, block_n=None, num_warps=None, num_stages=None):
     """Block sizes for a launch: dict(BLOCK_M, TAIL_M, BLOCK_KH, BLOCK_KW, num_warps, num_stages).
 
@@ -768,48 +773,38 @@ def choose_config(segments, head_dim, dtype, *, block_m=None, block_n=None, num_
     block_m = block_m or default_blocking(shapes)[0]
     tail_m = default_tail(shapes, block_m)
     sizes = [block_n] if block_n else [64, 32]
-    if head_dim > 64 or dtype == torch.float32:
+    if head_dim > 64 or dtype in (torch.float32, torch.float64):
         sizes = [max(16, n // 2) for n in sizes] if not block_n else sizes
-    best = None
-    for n in sizes:                               # the fewest issued key slots; ties to the larger block
-        kh, kw = _pick_key_tile(shapes, n) if shapes else (1, n)
-        issued = mma_work(shapes, block_m, tail_m, kh, kw)[0]
-        if best is None or issued < best[0]:
-            best = (issued, kh, kw)
-    return dict(BLOCK_M=block_m, TAIL_M=tail_m, BLOCK_KH=best[1], BLOCK_KW=best[2],
+    kh, kw = _fewest_slots(shapes, block_m, tail_m, sizes)
+    return dict(BLOCK_M=block_m, TAIL_M=tail_m, BLOCK_KH=kh, BLOCK_KW=kw,
                 num_warps=num_warps or (8 if big else 4), num_stages=num_stages or 3)
 
 
 def choose_backward_config(segments, head_dim, dtype):
-    """Block sizes of the backward kernels (keys of `attention`'s config= like choose_config's):
+    """Block sizes of the backward kernels (keys of `attention`'s config=, next to choose_config's):
 
     - dQ kernel (program per query block, the forward's program table): BWD_BLOCK_M / BWD_TAIL_M as the
-      forward's, key tiles BWD_BLOCK_KH x BWD_BLOCK_KW. With rel-pos a tile spans whole group rows (BWD_BLOCK_KW
-      >= every GW), so dRel_w accumulates in registers and each dRel_h entry has one writer (no read-back of
-      global memory inside a kernel): 1 x 64 for 64-wide views (40-wide ones issue 64 slots per row: 1.6x on
-      their q.k and p.v products), 2 x 16 for 14 x 14 windows (224 key slots, as the forward); no rel-pos
-      (CLIP): the forward's tile. bwd_num_warps: 8 for large groups, 4 otherwise.
-    - dK/dV kernel (program per key tile, looping over the group's queries): KV_BLOCK_KH x KV_BLOCK_KW = 64 keys
-      (the M of its dK, dV products: one wgmma warpgroup) as square as the groups allow, and KV_BLOCK_M = 64 or
-      32 queries per step, whichever issues fewer padded query rows (32 for 196-query windows and CLIP's
-      257-token groups), 4 warps.
+      forward's, key tiles BWD_BLOCK_KH x BWD_BLOCK_KW of 64 or 32 keys, whichever issues fewer key slots. With
+      rel-pos a tile spans whole group rows (BWD_BLOCK_KW >= every GW), so dRel_w accumulates in registers and
+      each dRel_h entry has one writer (nothing written to global memory is read back inside a kernel): 1 x 64
+      for 64-wide views (40-wide ones issue 64 slots per row: 1.6x on their products), 2 x 16 for 14 x 14
+      windows (224 key slots, as the forward); CLIP (no rel-pos): the forward's choice. 8 warps for large
+      groups, 4 otherwise: 253 registers, no spills on sm_90 for the global config.
+    - dK/dV kernel (program per key tile, looping over the group's queries): KV_BLOCK_KH x KV_BLOCK_KW = 64
+      keys (the M of its dK, dV products: one wgmma warpgroup) with the fewest wasted slots, KV_BLOCK_M = 32
+      queries per step, 4 warps: 64-query steps spill (dK, dV, K, V and four [keys, queries] fp32 tiles).
     - head_dim 128 and fp32 halve the key tiles (registers and shared memory).
+    These compile for sm_80 and sm_90 without spills or ptxas warnings (tests/test_compile.py).
     """
     shapes = segments.group_shapes
-    big = segments.max_group_tokens >= 1024
     block_m, tail_m = default_blocking(shapes)
-    keys = 64 if head_dim <= 64 and dtype not in (torch.float32, torch.float64) else 32
-    if segments.class_token or not shapes:
-        kh, kw = (_pick_key_tile(shapes, keys) if shapes else (1, keys))
-    else:
-        kw = triton.next_power_of_2(segments.max_gw)
-        kh = max(1, keys // kw)
-    kv_kh, kv_kw = _pick_key_tile(shapes, keys) if shapes else (1, keys)
-    steps = {m: sum(cnt * _round_up(gh * gw, m) for (gh, gw), cnt in shapes) for m in (64, 32)}
-    kv_m = 64 if steps[64] <= steps[32] else 32
+    sizes = [64, 32] if head_dim <= 64 and dtype not in (torch.float32, torch.float64) else [32, 16]
+    full_rows = None if segments.class_token or not shapes else triton.next_power_of_2(segments.max_gw)
+    kh, kw = _fewest_slots(shapes, block_m, tail_m, sizes, full_rows)
+    kv_kh, kv_kw = _pick_key_tile(shapes, sizes[0]) if shapes else (1, sizes[0])
     return dict(BWD_BLOCK_M=block_m, BWD_TAIL_M=tail_m, BWD_BLOCK_KH=kh, BWD_BLOCK_KW=kw,
-                bwd_num_warps=8 if big else 4, KV_BLOCK_M=kv_m, KV_BLOCK_KH=kv_kh, KV_BLOCK_KW=kv_kw,
-                kv_num_warps=4, bwd_num_stages=2)
+                bwd_num_warps=8 if segments.max_group_tokens >= 1024 else 4, KV_BLOCK_M=32, KV_BLOCK_KH=kv_kh,
+                KV_BLOCK_KW=kv_kw, kv_num_warps=4, bwd_num_stages=2)
 
 
 def _round_up(x, m):
@@ -1040,23 +1035,25 @@ def _backward(dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_bias, segments, sca
     dkv_pad = dpad.sum(0).transpose(0, 1)                                       # [2, heads, head_dim]
 
     if has_rel:
-        block_rh = max(16, triton.next_power_of_2(2 * segments.max_gh - 1))
-        block_rw = max(16, triton.next_power_of_2(2 * segments.max_gw - 1))
         progs, runs = segments.relpos_backward_table(RELPOS_BLOCK_M * RELPOS_BWD_SUB_BLOCKS)
-        part_h = torch.empty(progs.shape[0], heads, block_rh, head_dim, device=dev, dtype=acc)
-        part_w = torch.empty(progs.shape[0], heads, block_rw, head_dim, device=dev, dtype=acc)
-        _relpos_bwd_kernel[(progs.shape[0], heads)](
-            qkv, progs, rel_pos_h, rel_pos_w, drelh, drelw, dq, dqkv, part_h, part_w,
-            qkv.stride(0), qkv.stride(2), progs.stride(0), rel_pos_h.stride(0), rel_pos_w.stride(0), *rel_strides,
-            dq.stride(0), dq.stride(1), dqkv.stride(0), dqkv.stride(2),
-            HEAD_DIM=head_dim, BLOCK_M=RELPOS_BLOCK_M, SUB_BLOCKS=RELPOS_BWD_SUB_BLOCKS, BLOCK_RH=block_rh,
-            BLOCK_RW=block_rw, DOT_PRECISION=_dot_precision(qkv.dtype), ACC=_tl_acc(qkv.dtype),
-            num_warps=_relpos_warps(block_rh, block_rw),
-        )
-        # every shape's programs are one contiguous run: sum over its programs and the heads (shared tables)
-        for gh, gw, rh_off, rw_off, a, b in runs:
-            drh[rh_off:rh_off + 2 * gh - 1] += part_h[a:b].sum((0, 1))[:2 * gh - 1]
-            drw[rw_off:rw_off + 2 * gw - 1] += part_w[a:b].sum((0, 1))[:2 * gw - 1]
+        q_out = dqkv[:, 0]
+        for axis, table, drel, dtable, size in ((0, rel_pos_h, drelh, drh, segments.max_gh),
+                                                (1, rel_pos_w, drelw, drw, segments.max_gw)):
+            block_r = max(16, triton.next_power_of_2(2 * size - 1))
+            part = torch.empty(progs.shape[0], heads, block_r, head_dim, device=dev, dtype=acc)
+            dq_out = dq if axis == 0 else q_out           # rows pass: dq += G_h Rh in place; columns: -> dqkv
+            _relpos_bwd_kernel[(progs.shape[0], heads)](
+                qkv, progs, table, drel, dq, dq_out, part,
+                qkv.stride(0), qkv.stride(2), progs.stride(0), table.stride(0), drel.stride(0), drel.stride(1),
+                dq.stride(0), dq.stride(1), dq_out.stride(0), dq_out.stride(1),
+                AXIS=axis, HEAD_DIM=head_dim, BLOCK_M=RELPOS_BLOCK_M, SUB_BLOCKS=RELPOS_BWD_SUB_BLOCKS,
+                BLOCK_R=block_r, DOT_PRECISION=_dot_precision(qkv.dtype), ACC=_tl_acc(qkv.dtype),
+                num_warps=_relpos_warps(block_r, block_r),
+            )
+            # every shape's programs are one contiguous run: sum over its programs and the heads (shared tables)
+            for gh, gw, rh_off, rw_off, a, b in runs:
+                off, n = (rh_off, 2 * gh - 1) if axis == 0 else (rw_off, 2 * gw - 1)
+                dtable[off:off + n] += part[a:b].sum((0, 1))[:n]
     return dqkv, drh, drw, dkv_pad
 
 
@@ -1162,31 +1159,22 @@ def attention_reference(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bi
 
 # ------------------------------------------------------------------------------------------ compile check
 
-def _attention_signature(dtype):
-    p = f"*{dtype}"
-    return {
-        "qkv_ptr": p, "kvpad_ptr": p, "prog_ptr": "*i32", "relh_ptr": "*fp32", "relw_ptr": "*fp32", "out_ptr": p,
-        "qk_scale": "fp32",
-        "stride_qkv_t": "i32", "stride_qkv_s": "i32", "stride_qkv_h": "i32",
-        "stride_prog": "i32",
-        "stride_relh_head": "i32", "stride_relh_t": "i32", "stride_relw_head": "i32", "stride_relw_t": "i32",
-        "stride_out_t": "i32", "stride_out_h": "i32",
-        "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "TAIL_M": "constexpr", "BLOCK_KH": "constexpr",
-        "BLOCK_KW": "constexpr", "HAS_REL": "constexpr", "ALIGNED": "constexpr", "DOT_PRECISION": "constexpr",
-    }
+def _signature(kernel, dtype, acc_ptrs):
+    """Compile signature: *dtype for data pointers, *fp32 for the fp32 scratch named in acc_ptrs, *i32 for the
+    program table, fp32 for the scales, i32 for strides and lengths, constexpr for the constexprs."""
+    sig = {}
+    for n, prm in inspect.signature(kernel.fn).parameters.items():
+        sig[n] = ("constexpr" if prm.annotation is tl.constexpr else "*i32" if n == "prog_ptr" else "*fp32" if n in acc_ptrs
+                  else f"*{dtype}" if n.endswith("_ptr") else "fp32" if n.endswith("scale") else "i32")
+    return sig
 
 
-def _relpos_signature(dtype):
-    p = f"*{dtype}"
-    return {
-        "qkv_ptr": p, "prog_ptr": "*i32", "rph_ptr": p, "rpw_ptr": p, "relh_ptr": "*fp32", "relw_ptr": "*fp32",
-        "stride_qkv_t": "i32", "stride_qkv_h": "i32",
-        "stride_prog": "i32", "stride_rph": "i32", "stride_rpw": "i32",
-        "stride_relh_head": "i32", "stride_relh_t": "i32", "stride_relw_head": "i32", "stride_relw_t": "i32",
-        "len_relh": "i32", "len_relw": "i32",
-        "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_RH": "constexpr", "BLOCK_RW": "constexpr",
-        "DOT_PRECISION": "constexpr",
-    }
+def _aligned_args(kernel, unaligned=()):
+    """Args that are multiples of 16 in the real launches (Triton's divisibility specialisation): pointers and
+    strides, except the program table's row stride (10) and those named."""
+    args = [n for n, t in _signature(kernel, "bf16", ()).items() if t != "constexpr"]
+    return [n for n in args if (n.endswith("_ptr") or n.startswith(("stride_", "len_")))
+            and n not in ("stride_prog", *unaligned)]
 
 
 PRODUCTION_CASES = [   # name, views, window, class_token: the launches of the real model (head_dim 64)
@@ -1200,41 +1188,70 @@ PRODUCTION_CASES = [   # name, views, window, class_token: the launches of the r
 
 
 def _production_configs():
-    """What choose_config picks for the real launches, per dtype."""
+    """What choose_config / choose_backward_config pick for the real launches, per dtype: the inference
+    forward, the training forward (HAS_LSE), the dQ and dK/dV kernels and both rel-pos kernels."""
     entries = []
-    # int args that are multiples of 16 in the real launches get Triton's divisibility specialisation
-    # (the program table's row stride is 10: not aligned)
-    aligned = ["qkv_ptr", "kvpad_ptr", "prog_ptr", "relh_ptr", "relw_ptr", "out_ptr",
-               "stride_qkv_t", "stride_qkv_s", "stride_qkv_h",
-               "stride_relh_head", "stride_relh_t", "stride_relw_head", "stride_relw_t", "stride_out_t",
-               "stride_out_h"]
+    acc = ("relh_ptr", "relw_ptr", "lse_ptr", "delta_ptr", "drelh_ptr", "drelw_ptr", "dpad_ptr", "drel_ptr", "part_ptr")
     for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         for name, views, window, cls in PRODUCTION_CASES:
             seg = build_segments(views, window, class_token=cls)
-            c = choose_config(seg, 64, dtype)
+            c = {**choose_config(seg, 64, dtype), **choose_backward_config(seg, 64, dtype)}
             has_rel = not cls
+            # stride_lse_head is T (any); without rel-pos the rel strides are 0 and dQ goes straight to dqkv
+            unaligned = ["stride_lse_head"] + ([] if has_rel else ["stride_relh_head", "stride_relh_t",
+                                                                    "stride_relw_head", "stride_relw_t"])
+            flags = dict(HEAD_DIM=64, HAS_REL=has_rel, ALIGNED=True, DOT_PRECISION="tf32", ACC=tl.float32)
+            big = {90: 2} if c["BLOCK_M"] >= 128 else {}
+            tile = f"M{c['BLOCK_M']}" + (f"+{c['TAIL_M']}" if c["TAIL_M"] < c["BLOCK_M"] else "")
+            for lse in (False, True):
+                entries.append(dict(
+                    name=f"attention{'-lse' if lse else ''}/{name}/{tname}", kernel=_attention_kernel,
+                    signature=_signature(_attention_kernel, tname, acc),
+                    constexprs=dict(flags, BLOCK_M=c["BLOCK_M"], TAIL_M=c["TAIL_M"], BLOCK_KH=c["BLOCK_KH"],
+                                    BLOCK_KW=c["BLOCK_KW"], HAS_LSE=lse),
+                    aligned=_aligned_args(_attention_kernel, unaligned),
+                    num_warps=c["num_warps"], num_stages=c["num_stages"],
+                    expect_mma=True, min_ctas_per_sm=big, note=f"{tile} N{c['BLOCK_KH']}x{c['BLOCK_KW']}",
+                ))
+            tile = f"M{c['BWD_BLOCK_M']}" + (f"+{c['BWD_TAIL_M']}" if c["BWD_TAIL_M"] < c["BWD_BLOCK_M"] else "")
             entries.append(dict(
-                name=f"attention/{name}/{tname}", kernel=_attention_kernel, signature=_attention_signature(tname),
-                constexprs=dict(HEAD_DIM=64, BLOCK_M=c["BLOCK_M"], TAIL_M=c["TAIL_M"], BLOCK_KH=c["BLOCK_KH"],
-                                BLOCK_KW=c["BLOCK_KW"], HAS_REL=has_rel, ALIGNED=True, DOT_PRECISION="tf32"),
-                aligned=[a for a in aligned if has_rel or not a.startswith("stride_rel")],
-                num_warps=c["num_warps"], num_stages=c["num_stages"],
-                expect_mma=True, min_ctas_per_sm={90: 2} if c["BLOCK_M"] >= 128 else {},
-                note=f"M{c['BLOCK_M']}" + (f"+{c['TAIL_M']}" if c["TAIL_M"] < c["BLOCK_M"] else "")
-                     + f" N{c['BLOCK_KH']}x{c['BLOCK_KW']}",
+                name=f"attention-bwd-dq/{name}/{tname}", kernel=_attention_bwd_dq_kernel,
+                signature=_signature(_attention_bwd_dq_kernel, tname, acc + (("dq_ptr",) if has_rel else ())),
+                constexprs=dict(flags, BLOCK_M=c["BWD_BLOCK_M"], TAIL_M=c["BWD_TAIL_M"], BLOCK_KH=c["BWD_BLOCK_KH"],
+                                BLOCK_KW=c["BWD_BLOCK_KW"]),
+                aligned=_aligned_args(_attention_bwd_dq_kernel, unaligned),
+                num_warps=c["bwd_num_warps"], num_stages=c["bwd_num_stages"], expect_mma=True,
+                note=f"{tile} N{c['BWD_BLOCK_KH']}x{c['BWD_BLOCK_KW']}",
+            ))
+            entries.append(dict(
+                name=f"attention-bwd-dkdv/{name}/{tname}", kernel=_attention_bwd_dkdv_kernel,
+                signature=_signature(_attention_bwd_dkdv_kernel, tname, acc),
+                constexprs=dict(flags, BLOCK_M=c["KV_BLOCK_M"], BLOCK_KH=c["KV_BLOCK_KH"], BLOCK_KW=c["KV_BLOCK_KW"]),
+                aligned=_aligned_args(_attention_bwd_dkdv_kernel, unaligned),
+                num_warps=c["kv_num_warps"], num_stages=c["bwd_num_stages"], expect_mma=True,
+                note=f"N{c['KV_BLOCK_KH']}x{c['KV_BLOCK_KW']} M{c['KV_BLOCK_M']}",
             ))
         for name, size in (("relpos-global-1024", 64), ("relpos-window-14", 14)):
             block_r = max(16, triton.next_power_of_2(2 * size - 1))
             entries.append(dict(
-                name=f"attention/{name}/{tname}", kernel=_relpos_kernel, signature=_relpos_signature(tname),
+                name=f"attention/{name}/{tname}", kernel=_relpos_kernel, signature=_signature(_relpos_kernel, tname, acc),
                 constexprs=dict(HEAD_DIM=64, BLOCK_M=RELPOS_BLOCK_M, BLOCK_RH=block_r, BLOCK_RW=block_r,
                                 DOT_PRECISION="tf32"),
-                aligned=["qkv_ptr", "prog_ptr", "rph_ptr", "rpw_ptr", "relh_ptr", "relw_ptr", "stride_qkv_t",
-                         "stride_qkv_h", "stride_rph", "stride_rpw", "stride_relh_head", "stride_relh_t",
-                         "stride_relw_head", "stride_relw_t", "len_relh", "len_relw"],  # rows padded to 16s
+                aligned=_aligned_args(_relpos_kernel),     # table rows padded to 16s
                 num_warps=_relpos_warps(block_r, block_r), num_stages=3, expect_mma=True,
                 note=f"M{RELPOS_BLOCK_M} R{block_r}",
             ))
+            for axis, last in ((0, False), (1, True)):    # rows: fp32 dq in place; columns: into dqkv
+                entries.append(dict(
+                    name=f"attention-bwd-{name}-{'hw'[axis]}/{tname}", kernel=_relpos_bwd_kernel,
+                    signature=_signature(_relpos_bwd_kernel, tname, acc + ("dq_in_ptr",) + (() if last else
+                                                                                            ("dq_out_ptr",))),
+                    constexprs=dict(AXIS=axis, HEAD_DIM=64, BLOCK_M=RELPOS_BLOCK_M, SUB_BLOCKS=RELPOS_BWD_SUB_BLOCKS,
+                                    BLOCK_R=block_r, DOT_PRECISION="tf32", ACC=tl.float32),
+                    aligned=_aligned_args(_relpos_bwd_kernel),
+                    num_warps=_relpos_warps(block_r, block_r), num_stages=3, expect_mma=True,
+                    note=f"M{RELPOS_BLOCK_M}x{RELPOS_BWD_SUB_BLOCKS} R{block_r}",
+                ))
     return entries
 
 
