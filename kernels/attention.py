@@ -678,7 +678,7 @@ def _relpos_bwd_kernel(
                     mask=(offs_r < 2 * G - 1)[:, None], other=0.0)                          # [BLOCK_R, D]
     drel_base = drel_ptr + head.to(tl.int64) * stride_drel_head + tok0.to(tl.int64) * stride_drel_t
     acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=ACC)
-    for sub in range(0, SUB_BLOCKS):
+    for sub in range(0, tl.minimum(SUB_BLOCKS, tl.cdiv(GH * GW - q_first, BLOCK_M))):     # the group's blocks
         q_gh, q_gw, q_real, q_tok = _queries(q_first + sub * BLOCK_M, tok0, H, W, R0, C0, GH, GW, BLOCK_M)
         q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
                     mask=q_real[:, None], other=0.0)
