@@ -50,6 +50,26 @@ Design, and what it does for the H100 targets (bf16, head_dim 64):
   BLOCK_KH / BLOCK_KW is correct. The production configs compile for sm_80 and sm_90 without spills or ptxas
   performance warnings, with HMMA / HGMMA; the SAM global config runs 2 CTAs per SM on sm_90
   (bench/compile_report.py).
+
+Backward (`AttentionFunction`, FlashAttention-2 style: deterministic, no N x N tensor). While autograd records,
+the forward also writes the log-sum-exp per (head, query) (HAS_LSE; fp32) and saves qkv, out, the LSE and the
+small packed tables; the per-token rel-pos tables are not saved but recomputed (one `_relpos_kernel` launch).
+Each kernel recomputes the scores as the forward does, P = exp2(s - lse), dS = P (dP - delta) with
+delta = rowsum(dO * O) (torch):
+- `_attention_bwd_dq_kernel`, program per (group, query block) x head over the key tiles: dQ = scale dS K, and
+  the scores' rel-pos gradients dRel_h[q, kh] = sum over kw of dS, dRel_w[q, kw] = sum over kh of dS into
+  per-token tables shaped like relh / relw. Its key tiles span whole group rows, so dRel_w accumulates in
+  registers and each dRel_h entry is stored by one tile: no kernel reads back what it wrote.
+- `_attention_bwd_dkdv_kernel`, program per (group, key tile) x head over the group's queries, transposed
+  (s^T [keys, queries]): dV = P^T dO, dK = scale dS^T Q. Token keys store their rows of dqkv; padded keys (the qkv
+  bias) are summed per program into partials that torch reduces into qkv_bias's k and v parts (q: zero).
+- `_relpos_bwd_kernel`, the mirror of `_relpos_kernel`, one launch per axis: gathers dRel back to table rows
+  (G), adds G Rh (then G Rw) to dQ (fp32 scratch, then dqkv), and writes per-program partials of dRh = G^T q,
+  which torch sums over programs and heads, one contiguous run of programs per group shape.
+Every reduction is a fixed-order sum (no atomics, no index_add_): repeated backwards are bit-identical. Padded
+queries get lse = +inf (P = 0): they contribute nothing. Accumulators, scratch tables and the LSE follow the
+input: fp32, fp64 for fp64 inputs (gradient checks to ~1e-10 in Triton's interpreter). Block sizes come from
+`choose_backward_config`; the training forward and every backward kernel are in the compile check.
 """
 import dataclasses
 import inspect
@@ -678,8 +698,10 @@ def _relpos_bwd_kernel(
                     mask=(offs_r < 2 * G - 1)[:, None], other=0.0)                          # [BLOCK_R, D]
     drel_base = drel_ptr + head.to(tl.int64) * stride_drel_head + tok0.to(tl.int64) * stride_drel_t
     acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=ACC)
-    for sub in range(0, tl.minimum(SUB_BLOCKS, tl.cdiv(GH * GW - q_first, BLOCK_M))):     # the group's blocks
-        q_gh, q_gw, q_real, q_tok = _queries(q_first + sub * BLOCK_M, tok0, H, W, R0, C0, GH, GW, BLOCK_M)
+    q_end = tl.minimum(q_first + SUB_BLOCKS * BLOCK_M, GH * GW)        # only the group's query blocks
+    tl.assume(q_end > q_first)  # no zero-trip path: it would serialize the wgmmas (C7515), as in _attend
+    for q0 in range(q_first, q_end, BLOCK_M):
+        q_gh, q_gw, q_real, q_tok = _queries(q0, tok0, H, W, R0, C0, GH, GW, BLOCK_M)
         q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
                     mask=q_real[:, None], other=0.0)
         q_view = (q_tok - tok0).to(tl.int32)              # token index within the view
@@ -818,9 +840,9 @@ def _relpos_warps(block_rh, block_rw):
 
 # ----------------------------------------------------------------------------------------------- launcher
 
-def _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale, dtypes=FLOAT_DTYPES):
+def _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale):
     """All launch checks; returns (T, heads, head_dim, has_rel, scale)."""
-    check_tensor(fn, "qkv", qkv, ndim=4, dtypes=dtypes, unit_stride=True)
+    check_tensor(fn, "qkv", qkv, ndim=4, dtypes=DTYPES, unit_stride=True)
     T, three, heads, head_dim = qkv.shape
     if three != 3:
         raise ValueError(f"{fn}: qkv has shape {tuple(qkv.shape)}, expected (total_tokens, 3, heads, head_dim)")
@@ -1103,8 +1125,7 @@ def attention(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bias=None, o
     Differentiable in qkv, rel_pos_h, rel_pos_w and qkv_bias when autograd records (AttentionFunction).
     """
     fn = "attention"
-    T, heads, head_dim, has_rel, scale = _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale,
-                                                       dtypes=DTYPES)
+    T, heads, head_dim, has_rel, scale = _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale)
     cfg = _resolve(fn, segments, head_dim, qkv.dtype, has_rel, config)
     tensors = (qkv, rel_pos_h, rel_pos_w, qkv_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
@@ -1123,9 +1144,10 @@ def attention_reference(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bi
                         compute_dtype=torch.float64):
     """Pure-torch reference of `attention`: per group, gather (padding = qkv bias), materialised bias, softmax.
 
-    Same arguments as `attention` (float64 inputs allowed too); computes in `compute_dtype`."""
+    Same arguments as `attention`; computes in `compute_dtype`. Differentiable (autograd through the gathers,
+    the index stores and softmax): the backward's reference."""
     T, heads, head_dim, has_rel, scale = _check_inputs("attention_reference", qkv, segments, rel_pos_h, rel_pos_w,
-                                                       qkv_bias, out, scale, dtypes=(*FLOAT_DTYPES, torch.float64))
+                                                       qkv_bias, out, scale)
     if out is None:
         out = torch.zeros(T, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     dev, cd = qkv.device, compute_dtype

@@ -256,3 +256,15 @@ def test_errors():
         attention(qkv, seg, config=dict(kv_num_warps=3))
     with pytest.raises(TypeError, match=r"rel_pos_h has dtype torch.float64, expected torch.float32"):
         attention(qkv, seg, rel_pos_h=rh.double(), rel_pos_w=rw)
+
+
+def test_backward_kernels_are_registered_for_the_compile_check():
+    # tests/test_compile.py builds every registered entry for sm_80 and sm_90 (spills, ptxas warnings, MMA)
+    names = {e["name"] for e in attn_mod.COMPILE_CONFIGS}
+    for dt in ("bf16", "fp16"):
+        for case, *_ in attn_mod.PRODUCTION_CASES:
+            for kind in ("attention-lse", "attention-bwd-dq", "attention-bwd-dkdv"):
+                assert f"{kind}/{case}/{dt}" in names, (kind, case, dt)
+        for case in ("global-1024", "window-14"):
+            for axis in "hw":
+                assert f"attention-bwd-relpos-{case}-{axis}/{dt}" in names
