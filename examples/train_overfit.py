@@ -28,6 +28,7 @@ from tqdm import tqdm
 from gundam import GundamEncoder
 from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, ProjectorConfig, SamConfig, resolve_mode
 from gundam.data import GundamDataset, ViewBudgetSampler, collate
+from gundam.packed import check_triton_available
 
 IMAGE = "<image>"   # the prompt's placeholder for the vision tokens; they go first, so it is dropped
 
@@ -175,15 +176,6 @@ def build(args, dataset: GundamDataset, device) -> tuple[GundamEncoder, Decoder]
     return encoder, decoder
 
 
-def refuse_untrainable(encoder: GundamEncoder, rb, device):
-    """One forward with autograd on, as training runs it: a backend without a backward refuses it here, before
-    anything else runs."""
-    try:
-        encoder(rb.to(device).batch)
-    except RuntimeError as e:
-        raise ValueError(f"--backend {encoder.backend} cannot train: {e}") from None
-
-
 def step_loss(encoder: GundamEncoder, decoder: Decoder, rb, device) -> torch.Tensor:
     """Mean cross-entropy per answer byte of one RecordBatch."""
     out = encoder(rb.to(device).batch)
@@ -209,6 +201,11 @@ def evaluate(encoder, decoder, loader, device) -> tuple[float, float | None]:
 
 def train(args, emit=print) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.backend == "triton":   # before anything runs: on CPU the kernels need Triton's interpreter
+        try:
+            check_triton_available(device)
+        except RuntimeError as e:
+            raise ValueError(f"--backend triton: {e}") from None
     mode = parse_mode(args.mode, args.max_crops)
     data_dir = args.data
     if data_dir is None:
@@ -225,8 +222,6 @@ def train(args, emit=print) -> dict:
     eval_loader = DataLoader(cached, batch_sampler=ViewBudgetSampler(dataset.views, args.views, shuffle=False),
                              collate_fn=collate)
     encoder, decoder = build(args, dataset, device)
-    if args.backend == "triton":
-        refuse_untrainable(encoder, next(iter(eval_loader)), device)
     params = list(encoder.parameters()) + list(decoder.parameters())
     encoder_lr = args.lr if args.encoder_lr is None else args.encoder_lr
     optimizer = torch.optim.AdamW([{"params": list(encoder.parameters()), "lr": encoder_lr},

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gpu", default="h100", choices=list(GPUS), help="roofline GPU (default: h100)")
     c.add_argument("--json", action="store_true", help="print JSON instead of tables")
     c.add_argument("--train", action="store_true",
-                   help="also the matmul FLOPs of a training step (forward + backward)")
+                   help="also a training step's matmul FLOPs (forward + backward) and activation memory")
     c.add_argument("--sweep", action="store_true",
                    help="write a CSV over sizes and aspect ratios, crops and no-crop (and a PNG with matplotlib)")
     c.add_argument("--out", default="cost_sweep.csv", help="sweep CSV path; the PNG goes beside it")

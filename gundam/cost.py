@@ -53,6 +53,22 @@ peak of (inputs + outputs of one pass + tensors held across it, e.g. the residua
 like the fused path's GELU, counts its buffer once), for what runs at once: one image's views of that kind for
 the vendor, all images' views for the fused path.
 
+Training memory (`train_saved_bytes`, `_fused`): the bytes autograd keeps from a training step's forward to
+its backward (parameters left out), per stage, for all of the batch's views: the torch path runs each view size
+as one batch, the packed path all views in one pass. Each op keeps what its backward reads: a linear or conv
+its input, LayerNorm its input (torch: plus fp32 mean and rstd per token; the Triton kernel: the input alone,
+the residual sum when fused), GELU its input, quick_gelu its input and sigmoid, LayerNorm2d (the vendor's
+explicit formula) x - mean twice, the normalised x and the std. Attention: the torch path (the vendor's
+computation, SDPA's math backend as on CPU) keeps per head and group the N x N softmax weights, copies of q for
+the rel-pos einsums and q, k, v; the Triton kernel keeps qkv, its output, an fp32 log-sum-exp per (head, token)
+and the packed rel tables, nothing N x N. On CUDA, the memory-efficient SDPA backend keeps the N x N bias and
+its output instead of the softmax weights and the scaled copies: within one [tokens, C] tensor per block of
+this count. With activation checkpointing (`train_activation_bytes(checkpointing=True)`): what is kept outside
+the blocks, each block's inputs (torch: the residual stream; packed: the stream and the last MLP output, its
+residual add fused into the next LayerNorm) and the largest block's saved bytes, recomputed one block at a time
+in the backward (`train_kept_bytes` + `train_block_bytes`; an upper bound by the block's input, kept once).
+`tests/test_cost.py` measures all three with saved-tensor hooks on CPU: equal to the byte.
+
 Roofline: a stage's floor time = max(matmul FLOPs / peak dense tensor FLOP/s, bytes / HBM bandwidth), bound by
 whichever is larger; `other_flops` are left out (they ride along the memory-bound passes). Stages run one after
 another, so the total floor is the sum of the stages' floors.
@@ -65,6 +81,7 @@ from dataclasses import dataclass, field
 
 from gundam.config import EncoderConfig, Mode, check_image_size, check_int
 from gundam.layout import ImageLayout, image_layout
+from gundam.model import CHUNK_TOKENS
 
 STAGES = ("sam_global", "sam_crops", "clip_global", "clip_crops", "projector_layout")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -102,9 +119,28 @@ class StageCost:
     activation_bytes_fused: int = 0  # peak, fused
     train_matmul_flops: int = 0        # forward + backward, the vendor's (= the torch path's) computation
     train_matmul_flops_fused: int = 0  # forward + backward of the fused path (attention scores recomputed)
+    # training memory (see "Training memory" above): bytes autograd keeps from the forward to the backward;
+    # with checkpointing, what stays kept plus the largest block's activations, recomputed one block at a time
+    train_saved_bytes: int = 0         # torch path
+    train_saved_bytes_fused: int = 0   # packed Triton path
+    train_kept_bytes: int = 0          # torch path, checkpointing: block inputs + what runs outside the blocks
+    train_kept_bytes_fused: int = 0
+    train_block_bytes: int = 0         # torch path: the largest block's saved bytes (a maximum, not a sum)
+    train_block_bytes_fused: int = 0
+
+    def train_activation_bytes(self, fused: bool = False, checkpointing: bool = False) -> int:
+        """Activation memory of a training step: saved bytes, or with checkpointing kept + one block's."""
+        sfx = "_fused" if fused else ""
+        if checkpointing:
+            return getattr(self, "train_kept_bytes" + sfx) + getattr(self, "train_block_bytes" + sfx)
+        return getattr(self, "train_saved_bytes" + sfx)
 
     def __add__(self, other: "StageCost") -> "StageCost":
-        return StageCost(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        out = StageCost(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        # blocks are recomputed one at a time: the largest one counts
+        out.train_block_bytes = max(self.train_block_bytes, other.train_block_bytes)
+        out.train_block_bytes_fused = max(self.train_block_bytes_fused, other.train_block_bytes_fused)
+        return out
 
 
 @dataclass(frozen=True)
@@ -211,10 +247,30 @@ class _Passes:
         self.weights = weights
         self.bytes = 0
         self.peak = 0
+        self.saved = _Saved()
 
     def add(self, read, write, weights=0, held=0, inplace=False):
         self.bytes += read + write + (weights if self.weights else 0)
         self.peak = max(self.peak, (max(read, write) if inplace else read + write) + held)
+
+
+@dataclass
+class _Saved:
+    """Bytes autograd saves for the backward in a training step: in the blocks (SAM blocks, CLIP layers) and
+    outside them; what checkpointing keeps of a block instead (its inputs); the largest block."""
+    outside: int = 0
+    blocks: int = 0
+    inputs: int = 0
+    largest: int = 0
+
+    def block(self, saved, inputs):
+        self.blocks += saved
+        self.inputs += inputs
+        self.largest = max(self.largest, saved)
+
+    def fields(self, sfx) -> dict:
+        return {f"train_saved_bytes{sfx}": self.outside + self.blocks, f"train_kept_bytes{sfx}": self.outside + self.inputs,
+                f"train_block_bytes{sfx}": self.largest}
 
 
 @dataclass
@@ -237,9 +293,10 @@ class _Count:
                     train_matmul_flops_fused=3 * self.mm_fused - self.no_dx + self.recompute)
 
 
-def _stage(count: _Count, vendor: _Passes, fused: _Passes, weights: int, passes: int) -> StageCost:
+def _stage(count: _Count, vendor: _Passes, fused: _Passes, weights: int, passes: int, saved: _Saved) -> StageCost:
+    """saved: the torch path's training bytes (all images' views in one pass, as GundamEncoder runs it)."""
     return StageCost(count.mm, count.mm_fused, count.other, vendor.bytes * passes, fused.bytes, weights,
-                     vendor.peak, fused.peak, **count.train())
+                     vendor.peak, fused.peak, **count.train(), **saved.fields(""), **fused.saved.fields("_fused"))
 
 
 def _pos_resize_bytes(src: int, dst: int, C: int, e: int) -> int:
@@ -263,9 +320,10 @@ def sam_weight_elems(cfg: EncoderConfig) -> int:
     return n + C * o + 2 * o + o * o * 9 + 2 * o + o * o2 * 9 + o2 * o3 * 9
 
 
-def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
+def _sam(cfg: EncoderConfig, size: int, B: int, e: int, window_tables: bool = True):
     """B views of `size` px through SAM, as one pass: (_Count, vendor _Passes, fused _Passes without weights,
-    fused weight bytes)."""
+    fused weight bytes). window_tables: count the fused path's window rel tables (one serves every view size,
+    so only one stage of a call counts them)."""
     s = cfg.sam
     C, nh, hd, F, ws = s.embed_dim, s.num_heads, s.head_dim, s.mlp_dim, s.window_size
     g, q = size // s.patch_size, cfg.tokens_per_side(size)  # patch grid, output grid
@@ -280,6 +338,7 @@ def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
     n.other += 2 * T * C
     for p in (v, f):
         p.add(B * 3 * size * size * e, T * C * e, w)
+        p.saved.outside += B * 3 * size * size * e                  # the pixels, for the conv's weight gradient
     v.bytes += _pos_resize_bytes(s.grid, g, C, e)
     for p in (v, f):
         p.add((T + g * g) * C * e, T * C * e)
@@ -358,6 +417,26 @@ def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
         if i == s.depth - 1:
             f.add(2 * X, X)                                          # last residual
 
+        # training: what autograd keeps. LayerNorm: its input and fp32 mean and rstd (torch) or its input alone
+        # (the kernel); a linear: its input; GELU: its input. Torch attention, per chunk of windows / views
+        # (CHUNK_TOKENS): the gather index (int64) and the einsum's copy of each rel table, the einsums' copies
+        # of q, then q, k, v and the N x N softmax weights in SDPA; the head-merge copy into proj. The kernel:
+        # qkv, its output, the fp32 log-sum-exp per (head, token) and the packed rel tables (nothing N x N).
+        # SDPA (math backend, as on CPU) keeps scaled copies of q and k and v; v is a view of the whole qkv
+        # output in a chunk of one group. (CUDA's memory-efficient backend keeps q, k, v as views, the bias,
+        # its output and log-sum-exp instead: within about Xp per block of this.)
+        stats = 2 * T * 4
+        hidden = 2 * F * X // C                                      # GELU's input, lin2's input
+        per = max(1, CHUNK_TOKENS // N)                              # groups per chunk
+        chunks = -(-groups // per)
+        single = groups if per == 1 else int(groups % per == 1)     # chunks of one group
+        tables = chunks * 2 * (8 * S * S + S * S * hd * e)
+        sdpa = 3 * Xp + 2 * single * (Xp // groups) + scores * e
+        v.saved.block((X + stats) + Xp + tables + 2 * Xp + sdpa + Xp + (X + stats) + X + hidden, inputs=X)
+        rel = 2 * (2 * S - 1) * hd * e if glob or window_tables else 0
+        f.saved.block(2 * X + 3 * X + X + 4 * nh * T + rel + 2 * X + hidden,
+                      inputs=X if i == 0 else 2 * X)                 # the packed blocks take (x, mlp_out)
+
     # neck: conv1x1, LayerNorm2d, conv3x3, LayerNorm2d; net_2, net_3 (3x3, stride 2, pad 1: each halves the
     # grid exactly, since views are multiples of the encoder's downsampling)
     o, o2, o3 = s.out_chans, s.net_2_chans, s.net_3_chans
@@ -379,6 +458,9 @@ def _sam(cfg: EncoderConfig, size: int, B: int, e: int):
         p.add(Y, Y, w2)
         p.add(Y, B * g2 * g2 * o2 * e, w3)
         p.add(B * g2 * g2 * o2 * e, B * q * q * o3 * e, w4)
+        # training: the convs' inputs; each LayerNorm2d keeps x - u twice (computed twice), the normalised x
+        # and the std
+        p.saved.outside += X + 2 * (3 * Y + T * e) + Y + Y + B * g2 * g2 * o2 * e
     return n, v, f, wb
 
 
@@ -392,7 +474,7 @@ def clip_weight_elems(cfg: EncoderConfig) -> int:
     return C + (c.grid ** 2 + 1) * C + 2 * C + c.num_layers * layer
 
 
-def _clip(cfg: EncoderConfig, size: int, B: int, e: int):
+def _clip(cfg: EncoderConfig, size: int, B: int, e: int, window_tables: bool = True):
     """B views of `size` px through CLIP-L, as one pass (same return as `_sam`)."""
     c = cfg.clip
     C, nh, hd, F = c.hidden_size, c.num_attention_heads, c.head_dim, c.ffn_hidden_size
@@ -410,6 +492,10 @@ def _clip(cfg: EncoderConfig, size: int, B: int, e: int):
         p.add(B * q * q * C * e, X)
         p.add(X + N * C * e, X)
         p.add(X, X, 2 * C * e)
+    # training, pre_layrnorm: its input, and torch's fp32 mean and rstd
+    stats = 2 * T * 4
+    v.saved.outside += X + stats
+    f.saved.outside += X
     wb = C * e + 2 * C * e  # class embedding, pre-LN (the position table is read above)
     for layer in range(c.num_layers):
         w_qkv, w_out = (3 * C * C + 3 * C) * e, (C * C + C) * e
@@ -441,6 +527,12 @@ def _clip(cfg: EncoderConfig, size: int, B: int, e: int):
             p.add(H, X, w_fc2, X)                              # fc2
             if p is v or layer == c.num_layers - 1:
                 p.add(2 * X, X)                                # residual
+        # training: LayerNorms as in SAM; attention (SDPA's flash kernels or the Triton kernel alike): q, k, v
+        # (views of the qkv output), the output (out_proj's input) and the fp32 log-sum-exp; quick_gelu keeps
+        # its input and the sigmoid, fc2 its input
+        attn = 3 * X + X + 4 * nh * T
+        v.saved.block((X + stats) + X + attn + (X + stats) + X + 3 * H, inputs=X)
+        f.saved.block(2 * X + attn + 2 * X + 3 * H, inputs=X if layer == 0 else 2 * X)
     return n, v, f, wb
 
 
@@ -470,10 +562,10 @@ def estimate(width: int, height: int, mode: str | Mode = "gundam", max_crops: in
                                         ("clip", _clip, clip_weight_elems(config))):
             # vendor: one pass per image over its `views`; fused: one pass over every image's views
             _, vend, _, _ = fn(config, size, views, e)
-            cnt_all, _, fus, wb = fn(config, size, views * batch, e)
+            cnt_all, vend_all, fus, wb = fn(config, size, views * batch, e, window_tables=kind == "global")
             if kind == "global":
                 fus.bytes += wb  # weights read once per call, charged to the global stage
-            stages[f"{name}_{kind}"] = _stage(cnt_all, vend, fus, total_weights * e, batch)
+            stages[f"{name}_{kind}"] = _stage(cnt_all, vend, fus, total_weights * e, batch, vend_all.saved)
     stages["projector_layout"] = _projector_layout(config, layout, batch, e)
 
     total = StageCost()
@@ -485,6 +577,9 @@ def estimate(width: int, height: int, mode: str | Mode = "gundam", max_crops: in
                           + 2 * config.projector.n_embed) * e
     st = stages
     total.activation_bytes = max(s.activation_bytes for s in st.values())
+    # the fused path's blocks run global and crop views together
+    total.train_block_bytes_fused = max(st["sam_global"].train_block_bytes_fused + st["sam_crops"].train_block_bytes_fused,
+                                        st["clip_global"].train_block_bytes_fused + st["clip_crops"].train_block_bytes_fused)
     total.activation_bytes_fused = max(st["sam_global"].activation_bytes_fused + st["sam_crops"].activation_bytes_fused,
                                        st["clip_global"].activation_bytes_fused + st["clip_crops"].activation_bytes_fused,
                                        st["projector_layout"].activation_bytes_fused)
@@ -518,8 +613,13 @@ def _projector_layout(cfg: EncoderConfig, layout: ImageLayout, batch: int, e: in
             v.add(t * D * e, t * D * e)                  # tile permute copy
         v.add(t * D * e + D * e, (t + nrows) * D * e)    # cat with newlines
     v.add(rows * D * e, rows * D * e)                    # final cat with the separator
-    f = _Passes()
     tokens = sum(t for t, _, _ in views) * batch
+    v.saved.outside = tokens * Din * e                   # training: the projector's input, cat(CLIP, SAM)
+    f = _Passes()
     f.add(tokens * Din * e, rows * batch * D * e, wgt)   # one kernel: both halves in, final rows out
+    # training: the kernel keeps both halves; CLIP's with the class tokens (the packed CLIP output)
+    views_all = (1 + layout.n_crops) * batch
+    f.saved.outside = tokens * cfg.sam.net_3_chans * e + (tokens + views_all) * cfg.clip.hidden_size * e
     n.mm, n.mm_fused, n.other = n.mm * batch, n.mm * batch, n.other * batch
-    return StageCost(n.mm, n.mm_fused, n.other, v.bytes * batch, f.bytes, wgt, v.peak, f.peak, **n.train())
+    return StageCost(n.mm, n.mm_fused, n.other, v.bytes * batch, f.bytes, wgt, v.peak, f.peak, **n.train(),
+                     **v.saved.fields(""), **f.saved.fields("_fused"))

@@ -18,7 +18,7 @@ from gundam.cost import CostReport, estimate, get_gpu
 
 def format_report(r: CostReport, gpu="h100", train: bool = False) -> str:
     """Per-stage tables of both traffic models on `gpu`, as `gundam cost` prints them; with `train`, also the
-    matmul FLOPs of a training step (forward + backward) and their compute floor."""
+    matmul FLOPs of a training step (forward + backward), their compute floor and its activation memory."""
     g = get_gpu(gpu)
     lay, m = r.layout, r.mode
     floors = r.floor(g)
@@ -46,11 +46,15 @@ def format_report(r: CostReport, gpu="h100", train: bool = False) -> str:
                   f" fused/vendor: HBM bytes x{_ratio(t.hbm_bytes_fused, t.hbm_bytes_vendor)},"
                   f" floor time x{_ratio(ff.seconds, fv.seconds)}"]
     if train:
-        lines += ["", "training step (forward + backward): matmul GFLOP, and the fused path's compute floor",
-                  f"{'stage':<17}{'vendor':>9}{'fused':>9}{'floor us':>10}"]
+        lines += ["", "training step (forward + backward): matmul GFLOP, the fused path's compute floor, and activation "
+                      "MB kept for the backward (torch path / Triton path, without and with checkpointing)",
+                  f"{'stage':<17}{'vendor':>9}{'fused':>9}{'floor us':>10}{'torch':>10}{'triton':>10}"
+                  f"{'torch ck':>10}{'triton ck':>10}"]
         for name, s in stages:
+            mem = [s.train_activation_bytes(fused, ck) / 1e6 for ck in (False, True) for fused in (False, True)]
             lines.append(f"{name:<17}{s.train_matmul_flops / 1e9:>9.1f}{s.train_matmul_flops_fused / 1e9:>9.1f}"
-                         f"{s.train_matmul_flops_fused / peak * 1e6:>10.1f}")
+                         f"{s.train_matmul_flops_fused / peak * 1e6:>10.1f}" + "".join(f"{m:>10.1f}" for m in mem))
+        lines.append("checkpointing (ck): block inputs kept, one block's activations recomputed at a time")
     return "\n".join(lines)
 
 

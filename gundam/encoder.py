@@ -5,8 +5,8 @@
     per_image = out.split()                                    # [tokens_i, 1280] each
 
 `forward_vendor` is a drop-in for the vendor's `_pixel_values_to_embedding`. `backend` picks the pure-torch
-path ("torch"), the packed Triton path ("triton", inference only) or Triton for inference on CUDA and torch
-otherwise ("auto").
+path ("torch"), the packed Triton path ("triton") or Triton on CUDA and torch on other devices ("auto"). Both
+train: gradients flow through the Triton kernels' backward passes as through the torch path.
 """
 from __future__ import annotations
 
@@ -135,9 +135,8 @@ class GundamEncoder(nn.Module):
 
     def _resolve(self, backend):
         backend = _check_backend(backend or self.backend)
-        if backend == "auto":  # the Triton kernels have no backward: train through the torch path
-            training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-            backend = "triton" if self.device.type == "cuda" and not training else "torch"
+        if backend == "auto":  # training or not: the kernels have their backward passes
+            backend = "triton" if self.device.type == "cuda" else "torch"
         if backend == "triton":
             check_triton_available(self.device)
         return backend

@@ -200,12 +200,13 @@ class SamBlock(nn.Module):
         return out.view(x.shape)
 
 
-def run_block(block: nn.Module, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
-    """block(x), or with activation checkpointing while autograd records: the block's activations are dropped
-    after the forward and recomputed in the backward (GundamEncoder.gradient_checkpointing_enable)."""
+def run_block(block, *args, checkpointing: bool):
+    """block(*args), or with activation checkpointing while autograd records: the block's activations are
+    dropped after the forward and recomputed in the backward (GundamEncoder.gradient_checkpointing_enable).
+    Both backends run their SAM blocks and CLIP layers through here."""
     if checkpointing and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-    return block(x)
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 class PatchEmbed(nn.Module):
@@ -261,7 +262,7 @@ class Sam(nn.Module):
         x = self.patch_embed(x)                       # [B, g, g, C]
         x = x + self.pos_embed_for(x.shape[1])
         for blk in self.blocks:
-            x = run_block(blk, x, self.gradient_checkpointing)
+            x = run_block(blk, x, checkpointing=self.gradient_checkpointing)
         x = self.neck(x.permute(0, 3, 1, 2))          # [B, out_chans, g, g]
         return self.net_3(self.net_2(x))              # [B, net_3_chans, g/4, g/4]
 
@@ -352,7 +353,7 @@ class ClipTransformer(nn.Module):
 
     def forward(self, x):
         for layer in self.layers:
-            x = run_block(layer, x, self.gradient_checkpointing)
+            x = run_block(layer, x, checkpointing=self.gradient_checkpointing)
         return x
 
 

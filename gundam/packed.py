@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gundam.layout import ImageLayout, grid_layout, layout_tokens
+from gundam.model import quick_gelu, run_block
 
 
 def check_triton_available(device: torch.device):
@@ -89,12 +90,36 @@ def signature(batch) -> tuple[ImageLayout, ...]:
     return tuple(grid_layout(lay.mode, lay.grid) for lay in batch.layouts)
 
 
+def sam_block(blk, plan: Plan, x, mlp_out):
+    """One SAM block on the packed stream: (x, mlp_out) -> (x, mlp_out), where the residual stream is x + mlp_out
+    (the add is fused into the next LayerNorm); mlp_out is None before the first block."""
+    K = _kernels()
+    T, C = x.shape
+    a = blk.attn
+    nh = a.num_heads
+    if mlp_out is None:
+        h = K.layernorm.layer_norm(x, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
+    else:
+        h, x = K.layernorm.layer_norm(mlp_out, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, residual=x)
+    qkv = F.linear(h, a.qkv.weight, a.qkv.bias).view(T, 3, nh, C // nh)
+    seg = plan.seg_window if blk.window_size else plan.seg_global
+    rh = K.attention.pack_rel_pos([a.rel_pos_h_for(s) for s in seg.rel_sizes_h], seg.rel_sizes_h)
+    rw = K.attention.pack_rel_pos([a.rel_pos_w_for(s) for s in seg.rel_sizes_w], seg.rel_sizes_w)
+    o = K.attention.attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=a.qkv.bias)   # [T, C]
+    o = F.linear(o, a.proj.weight, a.proj.bias)
+    h, x = K.layernorm.layer_norm(o, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, residual=x)
+    # GELU in place for inference: the [T, 4C] hidden state is the largest activation of the packed pass;
+    # out of place while autograd records it (its backward needs the input)
+    hidden = blk.mlp.lin1(h)
+    hidden = F.gelu(hidden) if hidden.requires_grad else torch.ops.aten.gelu_(hidden)
+    return x, blk.mlp.lin2(hidden)
+
+
 def sam_packed(sam, groups, plan: Plan, timer):
     """groups: list of [B, 3, S, S] pixel batches (one per view size, in plan order) -> list of
     [B, net_3_chans, q, q]."""
-    K = _kernels()
     cfg = sam.cfg
-    C, nh = cfg.embed_dim, cfg.num_heads
+    C = cfg.embed_dim
     # patch embedding per size, then one token-major buffer [T, C]
     xs = []
     for pixels in groups:
@@ -102,24 +127,11 @@ def sam_packed(sam, groups, plan: Plan, timer):
         B, g = x.shape[0], x.shape[1]
         xs.append((x + sam.pos_embed_for(g)).reshape(B * g * g, C))
     x = torch.cat(xs)                                                   # [T, C]
-    T = x.shape[0]
 
     mlp_out = None
     for blk in sam.blocks:
-        a = blk.attn
-        if mlp_out is None:
-            h = K.layernorm.layer_norm(x, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
-        else:
-            h, x = K.layernorm.layer_norm(mlp_out, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, residual=x)
-        qkv = F.linear(h, a.qkv.weight, a.qkv.bias).view(T, 3, nh, C // nh)
-        seg = plan.seg_window if blk.window_size else plan.seg_global
-        rh = K.attention.pack_rel_pos([a.rel_pos_h_for(s) for s in seg.rel_sizes_h], seg.rel_sizes_h)
-        rw = K.attention.pack_rel_pos([a.rel_pos_w_for(s) for s in seg.rel_sizes_w], seg.rel_sizes_w)
-        o = K.attention.attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=a.qkv.bias)   # [T, C]
-        o = F.linear(o, a.proj.weight, a.proj.bias)
-        h, x = K.layernorm.layer_norm(o, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, residual=x)
-        # GELU in place: the [T, 4C] hidden state is the largest activation of the packed pass
-        mlp_out = blk.mlp.lin2(torch.ops.aten.gelu_(blk.mlp.lin1(h)))
+        x, mlp_out = run_block(functools.partial(sam_block, blk, plan), x, mlp_out,
+                               checkpointing=sam.gradient_checkpointing)
     x = x + mlp_out
 
     outs, off = [], 0
@@ -132,25 +144,34 @@ def sam_packed(sam, groups, plan: Plan, timer):
     return outs
 
 
+def clip_layer(layer, plan: Plan, x, mlp_out):
+    """One CLIP layer on the packed stream, (x, mlp_out) -> (x, mlp_out) as `sam_block`."""
+    K = _kernels()
+    T, C = x.shape
+    ln1, ln2, sa = layer.layer_norm1, layer.layer_norm2, layer.self_attn
+    nh = sa.num_heads
+    if mlp_out is None:
+        h = K.layernorm.layer_norm(x, ln1.weight, ln1.bias, ln1.eps)
+    else:
+        h, x = K.layernorm.layer_norm(mlp_out, ln1.weight, ln1.bias, ln1.eps, residual=x)
+    qkv = F.linear(h, sa.qkv_proj.weight, sa.qkv_proj.bias).view(T, 3, nh, C // nh)
+    o = F.linear(K.attention.attention(qkv, plan.seg_clip), sa.out_proj.weight, sa.out_proj.bias)
+    h, x = K.layernorm.layer_norm(o, ln2.weight, ln2.bias, ln2.eps, residual=x)
+    hidden = layer.mlp.fc1(h)
+    # inference: one in-place pass, not three; while autograd records: the torch path's quick_gelu
+    hidden = quick_gelu(hidden) if hidden.requires_grad else K.activation.quick_gelu_(hidden)
+    return x, layer.mlp.fc2(hidden)
+
+
 def clip_packed(clip, sam_outs, plan: Plan, timer):
     """list of SAM outputs [B, C, q, q] -> packed CLIP tokens [T, C] (per view: class token + q*q)."""
     K = _kernels()
-    cfg = clip.cfg
-    nh, C = cfg.num_attention_heads, cfg.hidden_size
     x = torch.cat([clip.embeddings(s).flatten(0, 1) for s in sam_outs])  # [B, 1 + q*q, C] each -> [T, C]
-    T = x.shape[0]
     x = K.layernorm.layer_norm(x, clip.pre_layrnorm.weight, clip.pre_layrnorm.bias, clip.pre_layrnorm.eps)
     mlp_out = None
     for layer in clip.transformer.layers:
-        ln1, ln2, sa = layer.layer_norm1, layer.layer_norm2, layer.self_attn
-        if mlp_out is None:
-            h = K.layernorm.layer_norm(x, ln1.weight, ln1.bias, ln1.eps)
-        else:
-            h, x = K.layernorm.layer_norm(mlp_out, ln1.weight, ln1.bias, ln1.eps, residual=x)
-        qkv = F.linear(h, sa.qkv_proj.weight, sa.qkv_proj.bias).view(T, 3, nh, C // nh)
-        o = F.linear(K.attention.attention(qkv, plan.seg_clip), sa.out_proj.weight, sa.out_proj.bias)
-        h, x = K.layernorm.layer_norm(o, ln2.weight, ln2.bias, ln2.eps, residual=x)
-        mlp_out = layer.mlp.fc2(K.activation.quick_gelu_(layer.mlp.fc1(h)))   # one in-place pass, not three
+        x, mlp_out = run_block(functools.partial(clip_layer, layer, plan), x, mlp_out,
+                               checkpointing=clip.transformer.gradient_checkpointing)
     x = x + mlp_out
     timer.mark("clip")
     return x
@@ -158,9 +179,6 @@ def clip_packed(clip, sam_outs, plan: Plan, timer):
 
 def encode_packed(enc, batch, timer) -> torch.Tensor:
     """Batch -> embeddings [total_tokens, n_embed] through the Triton kernels."""
-    if torch.is_grad_enabled() and any(p.requires_grad for p in enc.parameters()):
-        raise RuntimeError("backend='triton' is inference-only (its kernels have no backward): call it under "
-                           "torch.no_grad() or torch.inference_mode(), or use backend='torch' to train")
     K = _kernels()
     dev, dt = enc.device, enc.dtype
     plan = make_plan(signature(batch), enc.config.sam.patch_size, enc.config.sam.window_size, dev)

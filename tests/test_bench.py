@@ -36,3 +36,15 @@ def test_cpu_bench_smoke(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "c.json").read_text())
     assert res["gflop"] > 0 and res["seconds"] > 0 and res["peak_rss_mb"] > 0 and res["tokens"] == 42
+
+
+def test_train_bench_smoke(tmp_path):
+    # the test session sets TRITON_INTERPRET=1 (conftest.py), which the bench inherits: both paths run
+    r = run("train.py", "--smoke", "--json", str(tmp_path / "t.json"))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert {(row["path"], row["checkpointing"]) for row in rows} == {(p, c) for p in ("triton", "torch")
+                                                                     for c in (False, True)}
+    assert all(0 < row["ms_min"] <= row["ms_median"] and row["model_activation_mb"] > 0 for row in rows)
+    model = {(row["path"], row["checkpointing"]): row["model_activation_mb"] for row in rows}
+    assert model["triton", True] < model["triton", False] and model["torch", True] < model["torch", False]

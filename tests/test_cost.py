@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import functools
+import itertools
 import json
 
 import pytest
@@ -418,3 +419,114 @@ def test_training_flops_match_flop_counter(size):
         enc(batch, backend="torch").embeddings.pow(2).sum().backward()
     est = estimate(*size, TINY_MODE, config=TINY, dtype="fp32")
     assert est.total.train_matmul_flops == fc.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training memory: the bytes autograd keeps, measured with saved-tensor hooks
+
+def saved_in_training(enc, batch, backend, block_fns) -> dict:
+    """What a training forward keeps for the backward, measured: bytes of the unique storages autograd saves
+    (parameters left out: they are kept anyway), the largest one block saves, and with checkpointing what stays
+    kept (saved outside the blocks, plus the blocks' inputs that the checkpoints hold). block_fns: (module,
+    name) of the functions that run one block, wrapped to tell which block a saved tensor belongs to."""
+    params = {p.untyped_storage().data_ptr() for p in enc.parameters()}
+    current, calls = [None], itertools.count()
+
+    def unique(tensors, seen):
+        out = 0
+        for t in tensors:
+            st = t.untyped_storage()
+            if st.data_ptr() not in params and st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                out += st.nbytes()
+        return out
+
+    def run(checkpointing):
+        seen, per_block, inputs = set(), {}, []
+
+        def pack(t):
+            per_block[current[0]] = per_block.get(current[0], 0) + unique([t], seen)
+            return t
+
+        def checkpoint(fn, *args, **kwargs):   # the tensors a checkpoint holds for its recomputation
+            inputs.extend(a for a in args if isinstance(a, torch.Tensor))
+            return real_checkpoint(fn, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as mp:
+            real_checkpoint = torch.utils.checkpoint.checkpoint
+            mp.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
+            for module, name in block_fns:
+                fn = getattr(module, name)
+
+                def labelled(block, *args, fn=fn, **kwargs):
+                    current[0] = next(calls)     # one block on one batch of views
+                    try:
+                        return fn(block, *args, **kwargs)
+                    finally:
+                        current[0] = None
+                mp.setattr(module, name, labelled)
+            if checkpointing:
+                enc.gradient_checkpointing_enable()
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    enc(batch, backend=backend)
+            finally:
+                enc.gradient_checkpointing_disable()
+        return per_block, unique(inputs, seen)
+
+    per_block, _ = run(False)
+    outside, inputs = run(True)
+    blocks = {k: v for k, v in per_block.items() if k is not None}
+    return {"saved": sum(per_block.values()), "block": max(blocks.values()),
+            "kept": outside.get(None, 0) + inputs}
+
+
+def check_training_memory(est, measured, fused):
+    sfx = "_fused" if fused else ""
+    t = est.total
+    model = {"saved": t.train_activation_bytes(fused), "block": getattr(t, "train_block_bytes" + sfx),
+             "kept": getattr(t, "train_kept_bytes" + sfx)}
+    assert model == measured, f"model {model}, measured {measured}"
+    assert t.train_activation_bytes(fused, checkpointing=True) == model["kept"] + model["block"]
+
+
+@pytest.mark.parametrize("sizes,mode", [([(500, 400)], "tiny-mode"), ([(1300, 650)] * 2, "tiny-mode"),
+                                        ([(700, 2100)], "tiny-mode"), ([(1300, 650)], "other")])
+def test_training_memory_of_the_torch_path(sizes, mode):
+    # batches of 1 and 2 images, no crops, 2x1 and 1x3 grids; a second mode whose global view is 192 px
+    from testutils import TINY, TINY_MODE, page, randomize
+    import gundam.model
+    m = TINY_MODE if mode == "tiny-mode" else Mode(192, 128, True)
+    enc = randomize(GundamEncoder(TINY), seed=1)
+    batch = preprocess([page(*s, seed=i) for i, s in enumerate(sizes)], m)
+    blocks = [(gundam.model.SamBlock, "forward"), (gundam.model.ClipLayer, "forward")]
+    measured = saved_in_training(enc, batch, "torch", blocks)
+    est = estimate(*sizes[0], m, config=TINY, batch=len(sizes), dtype="fp32")
+    check_training_memory(est, measured, fused=False)
+
+
+def test_training_memory_in_the_cli(capsys):
+    # Gundam 3x2 pages, batch 4, bf16: the torch path keeps a 12 x 4096 x 4096 softmax weight tensor per global
+    # block and image; the Triton path nothing N x N; checkpointing keeps far less on either
+    assert cli("1900x1250", "--batch", "4", "--train") == 0
+    out = capsys.readouterr().out
+    total = [line.split() for line in out.splitlines() if line.startswith("total")][-1]
+    torch_mb, triton_mb, torch_ck, triton_ck = map(float, total[4:8])
+    r = estimate(1900, 1250, batch=4)
+    assert torch_mb == pytest.approx(r.total.train_saved_bytes / 1e6, abs=0.05)
+    assert torch_mb - triton_mb > 4 * 4 * 12 * 4096 ** 2 * 2 / 1e6     # 4 global blocks x 4 images
+    assert max(torch_ck, triton_ck) < triton_mb / 4
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_training_memory_of_the_packed_path(n):
+    # needs the attention kernel's autograd Function: what it keeps is the model's, the torch reference's is not.
+    # n copies of a 1x2 image (global views and crops of two sizes in one pass), in Triton's interpreter
+    import gundam.packed
+    from test_train_triton import CFG, MODE, images
+    from testutils import randomize
+    enc = randomize(GundamEncoder(CFG), seed=3)
+    image = images(1)[0]
+    measured = saved_in_training(enc, preprocess([image] * n, MODE), "triton",
+                                 [(gundam.packed, "sam_block"), (gundam.packed, "clip_layer")])
+    check_training_memory(estimate(*image.size, MODE, config=CFG, batch=n, dtype="fp32"), measured, fused=True)

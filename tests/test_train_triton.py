@@ -1,0 +1,162 @@
+"""Training through the packed Triton path (Triton's interpreter on CPU): its parameter gradients are the torch
+path's, with and without activation checkpointing, and they come from the kernels' backward passes.
+
+The training tests run twice (the `attention` fixture, conftest.py): with the real attention kernel ("kernel")
+and with `attention_reference` standing in for it ("torch-reference": autograd through torch ops). The second
+checks the rest of training (the packed pass, LayerNorm and layout backward, checkpointing) independently of
+the attention backward.
+"""
+import pytest
+import torch
+
+from gundam import ClipConfig, EncoderConfig, GundamEncoder, Mode, ProjectorConfig, SamConfig, preprocess
+from testutils import assert_close, page, randomize
+
+# Small enough for the interpreter (its cost is per program, and the LayerNorms run one program per token):
+# SAM with a window block (windows of 3 pad the 8x8 and 4x4 grids) and a global block, position and rel-pos
+# tables resized for both view sizes; CLIP with two layers on SAM's output; a small projector.
+CFG = EncoderConfig(
+    sam=SamConfig(img_size=192, embed_dim=32, depth=2, num_heads=2, window_size=3, global_attn_indexes=(1,),
+                  out_chans=32, net_2_chans=48, net_3_chans=64),
+    clip=ClipConfig(hidden_size=64, num_layers=2, num_attention_heads=2, ffn_hidden_size=96, image_size=42,
+                    patch_size=14),
+    projector=ProjectorConfig(input_dim=128, n_embed=96),
+)
+MODE = Mode(128, 64, True)   # global views 8x8 patches, crops 4x4
+
+
+def images(n):
+    """A 1x2 image and one without crops (n=2); and a 2x2 one (n=3)."""
+    return [page(650, 1300, 0), page(400, 300, 1), page(1000, 1000, 2)][:n]
+
+
+# (dtype, tolerance relative to each gradient's largest magnitude): fp64 leaves only rounding; fp32 differs by
+# the order of the summations (measured ~2e-6 worst)
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return randomize(GundamEncoder(CFG), seed=3).state_dict()
+
+
+class SpyKernel:
+    """Stands in for a @triton.jit kernel: records each launch ("module.kernel"), then runs it."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
+def spy_kernels(monkeypatch, log):
+    from gundam.kernels import activation, attention, layernorm, layout
+    for mod in (activation, attention, layernorm, layout):
+        for name in dir(mod):
+            if name.startswith("_") and name.endswith("_kernel"):
+                label = f"{mod.__name__.rsplit('.', 1)[1]}.{name}"
+                monkeypatch.setattr(mod, name, SpyKernel(label, getattr(mod, name), log))
+
+
+def graph_nodes(t: torch.Tensor) -> list[str]:
+    """Names of every autograd node t depends on."""
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo += [n for n, _ in node.next_functions]
+    return names
+
+
+def gradients(weights, batch, backend, dtype, checkpointing=False, on_output=None):
+    """{name: gradient} of a fixed random projection of the embeddings, and the embeddings."""
+    enc = GundamEncoder(CFG)
+    enc.load_state_dict(weights)
+    enc = enc.to(dtype)
+    if checkpointing:
+        enc.gradient_checkpointing_enable()
+    out = enc(batch, backend=backend).embeddings
+    if on_output:
+        on_output(out)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    (out * w).sum().backward()
+    return {n: p.grad for n, p in enc.named_parameters()}, out.detach()
+
+
+def compare(got, want, tol):
+    """Every parameter's gradient, relative to its largest magnitude; prints the worst."""
+    missing = [n for n, g in got.items() if g is None]
+    assert not missing, f"no gradient for {missing}"
+    errs = sorted(((got[n].double() - g.double()).abs().max().item() / g.double().abs().max().item(), n)
+                  for n, g in want.items())
+    print(f"worst relative gradient errors: {errs[-3:]}")
+    for n, g in want.items():
+        assert_close(got[n], g, tol * g.abs().max().item(), 0, n)
+
+
+def check_training(weights, attention, monkeypatch, n_images, dtype):
+    batch = preprocess(images(n_images), MODE)
+    want, ref = gradients(weights, batch, "torch", dtype)
+    launches, nodes = [], []
+    spy_kernels(monkeypatch, launches)
+    got, out = gradients(weights, batch, "triton", dtype,
+                         on_output=lambda out: (nodes.extend(graph_nodes(out)), launches.append("backward")))
+    # the projector+layout kernel accumulates in fp32 whatever the input dtype: fp32 rounding on the output
+    assert_close(out, ref, 1e-5 * ref.abs().max().item(), 0, "embeddings")
+    compare(got, want, TOLERANCE[dtype])
+
+    # through the kernels, not a torch fallback: LayerNorm and layout backward ran as Triton launches; with the
+    # kernel, attention's backward too, and no torch attention is in the graph
+    sam, clip = CFG.sam.depth, CFG.clip.num_layers
+    assert nodes.count("LayerNormFunctionBackward") == 2 * sam + 1 + 2 * clip, nodes
+    assert nodes.count("ProjectLayoutFunctionBackward") == 1
+    backward = launches[launches.index("backward") + 1:]
+    assert backward.count("layernorm._layer_norm_bwd_kernel") == 2 * sam + 1 + 2 * clip, backward
+    if attention == "kernel":
+        assert nodes.count("AttentionFunctionBackward") == sam + clip, nodes
+        assert not [n for n in nodes if "Softmax" in n or "ScaledDotProduct" in n], nodes
+        assert any(name.startswith("attention.") for name in backward), backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float64])
+def test_gradients_equal_the_torch_path(weights, attention, monkeypatch, dtype):
+    check_training(weights, attention, monkeypatch, 2, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradients_equal_the_torch_path_three_grids(weights, attention, monkeypatch, dtype):
+    check_training(weights, attention, monkeypatch, 3, dtype)
+
+
+def test_checkpointing_gives_the_same_gradients(weights, attention, monkeypatch):
+    # the packed path with checkpointing against the torch path without (which the test above equals to the
+    # packed path without); the blocks really are recomputed: every block's LayerNorms launch twice
+    batch = preprocess(images(2), MODE)
+    want, _ = gradients(weights, batch, "torch", torch.float64)
+    launches = []
+    spy_kernels(monkeypatch, launches)
+    got, _ = gradients(weights, batch, "triton", torch.float64, checkpointing=True)
+    compare(got, want, TOLERANCE[torch.float64])
+    blocks = 2 * (CFG.sam.depth + CFG.clip.num_layers)
+    assert launches.count("layernorm._layer_norm_kernel") == 2 * blocks + 1, launches   # + CLIP's pre-LayerNorm, once
+
+
+def test_inference_stays_in_place(weights, monkeypatch):
+    # without autograd the MLP activations run in place: no copy of the [T, 4C] hidden state
+    from gundam.kernels import activation
+    calls, real = [], activation.quick_gelu_
+    monkeypatch.setattr(activation, "quick_gelu_", lambda x, **kw: calls.append(tuple(x.shape)) or real(x, **kw))
+    enc = GundamEncoder(CFG)
+    enc.load_state_dict(weights)
+    batch = preprocess(images(1), MODE)
+    with torch.no_grad():
+        got = enc(batch, backend="triton").embeddings
+        want = enc(batch, backend="torch").embeddings
+    assert calls == [(sum(1 + q * q for q in [2, 1, 1]), CFG.clip.ffn_hidden_size)] * CFG.clip.num_layers, calls
+    assert_close(got, want, 1e-5 * want.abs().max().item(), 0, "embeddings")
