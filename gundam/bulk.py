@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from gundam.config import EncoderConfig, Mode, check_int, resolve_mode
+from gundam.config import EncoderConfig, Mode, check_int, check_positive, resolve_mode
 from gundam.data import ViewBudgetSampler
 from gundam.images import Batch, image_views
 from gundam.layout import grid_layout, image_layout
@@ -400,7 +400,7 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
     t0 = time.perf_counter()
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
-    mode = resolve_mode(mode, max_crops)
+    mode, dpi = resolve_mode(mode, max_crops), check_positive(dpi, "dpi")
     batch_size, shard_size = check_int(batch_size, "batch_size"), check_int(shard_size, "shard_size")
     if batch_size < 1 + mode.max_crops:
         raise ValueError(f"batch_size={batch_size} views: an image can have {1 + mode.max_crops} (a global view and "
@@ -421,7 +421,7 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
     else:
         device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = default_dtype(device) if dtype == "auto" else resolve_dtype(dtype)
-    settings = Settings(mode, float(dpi), weights, config or EncoderConfig.deepseek_ocr(), dtype, str(device), backend)
+    settings = Settings(mode, dpi, weights, config or EncoderConfig.deepseek_ocr(), dtype, str(device), backend)
     out = os.fspath(out)
     finished, number = _open_output(out, settings)
 

@@ -136,10 +136,10 @@ def cmd_encode_dataset(args) -> int:
                        dtype=args.dtype, device=args.device, backend=args.backend, workers=args.workers,
                        ray_address=args.ray_address, max_shards=args.max_shards)
     done = s.encoded - len(s.failed)
-    rate = f", {done / s.seconds:.2f} pages/s, {s.tokens / s.seconds:.0f} tokens/s" if s.encoded else ""
-    print(f"{args.out}: encoded {done} of {s.encoded} pages and images ({s.tokens} tokens) into {len(s.shards)} "
-          f"shards in {s.seconds:.1f}s{rate}; {s.skipped} were done before"
-          + (f"; {s.remaining} left for a rerun (--max-shards)" if s.remaining else ""))
+    rate = f" ({done / s.seconds:.2f} pages/s, {s.tokens / s.seconds:.0f} tokens/s)" if s.encoded else ""
+    print(f"{args.out}: {done} of {s.encoded} pages and images encoded ({s.tokens} tokens), {len(s.failed)} failed, "
+          f"{len(s.shards)} new shards, {s.seconds:.1f}s{rate}; {s.skipped} done before"
+          + (f", {s.remaining} left for a rerun (--max-shards)" if s.remaining else ""))
     return report_failures(s.failed, s.encoded, "pages and images")
 
 
