@@ -371,7 +371,10 @@ def ray_groups(items, indices, batches, settings: Settings, n_gpus: int):
 def _ray_connect(address: str | None) -> int:
     """Connect to Ray (a running cluster at `address`, or a new local one) unless already connected; the
     cluster's GPU count."""
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("engine='ray' needs Ray: pip install 'gundam-encoder[ray]'") from None
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
     return int(ray.cluster_resources().get("GPU", 0))
@@ -400,6 +403,8 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
     t0 = time.perf_counter()
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
+    if ray_address is not None and engine != "ray":
+        raise ValueError(f"ray_address={ray_address!r} with engine={engine!r}: expected engine='ray'")
     mode, dpi = resolve_mode(mode, max_crops), check_positive(dpi, "dpi")
     batch_size, shard_size = check_int(batch_size, "batch_size"), check_int(shard_size, "shard_size")
     if batch_size < 1 + mode.max_crops:

@@ -36,3 +36,11 @@ def test_cpu_bench_smoke(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "c.json").read_text())
     assert res["gflop"] > 0 and res["seconds"] > 0 and res["peak_rss_mb"] > 0 and res["tokens"] == 42
+
+
+def test_pipeline_bench_smoke(tmp_path):
+    r = run("pipeline.py", "--smoke", "--json", str(tmp_path / "p.json"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["pages"] == 4 and res["page_size_px"] == [800, 1000] and res["batches"] >= 2
+    assert res["plain_loop"] > 0 and set(res["workers"]) == {"1"} and res["workers"]["1"] > 0
