@@ -28,7 +28,7 @@ IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().i
 class Item:
     """One image or PDF page to encode."""
     id: str
-    source: str                                # the file, as given or found
+    source: str                                # the file's absolute path (the same on every node of a cluster)
     page: int | None = None                    # PDF page index (from 0); None for an image
     size: tuple[int, int] | None = None        # (width, height) read without decoding: plans batches only
     error: str | None = None                   # why the input could not even be listed
@@ -66,18 +66,18 @@ def _expand(arg: str, dpi: float, item_id: str | None = None) -> list[Item]:
     if not os.path.lexists(arg) and glob.has_magic(arg):
         matches = sorted(glob.glob(arg, recursive=True))
         if not matches:
-            return [Item(arg, arg, error=f"{arg!r}: no file matches this pattern")]
+            return [Item(arg, os.path.abspath(arg), error=f"{arg!r}: no file matches this pattern")]
         return [it for path in matches for it in _expand(path, dpi)]
-    item_id = item_id or os.path.normpath(arg)
+    item_id, source = item_id or os.path.normpath(arg), os.path.abspath(arg)
     try:
         check_image_file(arg)
     except ValueError as e:
-        return [Item(item_id, arg, error=str(e))]
+        return [Item(item_id, source, error=str(e))]
     if arg.lower().endswith(".jsonl"):
         return _manifest_items(arg, dpi)
     if is_pdf(arg):
-        return _pdf_items(arg, item_id, dpi)
-    return [Item(item_id, arg, size=_image_size(arg))]
+        return _pdf_items(source, item_id, dpi)
+    return [Item(item_id, source, size=_image_size(source))]
 
 
 def _folder_files(folder: str) -> list[str]:
@@ -95,7 +95,7 @@ def _folder_files(folder: str) -> list[str]:
 def _manifest_items(path: str, dpi: float) -> list[Item]:
     """A JSONL manifest: one object per line with "image" (a path, relative to the manifest) and optionally "id"
     (training records of gundam.data qualify). A bad line is an item with its error."""
-    folder, items = os.path.dirname(path), []
+    folder, source, items = os.path.dirname(path), os.path.abspath(path), []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -104,17 +104,17 @@ def _manifest_items(path: str, dpi: float) -> list[Item]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                items.append(Item(where, path, error=f"{where}: not JSON ({e})"))
+                items.append(Item(where, source, error=f"{where}: not JSON ({e})"))
                 continue
             image = obj.get("image") if isinstance(obj, dict) else None
             item_id = obj.get("id") if isinstance(obj, dict) else None
             if not isinstance(image, str) or not image or not isinstance(item_id, (str, type(None))):
-                items.append(Item(where, path, error=f"{where}: expected an object with \"image\" (a path) and "
+                items.append(Item(where, source, error=f"{where}: expected an object with \"image\" (a path) and "
                                                      f"optionally \"id\" (a string)"))
                 continue
             image = os.path.join(folder, image)
             if image.lower().endswith(".jsonl") or os.path.isdir(image):
-                items.append(Item(where, path, error=f"{where}: image {image!r}: expected an image or PDF file"))
+                items.append(Item(where, source, error=f"{where}: image {image!r}: expected an image or PDF file"))
                 continue
             items += _expand(image, dpi, item_id)
     return items

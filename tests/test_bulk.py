@@ -55,7 +55,7 @@ def expected_ids(root):
                                                      "b/p3.png", "missing.png")])
 
 
-def test_expand_inputs(corpus, tmp_path):
+def test_expand_inputs(corpus, tmp_path, monkeypatch):
     root, inputs, _ = corpus
     items = expand_inputs(inputs + [str(root / "a" / "p0.png"), str(root / "nothing*.png")])
     assert [it.id for it in items] == expected_ids(root) + [str(root / "nothing*.png")]   # duplicate p0 dropped
@@ -63,6 +63,10 @@ def test_expand_inputs(corpus, tmp_path):
     assert [it.size for it in items[:3]] == [(2 * w, 2 * h) for w, h in PDF_PAGES]
     assert "no such file" in items[-2].error and "no file matches" in items[-1].error
     assert all(it.error is None for it in items[:-2])   # a corrupt image fails when it is decoded, not listed
+
+    monkeypatch.chdir(root)   # ids as given, sources absolute (what workers elsewhere read)
+    assert [(it.id, it.source) for it in expand_inputs(["b", "./a/p1.jpg"])] == [
+        ("b/p3.png", str(root / "b/p3.png")), ("a/p1.jpg", str(root / "a/p1.jpg"))]
 
     listed = expand_inputs(root / "list.jsonl")
     assert [(it.id, it.source, it.page) for it in listed] == [
