@@ -244,14 +244,14 @@ def read_embeddings(out_dir):
     lazily, one image at a time."""
     from safetensors import safe_open
     out_dir = os.fspath(out_dir)
-    files = {}
+    shard = f = None
     for row in read_manifest(out_dir):
         if row["error"] is not None:
             continue
-        shard = row["shard"]
-        if shard not in files:
-            files[shard] = safe_open(os.path.join(out_dir, "embeddings", shard), framework="pt")
-        embeddings = files[shard].get_slice("embeddings")[row["start"]:row["end"]]
+        if row["shard"] != shard:   # one shard open at a time (rows come shard by shard)
+            shard = row["shard"]
+            f = safe_open(os.path.join(out_dir, "embeddings", shard), framework="pt")
+        embeddings = f.get_slice("embeddings")[row["start"]:row["end"]]
         meta = {k: v for k, v in row.items() if k != "id"}
         yield row["id"], embeddings, meta
 
@@ -276,7 +276,10 @@ def _open_output(out_dir: str, settings: Settings) -> tuple[set[str], int]:
             raise ValueError(f"--out {out_dir!r} holds embeddings made with {k}={before.get(k)!r}, this run has "
                              f"{k}={record[k]!r}: expected the same settings to resume (or another --out)")
     else:
-        _atomic(lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(record, indent=1) + "\n"), run)
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=1)
+        _atomic(write, run)
     files = _manifest_files(out_dir)
     done = {i for f in files for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()}
     next_number = 1 + max((int(os.path.basename(f)[6:11]) for f in files), default=-1)
