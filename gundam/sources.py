@@ -47,7 +47,7 @@ def is_pdf(path: str) -> bool:
 
 
 def expand_inputs(inputs, dpi: float = PDF_DPI) -> list[Item]:
-    """Inputs -> items in input order (folders and globs sorted by path), each id once (the first wins)."""
+    """Inputs -> items in input order (folders and globs sorted), each id once (the first wins)."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     dpi = check_positive(dpi, "dpi")
@@ -81,7 +81,8 @@ def _expand(arg: str, dpi: float, item_id: str | None = None) -> list[Item]:
 
 
 def _folder_files(folder: str) -> list[str]:
-    """Image and PDF files under `folder` (recursively, hidden names skipped), sorted by path."""
+    """Image and PDF files under `folder` (recursively, hidden names skipped), sorted by name, a folder's files
+    before its subfolders."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
