@@ -7,8 +7,9 @@
 Data path: images -> `preprocess` (gundam.images) -> `Batch` -> `GundamEncoder` (gundam.encoder: the torch
 path in gundam.model, the Triton path in gundam.packed) -> `EncoderOutput`, laid out as gundam.layout says.
 `patch(model)` routes a Hugging Face, vLLM or SGLang DeepSeek-OCR model's image encoding through the encoder
-(gundam.hosts).
+(gundam.hosts). `read_embeddings(dir)` reads what `gundam encode-dataset` wrote (gundam.bulk).
 """
+from gundam.bulk import read_embeddings
 from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, ProjectorConfig, SamConfig
 from gundam.cost import estimate
 from gundam.encoder import EncoderOutput, GundamEncoder
@@ -21,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GundamEncoder", "EncoderOutput", "Batch", "preprocess", "crop_grid", "count_image_tokens",
     "EncoderConfig", "SamConfig", "ClipConfig", "ProjectorConfig", "Mode", "MODES", "estimate",
-    "patch", "unpatch",
+    "patch", "unpatch", "read_embeddings",
 ]

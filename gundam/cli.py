@@ -1,4 +1,4 @@
-"""The `gundam` command: encode images, count tokens, estimate cost."""
+"""The `gundam` command: encode images, encode datasets, count tokens, estimate cost."""
 from __future__ import annotations
 
 import argparse
@@ -125,6 +125,24 @@ def cmd_encode(args) -> int:
     return report_failures(failed, len(args.images))
 
 
+def cmd_encode_dataset(args) -> int:
+    """Every image and PDF page of the inputs -> sharded embeddings + Parquet manifest in --out (gundam.bulk).
+    Bad inputs are recorded in the manifest with their error, reported on `error:` lines, and make the exit
+    status 2; the other inputs are encoded."""
+    from gundam.bulk import encode_dataset
+
+    s = encode_dataset(args.inputs, args.out, engine=args.engine, mode=args.mode, max_crops=args.max_crops,
+                       batch_size=args.batch_size, shard_size=args.shard_size, dpi=args.dpi, weights=args.weights,
+                       dtype=args.dtype, device=args.device, backend=args.backend, workers=args.workers,
+                       ray_address=args.ray_address, max_shards=args.max_shards)
+    done = s.encoded - len(s.failed)
+    rate = f" ({done / s.seconds:.2f} pages/s, {s.tokens / s.seconds:.0f} tokens/s)" if s.encoded else ""
+    print(f"{args.out}: {done} of {s.encoded} pages and images encoded ({s.tokens} tokens), {len(s.failed)} failed, "
+          f"{len(s.shards)} new shards, {s.seconds:.1f}s{rate}; {s.skipped} done before"
+          + (f", {s.remaining} left for a rerun (--max-shards)" if s.remaining else ""))
+    return report_failures(s.failed, s.encoded, "pages and images")
+
+
 def cmd_tokens(args) -> int:
     """Crop grid and tokens of each image file (opened as `encode` opens it) or WIDTHxHEIGHT size, every mode.
     A bad item is reported and the others still printed (exit status 2)."""
@@ -223,6 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1, help="images encoded together in one pass (default 1)")
     e.add_argument("--out", help="write the embeddings and offsets to this .safetensors file")
     e.set_defaults(func=cmd_encode)
+
+    d = sub.add_parser("encode-dataset", help="encode images, folders, globs, PDFs and JSONL manifests into sharded "
+                                              "embeddings with a Parquet manifest (resumable), locally or on Ray")
+    d.add_argument("inputs", nargs="+", metavar="INPUT", help="image, PDF, folder, glob or .jsonl manifest")
+    d.add_argument("--out", required=True, help="output folder (a rerun with the same folder resumes)")
+    d.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local (default): one device, preprocessing in worker processes; ray: Ray Data")
+    d.add_argument("--mode", default="gundam", choices=list(MODES))
+    d.add_argument("--max-crops", type=int, default=None, help=f"{MIN_CROPS}..{MAX_CROPS} (default 6)")
+    d.add_argument("--batch-size", type=int, default=32, help="views per encoder batch (default 32)")
+    d.add_argument("--shard-size", type=int, default=256, help="pages and images per shard (default 256)")
+    d.add_argument("--dpi", type=float, default=144, help="PDF rendering resolution (default 144)")
+    d.add_argument("--weights", help="DeepSeek-OCR checkpoint: .safetensors file or directory")
+    d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    d.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+                   help="auto (default): bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise")
+    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; on Ray: in the cluster)")
+    d.add_argument("--workers", type=int, default=None,
+                   help="local engine: preprocessing processes (default: the CPUs, at most 8; 0: none)")
+    d.add_argument("--ray-address", default=None,
+                   help="Ray cluster to connect to, e.g. auto or ray://head:10001 (default: a new local Ray)")
+    d.add_argument("--max-shards", type=int, default=None, help="stop after this many new shards (rerun to go on)")
+    d.set_defaults(func=cmd_encode_dataset)
 
     t = sub.add_parser("tokens", help="crop grid and token count of images or sizes in every mode")
     t.add_argument("items", nargs="+", metavar="IMAGE|WxH")

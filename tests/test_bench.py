@@ -48,3 +48,11 @@ def test_train_bench_smoke(tmp_path):
     assert all(0 < row["ms_min"] <= row["ms_median"] and row["model_activation_mb"] > 0 for row in rows)
     model = {(row["path"], row["checkpointing"]): row["model_activation_mb"] for row in rows}
     assert model["triton", True] < model["triton", False] and model["torch", True] < model["torch", False]
+
+
+def test_pipeline_bench_smoke(tmp_path):
+    r = run("pipeline.py", "--smoke", "--json", str(tmp_path / "p.json"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["pages"] == 4 and res["page_size_px"] == [800, 1000] and res["batches"] >= 2
+    assert res["plain_loop"] > 0 and set(res["workers"]) == {"1"} and res["workers"]["1"] > 0

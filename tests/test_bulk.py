@@ -1,0 +1,182 @@
+"""Bulk encoding (gundam.bulk, gundam.sources, `gundam encode-dataset`): a small corpus of images, a three-page
+PDF, a corrupt file, a missing file and a JSONL manifest, encoded by a tiny encoder."""
+import filecmp
+import json
+import os
+
+import pytest
+import pypdfium2 as pdfium
+import torch
+from safetensors.torch import load_file, save_file
+from testutils import TINY, TINY_MODE, assert_close, page, randomize
+
+import gundam
+from gundam.bulk import Group, encode_dataset, encode_group, read_manifest, write_shard
+from gundam.cli import main
+from gundam.layout import image_layout
+from gundam.sources import expand_inputs
+
+# sizes not powers of two; several above 640 px, so they are cropped (grids 3x2, 1x2, 2x1 in TINY_MODE)
+IMAGES = {"a/p0.png": (1000, 700), "a/p1.jpg": (500, 300), "a/sub/p2.png": (800, 1500), "b/p3.png": (1300, 900)}
+PDF_PAGES = [(350, 450), (600, 250), (150, 150)]   # points: 144 dpi doubles them
+SETTINGS = dict(mode=TINY_MODE, config=TINY, batch_size=11, shard_size=3, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i, (name, (w, h)) in enumerate(IMAGES.items()):
+        os.makedirs(root / os.path.dirname(name), exist_ok=True)
+        page(w, h, seed=i).save(root / name)
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    pages = [page(w, h, seed=10 + i) for i, (w, h) in enumerate(PDF_PAGES)]
+    pages[0].save(root / "doc.pdf", save_all=True, append_images=pages[1:], resolution=72)   # 1 px = 1 pt
+    (root / "list.jsonl").write_text(json.dumps({"id": "first", "image": "b/p3.png"}) + "\n\n"
+                                     + json.dumps({"image": "doc.pdf"}) + "\n")
+    enc = randomize(gundam.GundamEncoder(TINY), seed=3).eval()
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, root / "weights.safetensors")
+    inputs = [str(root / "doc.pdf"), str(root / "a"), str(root / "b" / "*.png"), str(root / "missing.png")]
+    return root, inputs, enc
+
+
+@pytest.fixture(scope="module")
+def full_run(corpus, tmp_path_factory):
+    """The uninterrupted run of the local engine, with worker processes."""
+    root, inputs, _ = corpus
+    out = tmp_path_factory.mktemp("full")
+    summary = encode_dataset(inputs, out, weights=root / "weights.safetensors", workers=2, **SETTINGS)
+    return out, summary
+
+
+def expected_ids(root):
+    pdf = os.path.normpath(root / "doc.pdf")
+    return ([f"{pdf}#{i}" for i in range(3)]
+            + [os.path.normpath(root / p) for p in ("a/broken.png", "a/p0.png", "a/p1.jpg", "a/sub/p2.png",
+                                                     "b/p3.png", "missing.png")])
+
+
+def test_expand_inputs(corpus, tmp_path, monkeypatch):
+    root, inputs, _ = corpus
+    items = expand_inputs(inputs + [str(root / "a" / "p0.png"), str(root / "nothing*.png")])
+    assert [it.id for it in items] == expected_ids(root) + [str(root / "nothing*.png")]   # duplicate p0 dropped
+    assert [it.page for it in items[:3]] == [0, 1, 2] and items[3].page is None
+    assert [it.size for it in items[:3]] == [(2 * w, 2 * h) for w, h in PDF_PAGES]
+    assert "no such file" in items[-2].error and "no file matches" in items[-1].error
+    assert all(it.error is None for it in items[:-2])   # a corrupt image fails when it is decoded, not listed
+
+    monkeypatch.chdir(root)   # ids as given, sources absolute (what workers elsewhere read)
+    assert [(it.id, it.source) for it in expand_inputs(["b", "./a/p1.jpg"])] == [
+        ("b/p3.png", str(root / "b/p3.png")), ("a/p1.jpg", str(root / "a/p1.jpg"))]
+
+    listed = expand_inputs(root / "list.jsonl")
+    assert [(it.id, it.source, it.page) for it in listed] == [
+        ("first", str(root / "b/p3.png"), None), *((f"{root / 'doc.pdf'}#{i}", str(root / "doc.pdf"), i) for i in range(3))]
+    (tmp_path / "bad.pdf").write_bytes(b"%PDF-1.4 truncated")
+    (tmp_path / "bad.jsonl").write_text('{"id": "x"}\nnot json\n')
+    bad = expand_inputs([tmp_path / "bad.pdf", tmp_path / "bad.jsonl"])
+    assert "cannot open" in bad[0].error and "expected an object" in bad[1].error and "not JSON" in bad[2].error
+
+
+def test_local_engine_and_reader(corpus, full_run):
+    root, inputs, enc = corpus
+    out, s = full_run
+    ids = expected_ids(root)
+    assert (s.items, s.skipped, s.encoded, s.remaining) == (9, 0, 9, 0) and len(s.shards) == 3
+    assert [i for i, _ in s.failed] == [ids[3], ids[8]]
+    rows = read_manifest(out)
+    assert [r["id"] for r in rows] == ids and [r["index"] for r in rows] == list(range(9))
+    assert "not an image file" in rows[3]["error"] and "no such file" in rows[8]["error"]
+    assert all(r["error"] is None for i, r in enumerate(rows) if i not in (3, 8))
+
+    # each embedding equals the encoder on that image alone (PDF pages rendered here, independently)
+    pdf = pdfium.PdfDocument(root / "doc.pdf")
+    sources = [pdf[i].render(scale=2).to_pil() for i in range(3)] + [None] + [str(root / p) for p in IMAGES] + [None]
+    read = list(gundam.read_embeddings(out))
+    assert [r[0] for r in read] == [ids[i] for i in (0, 1, 2, 4, 5, 6, 7)]
+    with torch.inference_mode():
+        for (item_id, emb, meta), src in zip(read, [s for s in sources if s is not None]):
+            w, h = meta["width"], meta["height"]
+            lay = image_layout(w, h, TINY_MODE)
+            assert (w, h) == (src.size if hasattr(src, "size") else IMAGES[os.path.relpath(src, root)])
+            assert meta["grid"] == list(lay.grid) and meta["tokens"] == lay.tokens == emb.shape[0]
+            assert meta["page"] == (int(item_id[-1]) if "#" in item_id else None)
+            want = enc(gundam.preprocess(src, TINY_MODE)).embeddings
+            assert_close(emb, want, atol=1e-4, rtol=1e-4, what=item_id)
+    assert {r["grid"][0] * r["grid"][1] for r in rows if r["grid"]} >= {2, 6}   # crops, not just global views
+
+    # a shard file is also what `gundam encode --out` writes: embeddings + offsets of the images it holds
+    shard = load_file(out / "embeddings" / "shard-00001.safetensors")
+    held = [r for r in rows if r["shard"] == "shard-00001.safetensors"]
+    assert shard["offsets"].tolist() == [0] + torch.tensor([r["tokens"] for r in held]).cumsum(0).tolist()
+
+
+def test_interrupted_run_resumed_equals_uninterrupted(corpus, full_run, tmp_path):
+    root, inputs, _ = corpus
+    out, _ = full_run
+    first = encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", workers=0, max_shards=1,
+                           **SETTINGS)
+    assert (first.encoded, first.remaining, len(first.shards)) == (3, 6, 1)
+    # what a crash while writing the second shard leaves: a temp file and an embeddings file without manifest
+    (tmp_path / "manifest" / ".shard-00001.parquet.tmp").write_bytes(b"partial")
+    (tmp_path / "embeddings" / "shard-00001.safetensors").write_bytes(b"partial")
+    rest = encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", workers=0, **SETTINGS)
+    assert (rest.skipped, rest.encoded, rest.remaining, len(rest.shards)) == (3, 6, 0, 2)
+    for sub in ("embeddings", "manifest"):
+        names = sorted(f for f in os.listdir(out / sub) if not f.startswith("."))
+        assert names == sorted(f for f in os.listdir(tmp_path / sub) if not f.startswith("."))
+        match, mismatch, errors = filecmp.cmpfiles(out / sub, tmp_path / sub, names, shallow=False)
+        assert not mismatch and not errors, (sub, mismatch, errors)
+    again = encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", workers=0, **SETTINGS)
+    assert (again.skipped, again.encoded, again.shards) == (9, 0, [])
+
+    with pytest.raises(ValueError, match="dtype"):   # other settings would mix incomparable embeddings
+        encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", dtype="float16", **SETTINGS)
+
+
+def test_encoder_failure_fails_its_batch_only(tmp_path):
+    class Broken:
+        def __call__(self, batch):
+            raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+    batch = gundam.preprocess(page(300, 200, 0), TINY_MODE)
+    rows = [{"id": "x", "tokens": 21, "error": None}, {"id": "y", "tokens": None, "error": "bad"}]
+    rows, emb = encode_group(Broken(), Group(rows, batch))
+    assert emb is None and rows[0]["error"] == "'x': encoder failed (CUDA out of memory.)"
+
+
+def test_cli(corpus, tmp_path, monkeypatch, capsys):
+    root, _, _ = corpus
+    monkeypatch.setattr(gundam.EncoderConfig, "deepseek_ocr", staticmethod(lambda: TINY))   # tiny random weights
+    args = ["encode-dataset", str(root / "a" / "p1.jpg"), str(root / "a" / "broken.png"), "--out", str(tmp_path / "o"),
+            "--mode", "tiny", "--workers", "0"]
+    assert main(args) == 2   # a bad input: recorded, reported, exit status 2; the good one is encoded
+    out, err = capsys.readouterr()
+    assert "1 of 2 pages and images encoded (73 tokens), 1 failed, 1 new shards" in out
+    assert "error: image" in err and "broken.png" in err and "error: 1 of 2 pages and images failed" in err
+    assert [m["tokens"] for _, _, m in gundam.read_embeddings(tmp_path / "o")] == [73]
+
+    (tmp_path / "file").write_text("")
+    for bad, why in ((["--batch-size", "6"], "batch_size=6 views"), (["--out", str(tmp_path / "file")], "is a file"),
+                     (["--engine", "local", "--workers", "-1"], "workers=-1"), (["--dpi", "0"], "dpi=0.0")):
+        assert main(args + bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and why in err and err.count("\n") == 1, err
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_engine_matches_local(corpus, full_run, ray_session, tmp_path):
+    root, inputs, _ = corpus
+    out, local = full_run
+    s = encode_dataset(inputs, tmp_path, engine="ray", weights=root / "weights.safetensors", **SETTINGS)
+    assert (s.encoded, s.failed, s.tokens) == (local.encoded, local.failed, local.tokens)
+    for sub in ("embeddings", "manifest"):   # byte for byte: the same batches, the same writer
+        names = sorted(os.listdir(out / sub))
+        assert names == sorted(os.listdir(tmp_path / sub))
+        match, mismatch, errors = filecmp.cmpfiles(out / sub, tmp_path / sub, names, shallow=False)
+        assert not mismatch and not errors, (sub, mismatch, errors)
