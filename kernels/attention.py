@@ -83,7 +83,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gundam.kernels.launch import FLOAT_DTYPES, check_tensor, resolve_config
+from gundam.kernels.launch import GRAD_DTYPES, acc_dtype, check_tensor, resolve_config, tl_acc_dtype
 
 # Segment table columns (int32 [G, SEG_COLS]); a program table row is a segment row plus the program's first
 # query (PROG_Q0). The same indices as constexprs for the kernels.
@@ -96,7 +96,6 @@ _TOKEN, _H, _W, _ROW0, _COL0, _GH, _GW, _RH_OFF, _RW_OFF, _Q0 = map(tl.constexpr
 LOG2E = 1.4426950408889634
 RELPOS_BLOCK_M = 32     # query block of _relpos_kernel and _relpos_bwd_kernel
 RELPOS_BWD_SUB_BLOCKS = 4   # query blocks per _relpos_bwd_kernel program: fewer partial table gradients
-DTYPES = (*FLOAT_DTYPES, torch.float64)   # fp64: gradient checks in Triton's interpreter
 
 
 class View(NamedTuple):
@@ -842,7 +841,7 @@ def _relpos_warps(block_rh, block_rw):
 
 def _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale):
     """All launch checks; returns (T, heads, head_dim, has_rel, scale)."""
-    check_tensor(fn, "qkv", qkv, ndim=4, dtypes=DTYPES, unit_stride=True)
+    check_tensor(fn, "qkv", qkv, ndim=4, dtypes=GRAD_DTYPES, unit_stride=True)
     T, three, heads, head_dim = qkv.shape
     if three != 3:
         raise ValueError(f"{fn}: qkv has shape {tuple(qkv.shape)}, expected (total_tokens, 3, heads, head_dim)")
@@ -876,11 +875,6 @@ def _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"{fn}: scale={scale!r}, expected a positive float")
     return T, heads, head_dim, has_rel, float(scale)
-
-
-def _acc_dtype(dtype):
-    """Accumulator / scratch dtype: fp64 for fp64 inputs (gradient checks in the interpreter), else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _dot_precision(dtype):
@@ -939,7 +933,7 @@ def _rel_tables(qkv, segments, rel_pos_h, rel_pos_w, rh_len, rw_len):
     """Per-token rel-pos projections (`_relpos_kernel`), log2 units, fp32 (fp64 for fp64 inputs):
     relh [heads, T, rh_len >= max GH] and relw [heads, T, rw_len]; for real tokens entries GH.. (GW..) hold -inf."""
     T, _, heads, head_dim = qkv.shape
-    acc = _acc_dtype(qkv.dtype)
+    acc = acc_dtype(qkv.dtype)
     relh = torch.empty(heads, T, rh_len, device=qkv.device, dtype=acc)
     relw = torch.empty(heads, T, rw_len, device=qkv.device, dtype=acc)
     block_rh = max(16, triton.next_power_of_2(max(2 * segments.max_gh - 1, rh_len)))
@@ -967,7 +961,7 @@ def _forward(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale, cfg, wit
     fn = "attention"
     T, _, heads, head_dim = qkv.shape
     has_rel = rel_pos_h is not None
-    acc = _acc_dtype(qkv.dtype)
+    acc = acc_dtype(qkv.dtype)
     if out is None:   # every row is written when the groups cover all T tokens: no fill
         alloc = torch.empty if segments.covered_tokens == T else torch.zeros
         out = alloc(T, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
@@ -995,20 +989,16 @@ def _forward(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale, cfg, wit
         out.stride(0), head_dim, T,
         HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], TAIL_M=cfg["TAIL_M"], BLOCK_KH=cfg["BLOCK_KH"],
         BLOCK_KW=cfg["BLOCK_KW"], HAS_REL=has_rel, HAS_LSE=with_lse, ALIGNED=_aligned(qkv),
-        DOT_PRECISION=_dot_precision(qkv.dtype), ACC=_tl_acc(qkv.dtype),
+        DOT_PRECISION=_dot_precision(qkv.dtype), ACC=tl_acc_dtype(qkv.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
 
 
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _backward(dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_bias, segments, scale, cfg):
     """(dqkv, d rel_pos_h, d rel_pos_w, d qkv_bias) for the gradient dout of out; see the module docstring."""
     T, _, heads, head_dim = qkv.shape
-    dev, acc, has_rel = qkv.device, _acc_dtype(qkv.dtype), rel_pos_h is not None
+    dev, acc, has_rel = qkv.device, acc_dtype(qkv.dtype), rel_pos_h is not None
     alloc = torch.empty if segments.covered_tokens == T else torch.zeros
     dqkv = alloc(T, 3, heads, head_dim, device=dev, dtype=qkv.dtype)       # every token of a group is written
     drh = torch.zeros(rel_pos_h.shape, device=dev, dtype=acc) if has_rel else None
@@ -1032,7 +1022,7 @@ def _backward(dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_bias, segments, sca
         dq = dqkv[:, 0]
     rel_strides = (relh.stride(0), relh.stride(1), relw.stride(0), relw.stride(1)) if has_rel else (0, 0, 0, 0)
     common = dict(HEAD_DIM=head_dim, HAS_REL=has_rel, ALIGNED=_aligned(qkv), DOT_PRECISION=_dot_precision(qkv.dtype),
-                  ACC=_tl_acc(qkv.dtype), num_stages=cfg["bwd_num_stages"])
+                  ACC=tl_acc_dtype(qkv.dtype), num_stages=cfg["bwd_num_stages"])
 
     progs = segments.program_table(cfg["BWD_BLOCK_M"], cfg["BWD_TAIL_M"])
     _attention_bwd_dq_kernel[(progs.shape[0], heads)](
@@ -1069,7 +1059,7 @@ def _backward(dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_bias, segments, sca
                 qkv.stride(0), qkv.stride(2), progs.stride(0), table.stride(0), drel.stride(0), drel.stride(1),
                 dq.stride(0), dq.stride(1), dq_out.stride(0), dq_out.stride(1),
                 AXIS=axis, HEAD_DIM=head_dim, BLOCK_M=RELPOS_BLOCK_M, SUB_BLOCKS=RELPOS_BWD_SUB_BLOCKS,
-                BLOCK_R=block_r, DOT_PRECISION=_dot_precision(qkv.dtype), ACC=_tl_acc(qkv.dtype),
+                BLOCK_R=block_r, DOT_PRECISION=_dot_precision(qkv.dtype), ACC=tl_acc_dtype(qkv.dtype),
                 num_warps=_relpos_warps(block_r, block_r),
             )
             # every shape's programs are one contiguous run: sum over its programs and the heads (shared tables)

@@ -6,8 +6,20 @@ Convention, for every launcher:
 - `config=` (a dict) overrides the launcher's heuristic block sizes / warps; unknown keys are an error.
 """
 import torch
+import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GRAD_DTYPES = (*FLOAT_DTYPES, torch.float64)   # kernels with a backward also take fp64: gradient checks
+
+
+def acc_dtype(dtype):
+    """Accumulator / scratch dtype of a kernel reading `dtype`: fp64 for fp64 inputs (gradient checks in
+    Triton's interpreter), else fp32. Returns the torch dtype; `tl_acc_dtype` the Triton one."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def check_tensor(fn, name, t, *, ndim=None, shape=None, dtype=None, dtypes=None, device=None, unit_stride=False):

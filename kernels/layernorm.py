@@ -14,9 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gundam.kernels.launch import FLOAT_DTYPES, check_tensor, resolve_config
-
-DTYPES = (*FLOAT_DTYPES, torch.float64)
+from gundam.kernels.launch import GRAD_DTYPES, acc_dtype, check_tensor, resolve_config, tl_acc_dtype
 
 
 @triton.jit
@@ -101,12 +99,8 @@ def default_config(C):
     return dict(num_warps=min(max(triton.next_power_of_2(C) // 256, 1), 8))
 
 
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _check(fn, x, weight, bias, eps, residual):
-    check_tensor(fn, "x", x, ndim=2, dtypes=DTYPES, unit_stride=True)
+    check_tensor(fn, "x", x, ndim=2, dtypes=GRAD_DTYPES, unit_stride=True)
     T, C = x.shape
     if C == 0:
         raise ValueError(f"{fn}: x has shape {tuple(x.shape)}, expected C >= 1 channels")
@@ -132,7 +126,7 @@ def _forward(x, weight, bias, eps, residual, num_warps):
             x, r, weight, bias, y, h,
             C, float(eps),
             x.stride(0), r.stride(0), y.stride(0), h.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK_N=triton.next_power_of_2(C), ACC=_acc(x.dtype),
+            HAS_RESIDUAL=residual is not None, BLOCK_N=triton.next_power_of_2(C), ACC=tl_acc_dtype(x.dtype),
             num_warps=num_warps,
         )
     return y, h
@@ -145,7 +139,7 @@ def _backward(dy, dh, h, weight, eps, num_warps):
     dh = dh if dh is None or dh.stride(-1) == 1 else dh.contiguous()
     dx = torch.empty_like(h, memory_format=torch.contiguous_format)
     programs = max(1, min(T, 512))                       # enough programs to fill a GPU; partials stay small
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(h.dtype)
     dw = torch.zeros(programs, C, dtype=acc, device=h.device)
     db = torch.zeros(programs, C, dtype=acc, device=h.device)
     if T > 0:
@@ -153,7 +147,7 @@ def _backward(dy, dh, h, weight, eps, num_warps):
             dy, dh if dh is not None else dy, h, weight.contiguous(), dx, dw, db,
             T, C, float(eps), triton.cdiv(T, programs),
             dy.stride(0), dh.stride(0) if dh is not None else 0, h.stride(0), dx.stride(0),
-            HAS_DH=dh is not None, BLOCK_N=triton.next_power_of_2(C), ACC=_acc(h.dtype), num_warps=num_warps,
+            HAS_DH=dh is not None, BLOCK_N=triton.next_power_of_2(C), ACC=tl_acc_dtype(h.dtype), num_warps=num_warps,
         )
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 

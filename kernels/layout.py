@@ -11,9 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gundam.kernels.launch import FLOAT_DTYPES, check_tensor, resolve_config
-
-DTYPES = (*FLOAT_DTYPES, torch.float64)   # fp64: gradient checks in the interpreter
+from gundam.kernels.launch import GRAD_DTYPES, check_tensor, resolve_config, tl_acc_dtype
 
 NEWLINE = -1    # row-map code in the CLIP column: write image_newline
 SEPARATOR = -2  # row-map code in the CLIP column: write view_seperator
@@ -62,6 +60,7 @@ def _project_layout_kernel(
     T_out, stride_sm, stride_cm, stride_wn, stride_om,
     N: tl.constexpr, K_CLIP: tl.constexpr, K_SAM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -77,7 +76,7 @@ def _project_layout_kernel(
     sam_ptrs = sam_ptr + sam_row.to(tl.int64)[:, None] * stride_sm
     w_ptrs = w_ptr + offs_n[None, :] * stride_wn  # W^T tile [BLOCK_K, BLOCK_N]: K is W's contiguous dim
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     # cat(clip, sam) @ W^T = clip @ W[:, :K_CLIP]^T + sam @ W[:, K_CLIP:]^T
     for k in range(0, K_CLIP, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
@@ -91,11 +90,11 @@ def _project_layout_kernel(
         a = tl.load(sam_ptrs + offs_k[None, :], mask=is_token[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs + K_CLIP + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-    acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
 
-    # Embedding rows: an exact round trip through fp32, so they are stored bit for bit.
-    newline = tl.load(newline_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    sep = tl.load(sep_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    # Embedding rows: an exact round trip through the accumulator dtype, so they are stored bit for bit.
+    newline = tl.load(newline_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
+    sep = tl.load(sep_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
     emb = tl.where((clip_row == _NEWLINE)[:, None], newline[None, :], sep[None, :])
     out = tl.where(is_token[:, None], acc, emb)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -113,7 +112,7 @@ def default_config(T_out):
 def _check(fn, sam, clip, weight, bias, newline, separator, row_map, out):
     if not isinstance(row_map, RowMap):
         raise TypeError(f"{fn}: row_map is a {type(row_map).__name__}, expected a RowMap")
-    check_tensor(fn, "sam", sam, ndim=2, dtypes=DTYPES, unit_stride=True)
+    check_tensor(fn, "sam", sam, ndim=2, dtypes=GRAD_DTYPES, unit_stride=True)
     like = dict(dtype=sam.dtype, device=sam.device)
     check_tensor(fn, "clip", clip, ndim=2, unit_stride=True, **like)
     check_tensor(fn, "weight", weight, shape=(None, clip.shape[1] + sam.shape[1]), unit_stride=True, **like)
@@ -147,7 +146,7 @@ def _forward(sam, clip, weight, bias, newline, separator, row_map, out, cfg):
         N=N, K_CLIP=clip.shape[1], K_SAM=sam.shape[1],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         # fp32/fp64 inputs: exact products, not TF32 (fp16/bf16 ignore it).
-        INPUT_PRECISION="tf32" if sam.dtype in (torch.float16, torch.bfloat16) else "ieee",
+        INPUT_PRECISION="tf32" if sam.dtype in (torch.float16, torch.bfloat16) else "ieee", ACC=tl_acc_dtype(sam.dtype),
         num_warps=cfg["num_warps"],
     )
     return out
@@ -206,9 +205,9 @@ def _config(dtype, T_out):
         signature=dict(sam_ptr=p, clip_ptr=p, w_ptr=p, b_ptr=p, newline_ptr=p, sep_ptr=p, map_ptr="*i32", out_ptr=p,
                        T_out="i32", stride_sm="i32", stride_cm="i32", stride_wn="i32", stride_om="i32",
                        N="constexpr", K_CLIP="constexpr", K_SAM="constexpr", BLOCK_M="constexpr",
-                       BLOCK_N="constexpr", BLOCK_K="constexpr", INPUT_PRECISION="constexpr"),
+                       BLOCK_N="constexpr", BLOCK_K="constexpr", INPUT_PRECISION="constexpr", ACC="constexpr"),
         constexprs=dict(N=1280, K_CLIP=1024, K_SAM=1024, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                        INPUT_PRECISION="tf32"),
+                        INPUT_PRECISION="tf32", ACC=tl.float32),
         # What the JIT specializes for 16-byte aligned tensors with row strides that are multiples of 16.
         attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(_project_layout_kernel.arg_names)
                if name.endswith("_ptr") or name.startswith("stride_")},
