@@ -364,8 +364,7 @@ def ray_groups(items, indices, batches, settings: Settings, n_gpus: int):
     # flat_map, not map: Ray would fuse a 1:1 map with an actor of the same resources into that actor
     ds = ds.flat_map(_ray_prepare, fn_kwargs={"mode": settings.mode, "dpi": settings.dpi}, num_cpus=1)
     ds = ds.map_batches(_RayEncoder, fn_constructor_kwargs={"settings": settings}, batch_size=1,
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_gpus if gpu else 1),
-                        num_gpus=1 if gpu else 0, num_cpus=1)
+                        batch_format="numpy", concurrency=n_gpus if gpu else 1, num_gpus=1 if gpu else 0, num_cpus=1)
     for row in ds.iter_rows():
         emb = torch.from_numpy(np.array(row["embeddings"]))
         yield json.loads(row["rows"]), emb.view(settings.dtype) if settings.dtype == torch.bfloat16 else emb
