@@ -4,7 +4,9 @@ GUNDAM_DEEPSEEK_OCR_REPO: a checkout of github.com/deepseek-ai/DeepSeek-OCR (rea
     encoder modules (DeepSeek-OCR-master/DeepSeek-OCR-vllm/deepencoder), built at the tiny test size with the
     test encoder's weights, and the vendor's own `_pixel_values_to_embedding` (deepseek_ocr.py, its source run
     as is, except that its cast of the crops to bfloat16 reads float32 here, for an fp32 comparison): both
-    layouts of `forward_vendor` and `gundam.patch` on a host made of the vendor's modules agree with it.
+    layouts of `forward_vendor` and `gundam.patch` on a host made of the vendor's modules agree with it; with
+    the method's `torch.no_grad()` lifted (as a fine-tuning host would), every parameter gradient of both
+    backends equals the one autograd gives through the vendor's modules.
     Needs `easydict` (the vendor's CLIP imports it); flash_attn is not needed (the vendor's CLIP uses SDPA).
 GUNDAM_DEEPSEEK_OCR_HF: the HF repository deepseek-ai/DeepSeek-OCR (its .py files and config.json; no weights)
     and its pinned packages (transformers==4.46.3, addict, easydict, einops; torchvision, which only `infer`'s
@@ -42,6 +44,14 @@ def empty_module(name, **attrs):
     return module
 
 
+class LiftNoGrad(ast.NodeTransformer):
+    """Replaces each `with torch.no_grad():` block by its body."""
+
+    def visit_With(self, node):
+        self.generic_visit(node)
+        return node.body if ast.unparse(node.items[0].context_expr) == "torch.no_grad()" else node
+
+
 class Float32ForBfloat16(types.ModuleType):
     """`torch` for the vendor's function source, with `torch.bfloat16` reading float32."""
 
@@ -71,10 +81,14 @@ def vendor(monkeypatch):
               and n.name == "_pixel_values_to_embedding")
     namespace = {"torch": Float32ForBfloat16("torch"), "PRINT_NUM_VIS_TOKENS": False, "NestedTensors": list}
     exec(compile(ast.Module([fn], []), "deepseek_ocr.py", "exec"), namespace)
+    vendor_method = namespace["_pixel_values_to_embedding"]
+    grad_fn = ast.fix_missing_locations(LiftNoGrad().visit(fn))
+    exec(compile(ast.Module([grad_fn], []), "deepseek_ocr.py", "exec"), namespace)
 
     class VendorModel(nn.Module):
         """The vendor's vLLM model class as far as encoding goes: its modules, its method."""
-        _pixel_values_to_embedding = namespace["_pixel_values_to_embedding"]
+        _pixel_values_to_embedding = vendor_method
+        pixel_values_to_embedding_with_grad = namespace["_pixel_values_to_embedding"]
 
         def __init__(self):
             super().__init__()
@@ -104,14 +118,20 @@ def vendor(monkeypatch):
     return ours, model
 
 
-def test_forward_vendor_equals_the_vendors_code(vendor):
-    ours, model = vendor
-    sizes = [(1300, 650), (500, 300), (700, 2100), (1950, 1300), (2600, 700)]
+def vendor_inputs(sizes):
+    """A batch of pages and the vendor's tensors for it: global views, tile counts and per image the crop list
+    it takes (exactly w*h crops, as vLLM passed them; one zero crop for none)."""
     batch = preprocess([page(w, h, seed=20 + i) for i, (w, h) in enumerate(sizes)], TINY_MODE)
     pv, ic, sc = batch.to_vendor()
     crops = torch.split(batch.crops, batch.n_crops)
-    # the vendor takes exactly w*h crops per image (a list, as vLLM passed them), one zero crop for none
     lists = [c[None] if len(c) else torch.zeros(1, 1, 3, TINY_MODE.image_size, TINY_MODE.image_size) for c in crops]
+    return batch, pv, ic, sc, lists
+
+
+def test_forward_vendor_equals_the_vendors_code(vendor):
+    ours, model = vendor
+    sizes = [(1300, 650), (500, 300), (700, 2100), (1950, 1300), (2600, 700)]
+    batch, pv, ic, sc, lists = vendor_inputs(sizes)
     with torch.no_grad():
         want = [model._pixel_values_to_embedding(pv[j:j + 1], [lists[j]], sc[j:j + 1])[0] for j in range(len(sizes))]
     flat = torch.tensor([list(g) for g in batch.grids])
@@ -126,6 +146,28 @@ def test_forward_vendor_equals_the_vendors_code(vendor):
     assert {p.data_ptr() for p in enc.parameters()} <= {p.data_ptr() for p in model.parameters()}
     for i, (a, b) in enumerate(zip(model._pixel_values_to_embedding(pv, ic, sc), want, strict=True)):
         assert_close(a, b, atol=1e-5, rtol=1e-5, what=f"patched, image {i}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradients_equal_the_vendors_modules(vendor, backend):
+    # fine-tuning: a 2x1 crop grid and an image without crops in one batch; the Triton backend runs its
+    # backward kernels (in the interpreter on CPU)
+    ours, model = vendor
+    batch, pv, ic, sc, lists = vendor_inputs([(1300, 650), (500, 300)])
+    want_out = [model.pixel_values_to_embedding_with_grad(pv[j:j + 1], [lists[j]], sc[j:j + 1])[0] for j in range(2)]
+    g = torch.Generator().manual_seed(5)
+    dout = [torch.randn(o.shape, generator=g) for o in want_out]
+    sum((o * d).sum() for o, d in zip(want_out, dout)).backward()
+    got_out = ours(batch, backend=backend).split()     # forward_vendor runs under no_grad, as the vendor's method
+    sum((o * d).sum() for o, d in zip(got_out, dout)).backward()
+    for i, (a, b) in enumerate(zip(got_out, want_out, strict=True)):
+        assert_close(a.detach(), b.detach(), atol=1e-5, rtol=1e-5, what=f"output, image {i}")
+    vendor_params = dict(model.named_parameters())
+    for name, p in ours.named_parameters():
+        want = vendor_params[name].grad
+        assert p.grad is not None and want is not None, f"{name}: no gradient"
+        # fp32, summations in another order: relative to the gradient's largest magnitude, as on the torch path
+        assert_close(p.grad, want, 1e-4 * want.abs().max().item(), 0, f"d{name}")
 
 
 def test_hf_remote_code(monkeypatch):

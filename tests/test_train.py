@@ -10,7 +10,7 @@ import torch
 from gundam import GundamEncoder
 from gundam.data import GundamDataset, collate
 from gundam.overfit import make_overfit_set
-from testutils import assert_close
+from testutils import ATTENTION_KERNEL_SLOW, assert_close
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_overfit.py"
 spec = importlib.util.spec_from_file_location("train_overfit", EXAMPLE)
@@ -86,6 +86,7 @@ def test_overfit_three_images(three, capsys, tmp_path):
     assert (tmp_path / "decoder.safetensors").is_file()
 
 
+@ATTENTION_KERNEL_SLOW
 def test_triton_backend_trains(three, capsys, attention):
     # two optimizer steps on one image with small views (--mode 128,64), fp32, in Triton's interpreter: the
     # losses are the torch backend's. Step 1's loss is the forward's; step 2's and the final loss follow from

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gundam import ClipConfig, EncoderConfig, GundamEncoder, Mode, ProjectorConfig, SamConfig, preprocess
-from testutils import assert_close, page, randomize
+from testutils import ATTENTION_KERNEL_SLOW, assert_close, page, randomize
 
 # Small enough for the interpreter (its cost is per program, and the LayerNorms run one program per token):
 # SAM with a window block (windows of 3 pad the 8x8 and 4x4 grids) and a global block, position and rel-pos
@@ -134,6 +134,7 @@ def test_gradients_equal_the_torch_path_three_grids(weights, attention, monkeypa
     check_training(weights, attention, monkeypatch, 3, dtype)
 
 
+@ATTENTION_KERNEL_SLOW
 def test_checkpointing_gives_the_same_gradients(weights, attention, monkeypatch):
     # the packed path with checkpointing against the torch path without (which the test above equals to the
     # packed path without); the blocks really are recomputed: every block's LayerNorms launch twice

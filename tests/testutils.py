@@ -1,4 +1,5 @@
 """Shared by the tests: tiny encoder configs, random weights and pages, and close-enough assertions."""
+import pytest
 import torch
 from PIL import Image
 
@@ -6,6 +7,11 @@ from gundam.config import ClipConfig, EncoderConfig, Mode, SamConfig
 
 # (dtype, atol, rtol) rows for kernel-vs-reference tests on CPU (the interpreter has no bf16 arithmetic).
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 1e-2)]
+
+# The `attention` fixture (conftest.py) with its kernel case only under `-m slow`, for tests whose subject is
+# not the attention backward (the kernel trains in the default suite in tests/test_train_triton.py).
+ATTENTION_KERNEL_SLOW = pytest.mark.parametrize(
+    "attention", [pytest.param("kernel", marks=pytest.mark.slow), "torch-reference"], indirect=True)
 
 # A tiny encoder with the real structure: window and global SAM blocks, windows that need padding
 # (view grids 12 and 16 with window 5), CLIP with a resized position grid, the real 2048 -> 1280 projector.
