@@ -13,7 +13,7 @@ import gundam.kernels.attention as attn_mod
 from gundam.kernels.attention import (PROG_Q0, SEG_GH, SEG_GW, SEG_RH_OFF, SEG_RW_OFF, attention,
                                       attention_reference, build_segments, choose_config, mma_work, pack_rel_pos)
 
-from testutils import DTYPES, assert_close
+from testutils import DTYPES, assert_close, log_launches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,17 +168,7 @@ def test_strided_qkv_view_of_linear_output():
 def test_one_launch_for_a_mixed_batch(monkeypatch):
     # the windows of views of two sizes (a scaled-down Gundam batch) and their global groups: one launch each
     calls = []
-
-    class Counting:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            calls.append((self.kernel.__name__, grid))
-            return self.kernel[grid]
-
-    monkeypatch.setattr(attn_mod, "_attention_kernel", Counting(attn_mod._attention_kernel))
-    monkeypatch.setattr(attn_mod, "_relpos_kernel", Counting(attn_mod._relpos_kernel))
+    log_launches(monkeypatch, calls, [attn_mod])
     views = [(0, 16, 16), (256, 10, 10), (356, 10, 10), (456, 10, 10)]
     for window in (6, None):
         calls.clear()

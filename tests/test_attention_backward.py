@@ -8,7 +8,7 @@ import gundam.kernels.attention as attn_mod
 from gundam.kernels.attention import attention, attention_reference, build_segments, pack_rel_pos
 
 from test_attention import _vendor_block_attention
-from testutils import assert_close
+from testutils import assert_close, log_launches
 
 F64 = torch.float64
 
@@ -213,18 +213,7 @@ def test_saved_for_backward_is_small():
 def test_backward_launches(monkeypatch):
     # rel-pos projections recomputed, dQ (+ dRel), dK/dV, rel-pos backward per axis; grids (programs, heads)
     calls = []
-
-    class Counting:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            calls.append((self.kernel.__name__, grid))
-            return self.kernel[grid]
-
-    for name in ("_relpos_kernel", "_attention_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel",
-                 "_relpos_bwd_kernel"):
-        monkeypatch.setattr(attn_mod, name, Counting(getattr(attn_mod, name)))
+    log_launches(monkeypatch, calls, [attn_mod])
     seg, tensors, dout = _inputs([(0, 9, 9), (81, 5, 5)], 2, 16, seed=17, window=6)
     _grads(attention, seg, [t.float() for t in tensors], dout, torch.float32)
     assert [c[0] for c in calls] == ["_relpos_kernel", "_attention_kernel", "_relpos_kernel",

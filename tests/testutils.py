@@ -46,3 +46,22 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float
     err = (got - want).abs()
     assert torch.allclose(got, want, atol=atol, rtol=rtol), \
         f"{what}: max abs err {err.max().item():.3e}, mean abs err {err.mean().item():.3e}"
+
+
+class LoggedKernel:
+    """Stands in for a @triton.jit kernel: logs each launch as (kernel name, grid), then runs it."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append((self.kernel.__name__, grid))
+        return self.kernel[grid]
+
+
+def log_launches(monkeypatch, log, modules, names=None):
+    """Every `_*_kernel` of the kernel modules (or only those in `names`) logs its launches into `log`."""
+    for mod in modules:
+        for name in dir(mod):
+            if name.startswith("_") and name.endswith("_kernel") and (names is None or name in names):
+                monkeypatch.setattr(mod, name, LoggedKernel(getattr(mod, name), log))
