@@ -16,7 +16,8 @@ The output folder:
 
 Each file is written under a temporary name and renamed into place, the manifest last: a shard whose manifest
 exists is finished. A rerun skips the ids of finished shards and encodes the rest into new shards, so a crash
-loses at most the shard being written.
+loses at most the shard being written. One run at a time writes a folder: a run holds a lock on `.lock` in it
+(released when it ends, crashed or not), and a second run on the folder meanwhile is refused.
 
 The work is planned before anything is decoded: items in input order, cut into shards of `shard_size` items,
 each shard cut into encoder batches of at most `batch_size` views (estimated from image headers and PDF page
@@ -26,6 +27,8 @@ uninterrupted one would.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -256,16 +259,30 @@ def read_embeddings(out_dir):
         yield row["id"], embeddings, meta
 
 
-def _open_output(out_dir: str, settings: Settings) -> tuple[set[str], int]:
-    """Create or reopen the output folder: (ids of finished shards, number of the next shard). A folder written
-    with other settings is refused (its embeddings would not be comparable with new ones)."""
-    import pyarrow.parquet as pq
+@contextlib.contextmanager
+def _exclusive(out_dir: str):
+    """Create the output folder and hold its lock while the block runs: two runs writing one folder would
+    number their shards alike. The OS drops the lock when the process dies."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out {out_dir!r}: is a file, expected a folder (new or of an earlier run)")
-    for sub in ("embeddings", "manifest"):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"--out {out_dir!r}: not writable")
+    with open(os.path.join(out_dir, ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--out {out_dir!r}: another run is writing it, expected one run per folder at a "
+                             "time") from None
+        yield
+
+
+def _open_output(out_dir: str, settings: Settings) -> tuple[set[str], int]:
+    """Reopen the output folder (or set up a new one): (ids of finished shards, number of the next shard). A folder
+    written with other settings is refused (its embeddings would not be comparable with new ones)."""
+    import pyarrow.parquet as pq
+    for sub in ("embeddings", "manifest"):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     record, run = settings.record(), os.path.join(out_dir, "run.json")
     if os.path.exists(run):
         with open(run, encoding="utf-8") as f:
@@ -430,52 +447,52 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
     dtype = default_dtype(device) if dtype == "auto" else resolve_dtype(dtype)
     settings = Settings(mode, dpi, weights, config or EncoderConfig.deepseek_ocr(), dtype, str(device), backend)
     out = os.fspath(out)
-    finished, number = _open_output(out, settings)
+    with _exclusive(out):   # one run per folder at a time
+        finished, number = _open_output(out, settings)
+        items = expand_inputs(inputs, dpi)
+        todo = [i for i, it in enumerate(items) if it.id not in finished]
+        shards = plan([items[i] for i in todo], mode, batch_size, shard_size)
+        summary = Summary(len(items), len(items) - len(todo))
+        if max_shards is not None and len(shards) > max_shards:
+            shards = shards[:max_shards]
+        n_todo = sum(len(b) for s in shards for b in s)
+        summary.remaining = len(todo) - n_todo
+        if verbose:
+            print(f"weights: {weights}" if weights else
+                  "weights: RANDOM (no weights given): shapes and timings are real, embeddings are meaningless")
+            print(f"inputs: {len(items)} pages and images, {summary.skipped} already in {out!r}, {n_todo} to encode in "
+                  f"{len(shards)} shards ({engine} engine, {settings.device}, "
+                  f"{str(dtype).removeprefix('torch.')}, batches of <= {batch_size} views)")
+        if not shards:
+            summary.seconds = time.perf_counter() - t0
+            return summary
 
-    items = expand_inputs(inputs, dpi)
-    todo = [i for i, it in enumerate(items) if it.id not in finished]
-    shards = plan([items[i] for i in todo], mode, batch_size, shard_size)
-    summary = Summary(len(items), len(items) - len(todo))
-    if max_shards is not None and len(shards) > max_shards:
-        shards = shards[:max_shards]
-    n_todo = sum(len(b) for s in shards for b in s)
-    summary.remaining = len(todo) - n_todo
-    if verbose:
-        print(f"weights: {weights}" if weights else
-              "weights: RANDOM (no weights given): shapes and timings are real, embeddings are meaningless")
-        print(f"inputs: {len(items)} pages and images, {summary.skipped} already in {out!r}, {n_todo} to encode in "
-              f"{len(shards)} shards ({engine} engine, {settings.device}, "
-              f"{str(dtype).removeprefix('torch.')}, batches of <= {batch_size} views)")
-    if not shards:
+        batches = [b for s in shards for b in s]
+        work = [items[i] for i in todo[:n_todo]]
+        indices = todo[:n_todo]
+        stream = (local_groups(work, indices, batches, settings, workers) if engine == "local"
+                  else ray_groups(work, indices, batches, settings, n_gpus))
+        bar = tqdm(total=n_todo, unit="page", disable=not verbose, file=sys.stderr, smoothing=0.1)
+        t_start = time.perf_counter()
+        for k, shard in enumerate(shards):
+            rows, embeddings = [], []
+            for _ in shard:
+                group_rows, emb = next(stream)
+                rows += group_rows
+                if emb is not None:
+                    embeddings.append(emb)
+                for r in group_rows:
+                    if r["error"] is None:
+                        summary.tokens += r["tokens"]
+                    else:
+                        summary.failed.append((r["id"], r["error"]))
+                        if verbose:
+                            tqdm.write(f"error: {r['error']}", file=sys.stderr)
+                bar.set_postfix_str(f"{summary.tokens / (time.perf_counter() - t_start):.0f} tokens/s", refresh=False)
+                bar.update(len(group_rows))
+            summary.shards.append(write_shard(out, number + k, rows, embeddings, settings))
+            summary.encoded += len(rows)
+        stream.close()
+        bar.close()
         summary.seconds = time.perf_counter() - t0
         return summary
-
-    batches = [b for s in shards for b in s]
-    work = [items[i] for i in todo[:n_todo]]
-    indices = todo[:n_todo]
-    stream = (local_groups(work, indices, batches, settings, workers) if engine == "local"
-              else ray_groups(work, indices, batches, settings, n_gpus))
-    bar = tqdm(total=n_todo, unit="page", disable=not verbose, file=sys.stderr, smoothing=0.1)
-    t_start = time.perf_counter()
-    for k, shard in enumerate(shards):
-        rows, embeddings = [], []
-        for _ in shard:
-            group_rows, emb = next(stream)
-            rows += group_rows
-            if emb is not None:
-                embeddings.append(emb)
-            for r in group_rows:
-                if r["error"] is None:
-                    summary.tokens += r["tokens"]
-                else:
-                    summary.failed.append((r["id"], r["error"]))
-                    if verbose:
-                        tqdm.write(f"error: {r['error']}", file=sys.stderr)
-            bar.set_postfix_str(f"{summary.tokens / (time.perf_counter() - t_start):.0f} tokens/s", refresh=False)
-            bar.update(len(group_rows))
-        summary.shards.append(write_shard(out, number + k, rows, embeddings, settings))
-        summary.encoded += len(rows)
-    stream.close()
-    bar.close()
-    summary.seconds = time.perf_counter() - t0
-    return summary

@@ -1,5 +1,6 @@
 """Bulk encoding (gundam.bulk, gundam.sources, `gundam encode-dataset`): a small corpus of images, a three-page
 PDF, a corrupt file, a missing file and a JSONL manifest, encoded by a tiny encoder."""
+import fcntl
 import filecmp
 import json
 import os
@@ -131,6 +132,12 @@ def test_interrupted_run_resumed_equals_uninterrupted(corpus, full_run, tmp_path
 
     with pytest.raises(ValueError, match="dtype"):   # other settings would mix incomparable embeddings
         encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", dtype="float16", **SETTINGS)
+
+    # a run writing the folder (here: its lock held by another open file) keeps a second one out
+    with open(tmp_path / ".lock") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match=r"another run is writing it, expected one run per folder"):
+            encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", workers=0, **SETTINGS)
 
 
 def test_encoder_failure_fails_its_batch_only(tmp_path):
