@@ -16,7 +16,7 @@ The output folder:
 
 Each file is written under a temporary name and renamed into place, the manifest last: a shard whose manifest
 exists is finished. A rerun skips the ids of finished shards and encodes the rest into new shards, so a crash
-loses at most the shard being written. One run at a time writes a folder: a run holds a lock on `.lock` in it
+loses at most the shard being written; what failed counts as done unless `retry_failed`. One run at a time writes a folder: a run holds a lock on `.lock` in it
 (released when it ends, crashed or not), and a second run on the folder meanwhile is refused.
 
 The work is planned before anything is decoded: items in input order, cut into shards of `shard_size` items,
@@ -230,15 +230,16 @@ def _manifest_files(out_dir: str) -> list[str]:
 
 
 def read_manifest(out_dir) -> list[dict]:
-    """Every row of every finished shard (failures too), in input order."""
+    """One row per id of the finished shards (failures too), in input order. An id encoded again after failing
+    (`retry_failed`) has a row per attempt in the shards; the latest is the one returned."""
     import pyarrow.parquet as pq
     out_dir = os.fspath(out_dir)
     files = _manifest_files(out_dir)
     if not files:
         raise ValueError(f"{out_dir!r}: no manifest/shard-*.parquet: expected the --out folder of "
                          f"`gundam encode-dataset`")
-    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
-    return sorted(rows, key=lambda r: (r["index"], r["shard"] or ""))
+    latest = {r["id"]: r for f in files for r in pq.read_table(f).to_pylist()}   # files in shard order
+    return sorted(latest.values(), key=lambda r: (r["index"], r["shard"] or ""))
 
 
 def read_embeddings(out_dir):
@@ -277,9 +278,10 @@ def _exclusive(out_dir: str):
         yield
 
 
-def _open_output(out_dir: str, settings: Settings) -> tuple[set[str], int]:
-    """Reopen the output folder (or set up a new one): (ids of finished shards, number of the next shard). A folder
-    written with other settings is refused (its embeddings would not be comparable with new ones)."""
+def _open_output(out_dir: str, settings: Settings, retry_failed: bool) -> tuple[set[str], int]:
+    """Reopen the output folder (or set up a new one): (ids done in finished shards, failed ones only if not
+    `retry_failed`; number of the next shard). A folder written with other settings is refused (its embeddings
+    would not be comparable with new ones)."""
     import pyarrow.parquet as pq
     for sub in ("embeddings", "manifest"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
@@ -298,7 +300,8 @@ def _open_output(out_dir: str, settings: Settings) -> tuple[set[str], int]:
                 json.dump(record, f, indent=1)
         _atomic(write, run)
     files = _manifest_files(out_dir)
-    done = {i for f in files for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()}
+    rows = [r for f in files for r in pq.read_table(f, columns=["id", "error"]).to_pylist()]
+    done = {r["id"] for r in rows if r["error"] is None} | {r["id"] for r in rows if not retry_failed}
     next_number = 1 + max((int(os.path.basename(f)[6:11]) for f in files), default=-1)
     return done, next_number
 
@@ -406,13 +409,14 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
                    batch_size: int = 32, shard_size: int = 256, dpi: float = PDF_DPI, weights=None,
                    config: EncoderConfig | None = None, dtype="auto", device=None, backend: str = "auto",
                    workers: int | None = None, ray_address: str | None = None, max_shards: int | None = None,
-                   verbose: bool = True) -> Summary:
+                   retry_failed: bool = False, verbose: bool = True) -> Summary:
     """Encode every image and PDF page of `inputs` into the folder `out` (see the module docstring); returns a
     Summary. Bad inputs are recorded with their error and do not stop the run.
 
     batch_size: views per encoder batch (a page is 1 + its crops); shard_size: pages and images per shard;
     workers: preprocessing processes of the local engine (default: the CPUs, at most 8; 0: in this process);
-    max_shards: stop after that many new shards (a rerun goes on); dtype "auto": bfloat16 on CUDA and on CPUs
+    max_shards: stop after that many new shards (a rerun goes on); retry_failed: encode again the ids that failed
+    in earlier runs (a fixed file; an encoder that ran out of memory), else they count as done; dtype "auto": bfloat16 on CUDA and on CPUs
     with native bf16, float32 otherwise; device: default cuda when there is one (on Ray: in the cluster)."""
     from tqdm import tqdm
 
@@ -448,7 +452,7 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
     settings = Settings(mode, dpi, weights, config or EncoderConfig.deepseek_ocr(), dtype, str(device), backend)
     out = os.fspath(out)
     with _exclusive(out):   # one run per folder at a time
-        finished, number = _open_output(out, settings)
+        finished, number = _open_output(out, settings, retry_failed)
         items = expand_inputs(inputs, dpi)
         todo = [i for i, it in enumerate(items) if it.id not in finished]
         shards = plan([items[i] for i in todo], mode, batch_size, shard_size)

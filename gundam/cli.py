@@ -134,7 +134,8 @@ def cmd_encode_dataset(args) -> int:
     s = encode_dataset(args.inputs, args.out, engine=args.engine, mode=args.mode, max_crops=args.max_crops,
                        batch_size=args.batch_size, shard_size=args.shard_size, dpi=args.dpi, weights=args.weights,
                        dtype=args.dtype, device=args.device, backend=args.backend, workers=args.workers,
-                       ray_address=args.ray_address, max_shards=args.max_shards)
+                       ray_address=args.ray_address, max_shards=args.max_shards,
+                       retry_failed=args.retry_failed)
     done = s.encoded - len(s.failed)
     rate = f" ({done / s.seconds:.2f} pages/s, {s.tokens / s.seconds:.0f} tokens/s)" if s.encoded else ""
     print(f"{args.out}: {done} of {s.encoded} pages and images encoded ({s.tokens} tokens), {len(s.failed)} failed, "
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ray-address", default=None,
                    help="Ray cluster to connect to, e.g. auto or ray://head:10001 (default: a new local Ray)")
     d.add_argument("--max-shards", type=int, default=None, help="stop after this many new shards (rerun to go on)")
+    d.add_argument("--retry-failed", action="store_true", help="encode again what failed in earlier runs into --out")
     d.set_defaults(func=cmd_encode_dataset)
 
     t = sub.add_parser("tokens", help="crop grid and token count of images or sizes in every mode")

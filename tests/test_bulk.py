@@ -140,6 +140,31 @@ def test_interrupted_run_resumed_equals_uninterrupted(corpus, full_run, tmp_path
             encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", workers=0, **SETTINGS)
 
 
+def test_retry_failed(corpus, tmp_path):
+    # an image that failed is encoded again only with retry_failed (once fixed); the manifest keeps its latest row
+    root, _, enc = corpus
+    page(700, 500, seed=1).save(tmp_path / "good.png")
+    (tmp_path / "fixed.png").write_bytes(b"not an image")
+    run = dict(weights=root / "weights.safetensors", workers=0, **SETTINGS)
+    out = tmp_path / "out"
+    first = encode_dataset([tmp_path / "good.png", tmp_path / "fixed.png"], out, **run)
+    assert [i for i, _ in first.failed] == [str(tmp_path / "fixed.png")]
+    fixed = page(900, 400, seed=2)
+    fixed.save(tmp_path / "fixed.png")
+    again = encode_dataset([tmp_path / "good.png", tmp_path / "fixed.png"], out, **run)
+    assert (again.skipped, again.encoded) == (2, 0) and read_manifest(out)[1]["error"] is not None
+    retried = encode_dataset([tmp_path / "good.png", tmp_path / "fixed.png"], out, retry_failed=True, **run)
+    assert (retried.skipped, retried.encoded, retried.failed) == (1, 1, [])
+    rows = read_manifest(out)
+    assert [(r["id"], r["error"], r["shard"]) for r in rows] == [
+        (str(tmp_path / "good.png"), None, "shard-00000.safetensors"),
+        (str(tmp_path / "fixed.png"), None, "shard-00001.safetensors")]
+    (_, emb, _), (_, emb_fixed, _) = gundam.read_embeddings(out)
+    with torch.inference_mode():
+        want = enc(gundam.preprocess(fixed, TINY_MODE)).embeddings
+    assert_close(emb_fixed, want, atol=1e-4, rtol=1e-4, what="retried image")
+
+
 def test_encoder_failure_fails_its_batch_only(tmp_path):
     class Broken:
         def __call__(self, batch):
