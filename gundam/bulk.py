@@ -16,8 +16,9 @@ The output folder:
 
 Each file is written under a temporary name and renamed into place, the manifest last: a shard whose manifest
 exists is finished. A rerun skips the ids of finished shards and encodes the rest into new shards, so a crash
-loses at most the shard being written; what failed counts as done unless `retry_failed`. One run at a time writes a folder: a run holds a lock on `.lock` in it
-(released when it ends, crashed or not), and a second run on the folder meanwhile is refused.
+loses at most the shard being written; what failed counts as done unless `retry_failed`. One run at a time writes
+a folder: a run holds a lock on `.lock` in it (released when it ends, crashed or not), and a second run on the
+folder meanwhile is refused.
 
 The work is planned before anything is decoded: items in input order, cut into shards of `shard_size` items,
 each shard cut into encoder batches of at most `batch_size` views (estimated from image headers and PDF page
