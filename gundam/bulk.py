@@ -29,7 +29,6 @@ uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import sys
@@ -44,6 +43,11 @@ from gundam.data import ViewBudgetSampler
 from gundam.images import Batch, image_views
 from gundam.layout import grid_layout, image_layout
 from gundam.sources import PDF_DPI, Item, expand_inputs, load_item
+
+try:
+    import fcntl
+except ImportError:     # Windows: no flock; keeping to one run per output folder is up to the user there
+    fcntl = None
 
 ENGINES = ("local", "ray")
 MANIFEST_COLUMNS = ("id", "index", "source", "page", "width", "height", "grid", "tokens", "shard", "start", "end",
@@ -272,7 +276,8 @@ def _exclusive(out_dir: str):
         raise ValueError(f"--out {out_dir!r}: not writable")
     with open(os.path.join(out_dir, ".lock"), "a") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"--out {out_dir!r}: another run is writing it, expected one run per folder at a "
                              "time") from None
