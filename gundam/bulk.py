@@ -422,8 +422,9 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
     batch_size: views per encoder batch (a page is 1 + its crops); shard_size: pages and images per shard;
     workers: preprocessing processes of the local engine (default: the CPUs, at most 8; 0: in this process);
     max_shards: stop after that many new shards (a rerun goes on); retry_failed: encode again the ids that failed
-    in earlier runs (a fixed file; an encoder that ran out of memory), else they count as done; dtype "auto": bfloat16 on CUDA and on CPUs
-    with native bf16, float32 otherwise; device: default cuda when there is one (on Ray: in the cluster)."""
+    in earlier runs (a fixed file; an encoder that ran out of memory), else they count as done; dtype "auto":
+    bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise; device: default cuda when there is one (on
+    Ray: in the cluster)."""
     from tqdm import tqdm
 
     from gundam.encoder import default_dtype
