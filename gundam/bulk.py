@@ -151,11 +151,16 @@ class Group:
         return Group(self.rows, self.batch.pin_memory() if self.batch is not None else None)
 
 
+def row_layout(row: dict, mode: Mode):
+    """The ImageLayout of a prepared item's manifest row (what the encoder's Batch needs of it)."""
+    return grid_layout(mode, tuple(row["grid"]), row["width"], row["height"])
+
+
 def collate_group(prepared: list[Prepared], mode: Mode) -> Group:
     ok = [p for p in prepared if p.row["error"] is None]
     batch = None
     if ok:
-        layouts = [grid_layout(mode, tuple(p.row["grid"]), p.row["width"], p.row["height"]) for p in ok]
+        layouts = [row_layout(p.row, mode) for p in ok]
         batch = Batch(torch.stack([p.global_view for p in ok]), torch.cat([p.crops for p in ok]), layouts, mode)
     return Group([p.row for p in prepared], batch)
 
@@ -306,8 +311,8 @@ def _open_output(out_dir: str, settings: Settings, retry_failed: bool) -> tuple[
                 json.dump(record, f, indent=1)
         _atomic(write, run)
     files = _manifest_files(out_dir)
-    rows = [r for f in files for r in pq.read_table(f, columns=["id", "error"]).to_pylist()]
-    done = {r["id"] for r in rows if r["error"] is None} | {r["id"] for r in rows if not retry_failed}
+    done = {r["id"] for f in files for r in pq.read_table(f, columns=["id", "error"]).to_pylist()
+            if r["error"] is None or not retry_failed}
     next_number = 1 + max((int(os.path.basename(f)[6:11]) for f in files), default=-1)
     return done, next_number
 
@@ -365,9 +370,8 @@ class _RayEncoder:
         ok = [r for r in rows if r["error"] is None]
         views = None
         if ok:
-            layouts = [grid_layout(mode, tuple(r["grid"]), r["width"], r["height"]) for r in ok]
             views = Batch(torch.from_numpy(np.array(batch["global_views"][0])),   # copies: Ray's are read-only
-                          torch.from_numpy(np.array(batch["crops"][0])), layouts, mode)
+                          torch.from_numpy(np.array(batch["crops"][0])), [row_layout(r, mode) for r in ok], mode)
         rows, emb = encode_group(self.encoder, Group(rows, views))
         if emb is None:
             emb = torch.zeros(0, self.settings.config.projector.n_embed, dtype=self.settings.dtype)

@@ -475,7 +475,8 @@ def clip_weight_elems(cfg: EncoderConfig) -> int:
 
 
 def _clip(cfg: EncoderConfig, size: int, B: int, e: int, window_tables: bool = True):
-    """B views of `size` px through CLIP-L, as one pass (same return as `_sam`)."""
+    """B views of `size` px through CLIP-L, as one pass (same signature and return as `_sam`; CLIP has no
+    window tables, so `window_tables` changes nothing)."""
     c = cfg.clip
     C, nh, hd, F = c.hidden_size, c.num_attention_heads, c.head_dim, c.ffn_hidden_size
     q = cfg.tokens_per_side(size)

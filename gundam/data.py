@@ -38,10 +38,9 @@ class Record:
     height: int
 
 
-def read_records(path) -> list[Record]:
-    """Records from a JSONL file, one object per line (blank lines skipped, other fields ignored)."""
-    names = [f.name for f in fields(Record)]
-    records = []
+def jsonl_lines(path):
+    """Yield (where, object, error) per non-blank line of a JSONL file: where is "path:line"; a line that is not
+    JSON gives object None and the error message."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -50,16 +49,27 @@ def read_records(path) -> list[Record]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e})") from None
-            missing = [k for k in names if k not in obj] if isinstance(obj, dict) else names
-            if missing:
-                raise ValueError(f"{where}: missing fields {missing}: expected {names}")
-            for key in ("width", "height"):
-                check_int(obj[key], f"{where}: {key}")
-            for key in ("id", "image", "source", "type", "prompt", "answer"):
-                if not isinstance(obj[key], str):
-                    raise ValueError(f"{where}: {key}={obj[key]!r}: expected a string")
-            records.append(Record(**{k: obj[k] for k in names}))
+                yield where, None, f"{where}: not JSON ({e})"
+                continue
+            yield where, obj, None
+
+
+def read_records(path) -> list[Record]:
+    """Records from a JSONL file, one object per line (blank lines skipped, other fields ignored)."""
+    names = [f.name for f in fields(Record)]
+    records = []
+    for where, obj, error in jsonl_lines(path):
+        if error:
+            raise ValueError(error)
+        missing = [k for k in names if k not in obj] if isinstance(obj, dict) else names
+        if missing:
+            raise ValueError(f"{where}: missing fields {missing}: expected {names}")
+        for key in ("width", "height"):
+            check_int(obj[key], f"{where}: {key}")
+        for key in ("id", "image", "source", "type", "prompt", "answer"):
+            if not isinstance(obj[key], str):
+                raise ValueError(f"{where}: {key}={obj[key]!r}: expected a string")
+        records.append(Record(**{k: obj[k] for k in names}))
     return records
 
 

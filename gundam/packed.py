@@ -90,6 +90,15 @@ def signature(batch) -> tuple[ImageLayout, ...]:
     return tuple(grid_layout(lay.mode, lay.grid) for lay in batch.layouts)
 
 
+def _add_norm(norm, x, y):
+    """LayerNorm of the residual stream x + y, the add fused into the kernel: (normalised, x + y); y None (before
+    the first block, whose stream is x alone): (normalised x, x)."""
+    K = _kernels()
+    if y is None:
+        return K.layernorm.layer_norm(x, norm.weight, norm.bias, norm.eps), x
+    return K.layernorm.layer_norm(y, norm.weight, norm.bias, norm.eps, residual=x)
+
+
 def sam_block(blk, plan: Plan, x, mlp_out):
     """One SAM block on the packed stream: (x, mlp_out) -> (x, mlp_out), where the residual stream is x + mlp_out
     (the add is fused into the next LayerNorm); mlp_out is None before the first block."""
@@ -97,17 +106,14 @@ def sam_block(blk, plan: Plan, x, mlp_out):
     T, C = x.shape
     a = blk.attn
     nh = a.num_heads
-    if mlp_out is None:
-        h = K.layernorm.layer_norm(x, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
-    else:
-        h, x = K.layernorm.layer_norm(mlp_out, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, residual=x)
+    h, x = _add_norm(blk.norm1, x, mlp_out)
     qkv = F.linear(h, a.qkv.weight, a.qkv.bias).view(T, 3, nh, C // nh)
     seg = plan.seg_window if blk.window_size else plan.seg_global
     rh = K.attention.pack_rel_pos([a.rel_pos_h_for(s) for s in seg.rel_sizes_h], seg.rel_sizes_h)
     rw = K.attention.pack_rel_pos([a.rel_pos_w_for(s) for s in seg.rel_sizes_w], seg.rel_sizes_w)
     o = K.attention.attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=a.qkv.bias)   # [T, C]
     o = F.linear(o, a.proj.weight, a.proj.bias)
-    h, x = K.layernorm.layer_norm(o, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, residual=x)
+    h, x = _add_norm(blk.norm2, x, o)
     # GELU in place for inference: the [T, 4C] hidden state is the largest activation of the packed pass;
     # out of place while autograd records it (its backward needs the input)
     hidden = blk.mlp.lin1(h)
@@ -148,15 +154,12 @@ def clip_layer(layer, plan: Plan, x, mlp_out):
     """One CLIP layer on the packed stream, (x, mlp_out) -> (x, mlp_out) as `sam_block`."""
     K = _kernels()
     T, C = x.shape
-    ln1, ln2, sa = layer.layer_norm1, layer.layer_norm2, layer.self_attn
+    sa = layer.self_attn
     nh = sa.num_heads
-    if mlp_out is None:
-        h = K.layernorm.layer_norm(x, ln1.weight, ln1.bias, ln1.eps)
-    else:
-        h, x = K.layernorm.layer_norm(mlp_out, ln1.weight, ln1.bias, ln1.eps, residual=x)
+    h, x = _add_norm(layer.layer_norm1, x, mlp_out)
     qkv = F.linear(h, sa.qkv_proj.weight, sa.qkv_proj.bias).view(T, 3, nh, C // nh)
     o = F.linear(K.attention.attention(qkv, plan.seg_clip), sa.out_proj.weight, sa.out_proj.bias)
-    h, x = K.layernorm.layer_norm(o, ln2.weight, ln2.bias, ln2.eps, residual=x)
+    h, x = _add_norm(layer.layer_norm2, x, o)
     hidden = layer.mlp.fc1(h)
     # inference: one in-place pass, not three; while autograd records: the torch path's quick_gelu
     hidden = quick_gelu(hidden) if hidden.requires_grad else K.activation.quick_gelu_(hidden)

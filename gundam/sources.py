@@ -11,13 +11,13 @@ PDF that does not open, a glob that matches nothing) is still an item, with its 
 from __future__ import annotations
 
 import glob
-import json
 import os
 from dataclasses import dataclass
 
 from PIL import Image
 
 from gundam.config import MAX_IMAGE_PIXELS, check_positive
+from gundam.data import jsonl_lines
 from gundam.images import check_image_file
 
 PDF_DPI = 144  # the vendor's PDF script renders pages at 144 dpi
@@ -97,27 +97,21 @@ def _manifest_items(path: str, dpi: float) -> list[Item]:
     """A JSONL manifest: one object per line with "image" (a path, relative to the manifest) and optionally "id"
     (training records of gundam.data qualify). A bad line is an item with its error."""
     folder, source, items = os.path.dirname(path), os.path.abspath(path), []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                items.append(Item(where, source, error=f"{where}: not JSON ({e})"))
-                continue
-            image = obj.get("image") if isinstance(obj, dict) else None
-            item_id = obj.get("id") if isinstance(obj, dict) else None
-            if not isinstance(image, str) or not image or not isinstance(item_id, (str, type(None))):
-                items.append(Item(where, source, error=f"{where}: expected an object with \"image\" (a path) and "
-                                                     f"optionally \"id\" (a string)"))
-                continue
-            image = os.path.join(folder, image)
-            if image.lower().endswith(".jsonl") or os.path.isdir(image):
-                items.append(Item(where, source, error=f"{where}: image {image!r}: expected an image or PDF file"))
-                continue
-            items += _expand(image, dpi, item_id)
+    for where, obj, error in jsonl_lines(path):
+        if error:
+            items.append(Item(where, source, error=error))
+            continue
+        image = obj.get("image") if isinstance(obj, dict) else None
+        item_id = obj.get("id") if isinstance(obj, dict) else None
+        if not isinstance(image, str) or not image or not isinstance(item_id, (str, type(None))):
+            items.append(Item(where, source, error=f"{where}: expected an object with \"image\" (a path) and "
+                                                 f"optionally \"id\" (a string)"))
+            continue
+        image = os.path.join(folder, image)
+        if image.lower().endswith(".jsonl") or os.path.isdir(image):
+            items.append(Item(where, source, error=f"{where}: image {image!r}: expected an image or PDF file"))
+            continue
+        items += _expand(image, dpi, item_id)
     return items
 
 
