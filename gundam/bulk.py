@@ -89,11 +89,7 @@ def load_encoder(settings: Settings):
     """The encoder the settings name: a checkpoint, or random weights (seed 0, so every process builds the same)."""
     from gundam.encoder import GundamEncoder
     s = settings
-    if s.weights:
-        return GundamEncoder.from_pretrained(s.weights, dtype=s.dtype, device=s.device, backend=s.backend,
-                                             config=s.config)
-    torch.manual_seed(0)
-    return GundamEncoder(s.config, backend=s.backend).to(s.device, s.dtype).eval()
+    return GundamEncoder.build(s.weights, config=s.config, dtype=s.dtype, device=s.device, backend=s.backend)
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -160,8 +156,7 @@ def collate_group(prepared: list[Prepared], mode: Mode) -> Group:
     ok = [p for p in prepared if p.row["error"] is None]
     batch = None
     if ok:
-        layouts = [row_layout(p.row, mode) for p in ok]
-        batch = Batch(torch.stack([p.global_view for p in ok]), torch.cat([p.crops for p in ok]), layouts, mode)
+        batch = Batch.from_views([(p.global_view, p.crops, row_layout(p.row, mode)) for p in ok], mode)
     return Group([p.row for p in prepared], batch)
 
 
@@ -431,8 +426,7 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
     Ray: in the cluster)."""
     from tqdm import tqdm
 
-    from gundam.encoder import default_dtype
-    from gundam.weights import resolve_device, resolve_dtype
+    from gundam.weights import resolve_device, resolve_dtype, weights_line
 
     t0 = time.perf_counter()
     if engine not in ENGINES:
@@ -458,8 +452,8 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
         if device.type == "cuda" and not n_gpus:
             raise ValueError(f"device={str(device)!r}: the Ray cluster has no GPU")
     else:
-        device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = default_dtype(device) if dtype == "auto" else resolve_dtype(dtype)
+        device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     settings = Settings(mode, dpi, weights, config or EncoderConfig.deepseek_ocr(), dtype, str(device), backend)
     out = os.fspath(out)
     with _exclusive(out):   # one run per folder at a time
@@ -473,8 +467,7 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
         n_todo = sum(len(b) for s in shards for b in s)
         summary.remaining = len(todo) - n_todo
         if verbose:
-            print(f"weights: {weights}" if weights else
-                  "weights: RANDOM (no weights given): shapes and timings are real, embeddings are meaningless")
+            print(weights_line(weights))
             print(f"inputs: {len(items)} pages and images, {summary.skipped} already in {out!r}, {n_todo} to encode in "
                   f"{len(shards)} shards ({engine} engine, {settings.device}, "
                   f"{str(dtype).removeprefix('torch.')}, batches of <= {batch_size} views)")

@@ -47,15 +47,15 @@ def cmd_encode(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from gundam.config import EncoderConfig, check_int, resolve_mode
-    from gundam.encoder import GundamEncoder, default_dtype
+    from gundam.config import check_int, resolve_mode
+    from gundam.encoder import GundamEncoder
     from gundam.images import Batch, check_image_file, image_views
-    from gundam.weights import resolve_device, resolve_dtype
+    from gundam.weights import resolve_device, resolve_dtype, weights_line
 
     mode = resolve_mode(args.mode, args.max_crops)
     batch_size = check_int(args.batch_size, "--batch-size")
-    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = default_dtype(device) if args.dtype == "auto" else resolve_dtype(args.dtype)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     if args.out:
         check_out_path(args.out)
     failed = []
@@ -72,13 +72,8 @@ def cmd_encode(args) -> int:
             fail(path, e)
     if not paths:
         return report_failures(failed, len(args.images))
-    if args.weights:
-        encoder = GundamEncoder.from_pretrained(args.weights, dtype=dtype, device=device, backend=args.backend)
-        print(f"weights: {args.weights}")
-    else:
-        torch.manual_seed(0)
-        encoder = GundamEncoder(EncoderConfig.deepseek_ocr(), backend=args.backend).to(device, dtype).eval()
-        print("weights: RANDOM (no --weights given): shapes and timings are real, embeddings are meaningless")
+    encoder = GundamEncoder.build(args.weights, dtype=dtype, device=device, backend=args.backend)
+    print(weights_line(args.weights))
     print(f"mode: {args.mode} (base {mode.base_size}, crops {mode.image_size if mode.crop_mode else 'off'}, "
           f"max_crops {mode.max_crops}), dtype {str(dtype).removeprefix('torch.')}, device {device}")
     done, results = [], []
@@ -88,13 +83,14 @@ def cmd_encode(args) -> int:
         t0 = time.perf_counter()
         for path in chunk:
             try:
-                views.append((path, *image_views(path, mode)))
+                views.append((path, image_views(path, mode)))
             except ValueError as e:
                 fail(path, e)
         t_pre = time.perf_counter() - t0
         if views:
-            names, globals_, crops, layouts = zip(*views)
-            batch = Batch(torch.stack(globals_), torch.cat(crops), list(layouts), mode)  # uint8: normalised on device
+            names = [path for path, _ in views]
+            batch = Batch.from_views([v for _, v in views], mode)   # uint8: normalised on the device
+            layouts = batch.layouts
             try:
                 with torch.inference_mode():
                     out = encoder(batch)
@@ -224,6 +220,21 @@ def cmd_make_overfit_set(args) -> int:
     return 0
 
 
+def encoder_options(p: argparse.ArgumentParser, device_help: str = "cpu or cuda (default: cuda when available)"):
+    """The options `encode` and `encode-dataset` share: which views, which encoder, where it runs."""
+    from gundam.config import MAX_CROPS, MIN_CROPS, MODES
+    from gundam.encoder import BACKENDS
+    from gundam.weights import DTYPES
+
+    p.add_argument("--mode", default="gundam", choices=list(MODES))
+    p.add_argument("--max-crops", type=int, default=None, help=f"{MIN_CROPS}..{MAX_CROPS} (default 6)")
+    p.add_argument("--weights", help="DeepSeek-OCR checkpoint: .safetensors file or directory")
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS))
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto (default): bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise")
+    p.add_argument("--device", default=None, help=device_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gundam.config import MAX_CROPS, MIN_CROPS, MODES
 
@@ -232,13 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("encode", help="encode images and print views, tokens and time per stage")
     e.add_argument("images", nargs="+", metavar="IMAGE")
-    e.add_argument("--mode", default="gundam", choices=list(MODES))
-    e.add_argument("--max-crops", type=int, default=None, help=f"{MIN_CROPS}..{MAX_CROPS} (default 6)")
-    e.add_argument("--weights", help="DeepSeek-OCR checkpoint: .safetensors file or directory")
-    e.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
-                   help="auto (default): bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise")
-    e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    encoder_options(e)
     e.add_argument("--batch-size", type=int, default=1, help="images encoded together in one pass (default 1)")
     e.add_argument("--out", help="write the embeddings and offsets to this .safetensors file")
     e.set_defaults(func=cmd_encode)
@@ -249,16 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output folder (a rerun with the same folder resumes)")
     d.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local (default): one device, preprocessing in worker processes; ray: Ray Data")
-    d.add_argument("--mode", default="gundam", choices=list(MODES))
-    d.add_argument("--max-crops", type=int, default=None, help=f"{MIN_CROPS}..{MAX_CROPS} (default 6)")
+    encoder_options(d, device_help="cpu or cuda (default: cuda when available; on Ray: in the cluster)")
     d.add_argument("--batch-size", type=int, default=32, help="views per encoder batch (default 32)")
     d.add_argument("--shard-size", type=int, default=256, help="pages and images per shard (default 256)")
     d.add_argument("--dpi", type=float, default=144, help="PDF rendering resolution (default 144)")
-    d.add_argument("--weights", help="DeepSeek-OCR checkpoint: .safetensors file or directory")
-    d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    d.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
-                   help="auto (default): bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise")
-    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; on Ray: in the cluster)")
     d.add_argument("--workers", type=int, default=None,
                    help="local engine: preprocessing processes (default: the CPUs, at most 8; 0: none)")
     d.add_argument("--ray-address", default=None,

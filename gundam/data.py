@@ -138,15 +138,11 @@ class RecordBatch:
 
     def pin_memory(self) -> "RecordBatch":
         """Pinned pixels (DataLoader(pin_memory=True) calls this), so the copy to the GPU can be asynchronous."""
-        b = self.batch
-        return RecordBatch(Batch(b.global_views.pin_memory(), b.crops.pin_memory(), b.layouts, b.mode),
-                           self.records, self.crop_offsets)
+        return RecordBatch(self.batch.pin_memory(), self.records, self.crop_offsets)
 
     def to(self, device) -> "RecordBatch":
         """Pixels moved to `device` (still uint8: the encoder normalises them there)."""
-        b = self.batch
-        pixels = [t.to(device, non_blocking=True) for t in (b.global_views, b.crops)]
-        return RecordBatch(Batch(*pixels, b.layouts, b.mode), self.records, self.crop_offsets)
+        return RecordBatch(self.batch.to(device, non_blocking=True), self.records, self.crop_offsets)
 
 
 def collate(examples: list[Example]) -> RecordBatch:
@@ -157,9 +153,8 @@ def collate(examples: list[Example]) -> RecordBatch:
     for ex in examples:
         if ex.layout.mode != mode:
             raise ValueError(f"collate: record {ex.record.id!r} has mode {ex.layout.mode}, the batch has {mode}")
-    crops = torch.cat([ex.crops for ex in examples])                         # [sum of n_crops, 3, S, S]
     crop_offsets = torch.tensor([0] + [ex.layout.n_crops for ex in examples], dtype=torch.int64).cumsum(0)
-    batch = Batch(torch.stack([ex.global_view for ex in examples]), crops, [ex.layout for ex in examples], mode)
+    batch = Batch.from_views([(ex.global_view, ex.crops, ex.layout) for ex in examples], mode)
     return RecordBatch(batch, [ex.record for ex in examples], crop_offsets)
 
 

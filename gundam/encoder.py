@@ -10,85 +10,27 @@ train: gradients flow through the Triton kernels' backward passes as through the
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 
 from gundam.config import EncoderConfig
+from gundam.graphs import CapturedEncoder
 from gundam.images import Batch, check_pixel_values, normalize
 from gundam.layout import layout_tokens
 from gundam.model import build_modules, encode_views
+from gundam.output import EncoderOutput, StageTimer
 from gundam.packed import check_triton_available, encode_packed
 from gundam.vendor import vendor_batch
+from gundam.weights import UNUSED_KEYS, load_encoder_state_dict, resolve_device, resolve_dtype
 
 BACKENDS = ("auto", "torch", "triton")
-STAGES = ("sam", "clip", "layout")   # `EncoderOutput.timings` keys, both backends ("layout": projector + layout)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (x86 AVX512-BF16 or AMX, Arm BF16; Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def default_dtype(device) -> torch.dtype:
-    """bf16 on CUDA and on CPUs with native bf16 matrix units (several times the fp32 matmul rate there),
-    fp32 on other CPUs (emulated bf16 is slower than fp32)."""
-    if torch.device(device).type == "cuda" or cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-class StageTimer:
-    """Seconds per stage of one forward. On CUDA, events are recorded between stages and read only when the
-    timings are asked for, so timing adds no host synchronisation to the forward."""
-
-    def __init__(self, device: torch.device, enabled: bool = True):
-        self.cuda, self.enabled = device.type == "cuda", enabled
-        self.marks = [("start", self._now())] if enabled else []
-
-    def _now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def mark(self, stage: str):
-        if self.enabled:
-            self.marks.append((stage, self._now()))
-
-    def seconds(self) -> dict[str, float]:
-        if not self.enabled:
-            return {}
-        if self.cuda:
-            self.marks[-1][1].synchronize()
-        out = dict.fromkeys(STAGES, 0.0)
-        for (_, t0), (stage, t1) in zip(self.marks, self.marks[1:]):
-            out[stage] += t0.elapsed_time(t1) / 1e3 if self.cuda else t1 - t0
-        return out
-
-
-@dataclass
-class EncoderOutput:
-    """All images' tokens packed: image i is embeddings[offsets[i]:offsets[i+1]]."""
-    embeddings: torch.Tensor          # [total_tokens, n_embed]
-    offsets: torch.Tensor             # [n_images + 1], int64, on the CPU
-    timer: StageTimer | None = field(default=None, repr=False)
-
-    @property
-    def timings(self) -> dict[str, float]:
-        """Seconds per stage ("sam", "clip", "layout") of the forward that made this output."""
-        return self.timer.seconds() if self.timer else {}
-
-    def split(self) -> list[torch.Tensor]:
-        return list(torch.split(self.embeddings, torch.diff(self.offsets).tolist()))
+def check_backend(backend) -> str:
+    """`backend` if it names one (BACKENDS), else a one-line ValueError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    return backend
 
 
 class GundamEncoder(nn.Module):
@@ -100,7 +42,7 @@ class GundamEncoder(nn.Module):
             raise TypeError(f"config of type {type(config).__name__}: expected an EncoderConfig (or None for "
                             f"DeepSeek-OCR's)")
         self.config = config = config or EncoderConfig.deepseek_ocr()
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.sam_model, self.vision_model, self.projector = build_modules(config)
         n = config.projector.n_embed
         std = 1 / torch.sqrt(torch.tensor(n, dtype=torch.float32))
@@ -117,13 +59,28 @@ class GundamEncoder(nn.Module):
         dtype: a floating torch dtype or a name ("bfloat16", "bf16", "fp16", ...); device: one this torch has.
         strict=False ignores encoder tensors the config does not use (by default they are an error: a deeper
         checkpoint than the config would otherwise load as a silently different model)."""
-        from gundam.weights import load_encoder_state_dict, resolve_device, resolve_dtype
-        dtype, device = resolve_dtype(dtype), resolve_device(device)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
         with torch.device("meta"):
             enc = cls(config, backend=backend)
         state = load_encoder_state_dict(path, enc, device=device, dtype=dtype, strict=strict)
         enc.load_state_dict(state, assign=True)
         return enc.eval()
+
+    @classmethod
+    def build(cls, weights=None, *, config: EncoderConfig | None = None, dtype: torch.dtype | str = "auto",
+              device=None, backend: str = "auto", seed: int = 0) -> "GundamEncoder":
+        """The encoder a command names: the checkpoint `weights` (see from_pretrained), or random weights drawn
+        from `seed` when it is None (every process builds the same; the caller's random state is kept).
+        dtype "auto": bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise; device None: CUDA when
+        there is one, else the CPU."""
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        if weights is not None:
+            return cls.from_pretrained(weights, dtype=dtype, device=device, backend=backend, config=config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(config, backend=backend).to(device, dtype).eval()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -134,7 +91,7 @@ class GundamEncoder(nn.Module):
         return self.projector.layers.weight.device
 
     def _resolve(self, backend):
-        backend = _check_backend(backend or self.backend)
+        backend = check_backend(backend or self.backend)
         if backend == "auto":  # training or not: the kernels have their backward passes
             backend = "triton" if self.device.type == "cuda" else "torch"
         if backend == "triton":
@@ -169,7 +126,7 @@ class GundamEncoder(nn.Module):
         if not isinstance(batch, Batch):
             raise TypeError(f"batch of type {type(batch).__name__}: expected a gundam.Batch (from gundam.preprocess)")
         backend = self._resolve(backend)
-        self._check_batch(batch)
+        self.check_batch(batch)
         timer = StageTimer(self.device)
         if backend == "triton":
             return EncoderOutput(encode_packed(self, batch, timer), batch.offsets, timer)
@@ -188,14 +145,13 @@ class GundamEncoder(nn.Module):
     def capture(self, batch: Batch, warmup: int = 2):
         """The Triton forward for batches shaped like `batch` (same modes and crop grids, in order), captured in
         a CUDA graph: `graph = enc.capture(batch); out = graph(next_batch)`. See gundam.graphs."""
-        from gundam.graphs import CapturedEncoder
         return CapturedEncoder(self, batch, warmup)
 
     def pixels(self, views: torch.Tensor) -> torch.Tensor:
         """Batch pixels (uint8 or normalised float) -> normalised, on this encoder's device and dtype."""
         return normalize(views.to(self.device, non_blocking=True), self.dtype)
 
-    def _check_batch(self, batch: Batch):
+    def check_batch(self, batch: Batch):
         """The batch's token layout must be what this encoder makes of its view sizes, and float pixels must be
         normalised and finite (checked where they are, before the copy to this encoder's device)."""
         check_pixel_values(batch.global_views, "global_views", self.device)
@@ -218,12 +174,7 @@ class GundamEncoder(nn.Module):
         return self.forward(vendor_batch(pixel_values, images_crop, images_spatial_crop, self.config), backend).split()
 
 
-def _check_backend(backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
-    return backend
-
 
 def _drop_unused_keys(state_dict, prefix, *args):
-    for key in ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.position_ids"):
+    for key in UNUSED_KEYS:
         state_dict.pop(prefix + key, None)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from gundam.encoder import EncoderOutput, StageTimer
 from gundam.images import Batch
+from gundam.output import EncoderOutput, StageTimer
 from gundam.packed import encode_packed, signature
 
 
@@ -25,7 +25,7 @@ class CapturedEncoder:
                                f"(CUDA graphs are GPU-only)")
         if not isinstance(batch, Batch):
             raise TypeError(f"capture: batch is a {type(batch).__name__}, expected a gundam.Batch")
-        encoder._check_batch(batch)
+        encoder.check_batch(batch)
         self.encoder, self.signature, self.offsets = encoder, signature(batch), batch.offsets
         dev = encoder.device
         # static inputs, in the batch's own pixel dtype (uint8 uploads 4x fewer bytes per replay)

@@ -161,6 +161,17 @@ class Batch:
         _check_views(self.global_views, "global_views", (self.n_images, 3, B, B), "one per layout")
         _check_views(self.crops, "crops", (sum(self.n_crops), 3, S, S), f"the layouts' crops: {self.n_crops}")
 
+    @classmethod
+    def from_views(cls, views, mode: str | Mode) -> "Batch":
+        """A batch of images' views, each (global view [3, B, B], crops [n_crops, 3, S, S], layout) as
+        `image_views` gives them: global views stacked, crops concatenated in image order, pixels as given
+        (uint8 stays uint8: the encoder normalises on its device)."""
+        views = list(views)
+        if not views:
+            raise ValueError("Batch.from_views: got no views, expected one (global view, crops, layout) per image")
+        globals_, crops, layouts = zip(*views)
+        return cls(torch.stack(globals_), torch.cat(crops), list(layouts), mode)
+
     @property
     def n_images(self) -> int:
         return len(self.layouts)
@@ -192,9 +203,9 @@ class Batch:
         with pin_memory=True)."""
         return Batch(self.global_views.pin_memory(), self.crops.pin_memory(), self.layouts, self.mode)
 
-    def to(self, device=None, dtype=None) -> "Batch":
-        return Batch(self.global_views.to(device=device, dtype=dtype), self.crops.to(device=device, dtype=dtype),
-                     self.layouts, self.mode)
+    def to(self, device=None, dtype=None, non_blocking: bool = False) -> "Batch":
+        move = dict(device=device, dtype=dtype, non_blocking=non_blocking)
+        return Batch(self.global_views.to(**move), self.crops.to(**move), self.layouts, self.mode)
 
     def to_vendor(self):
         """The vendor's tensors: pixel_values [n,1,3,B,B], images_crop [n,1,N,3,S,S], images_spatial_crop [n,1,2].
@@ -261,5 +272,5 @@ def preprocess(images, mode: str | Mode = "gundam", max_crops: int | None = None
     images = list(images)
     if not images:
         raise ValueError("preprocess: got no images, expected at least one")
-    globals_, crops, layouts = zip(*(image_views(source, mode) for source in images))
-    return Batch(normalize(torch.stack(globals_)), normalize(torch.cat(crops)), list(layouts), mode)
+    batch = Batch.from_views((image_views(source, mode) for source in images), mode)
+    return Batch(normalize(batch.global_views), normalize(batch.crops), batch.layouts, mode)

@@ -16,24 +16,50 @@ from safetensors import SafetensorError, safe_open
 PREFIXES = ("model.", "")
 INDEX = "model.safetensors.index.json"
 ENCODER_KEYS = ("sam_model.", "vision_model.", "projector.", "image_newline", "view_seperator")
-# CLIP's patch-embedding conv and position ids are in vendor checkpoints but unused (SAM's output replaces them)
-UNUSED_KEYS = ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.position_ids")
+# CLIP's patch-embedding conv and position ids are in vendor checkpoints and host modules but unused (SAM's
+# output replaces them): loading and host patching skip them
+UNUSED_KEYS = ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.patch_embedding.bias",
+               "vision_model.embeddings.position_ids")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
-def resolve_dtype(dtype) -> torch.dtype:
-    """A floating torch dtype, or one of DTYPES' names ("bfloat16", "bf16", "torch.float16", ...)."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (x86 AVX512-BF16 or AMX, Arm BF16; Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def default_dtype(device) -> torch.dtype:
+    """What dtype "auto" means on `device`: bf16 on CUDA and on CPUs with native bf16 matrix units (several
+    times the fp32 matmul rate there), fp32 on other CPUs (emulated bf16 is slower than fp32)."""
+    if torch.device(device).type == "cuda" or cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(dtype, device="cpu") -> torch.dtype:
+    """A floating torch dtype, one of DTYPES' names ("bfloat16", "bf16", "torch.float16", ...), or "auto"
+    (`default_dtype(device)`)."""
+    if dtype == "auto":
+        return default_dtype(device)
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.lower().removeprefix("torch.")]
-    raise ValueError(f"dtype={dtype!r}: expected a floating torch dtype or one of {', '.join(DTYPES)}")
+    raise ValueError(f"dtype={dtype!r}: expected a floating torch dtype, auto or one of {', '.join(DTYPES)}")
 
 
-def resolve_device(device) -> torch.device:
-    """A device this torch can allocate on, or a one-line ValueError (e.g. "cuda" on a CPU-only build)."""
+def resolve_device(device=None) -> torch.device:
+    """A device this torch can allocate on (None: CUDA when there is one, else the CPU), or a one-line
+    ValueError (e.g. "cuda" on a CPU-only build)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
@@ -47,6 +73,13 @@ def resolve_device(device) -> torch.device:
         cuda = "this torch has no CUDA" if dev.type == "cuda" and not torch.cuda.is_available() else why
         raise ValueError(f"device={device!r}: not available ({cuda})") from None
     return dev
+
+
+def weights_line(weights) -> str:
+    """What a command prints about the weights it encodes with (a checkpoint path, or None: random)."""
+    if weights:
+        return f"weights: {weights}"
+    return "weights: RANDOM (no weights given): shapes and timings are real, embeddings are meaningless"
 
 
 def checkpoint_files(path) -> list[str]:

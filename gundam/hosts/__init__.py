@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from gundam.encoder import GundamEncoder, _check_backend
+from gundam.encoder import GundamEncoder, check_backend
 from gundam.hosts import hf, sglang, vllm
 from gundam.hosts.shared import owns_encoder, shared_encoder, shares
 
@@ -44,7 +44,7 @@ class Patch:
 def patch(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """Route `model`'s image encoding through GundamEncoder, sharing its parameters; returns `model`.
     Patching a patched model only sets `backend`."""
-    backend = _check_backend(backend)
+    backend = check_backend(backend)
     owner, kind = _find_host(model)
     state = owner.__dict__.get(STATE)
     if state is not None:

@@ -15,11 +15,10 @@ import torch.nn as nn
 
 from gundam.config import ClipConfig, EncoderConfig, ProjectorConfig, SamConfig
 from gundam.encoder import GundamEncoder
+from gundam.weights import UNUSED_KEYS
 
 MODULES = ("sam_model", "vision_model", "projector")
 VECTORS = ("image_newline", "view_seperator")
-# CLIP's patch embedding: present in the vendor's checkpoints and modules, unused (SAM's output replaces it)
-UNUSED = {"vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.patch_embedding.bias"}
 
 
 def owns_encoder(module) -> bool:
@@ -53,7 +52,7 @@ def shared_encoder(owner, backend: str) -> tuple[GundamEncoder, dict[str, nn.Par
     with torch.device("meta"):  # no memory: every parameter is replaced by the host's below
         enc = GundamEncoder(config, backend=backend)
     ours = dict(enc.named_parameters())
-    missing, extra = sorted(ours.keys() - params.keys()), sorted(params.keys() - ours.keys() - UNUSED)
+    missing, extra = sorted(ours.keys() - params.keys()), sorted(params.keys() - ours.keys() - set(UNUSED_KEYS))
     if missing or extra:
         raise ValueError(f"gundam.patch: the host's encoder parameters are not DeepEncoder's: missing "
                          f"{missing[:3] or 'none'}, unexpected {extra[:3] or 'none'}")
