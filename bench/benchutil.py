@@ -1,9 +1,47 @@
-"""Shared by the benchmarks (imported as a sibling module: run them as `python bench/<name>.py`)."""
+"""Shared by the benchmarks (imported as a sibling module: run them as `python bench/<name>.py`) and the tests
+(tests/testutils.py takes the tiny configs from here: one set for both)."""
 import platform
 import statistics
 import time
 
 import torch
+
+from gundam.config import ClipConfig, EncoderConfig, Mode, ProjectorConfig, SamConfig
+
+# Tiny encoders for smoke runs and tests, each with the real structure at reduced widths.
+# TINY: window and global SAM blocks, windows that need padding (view grids 12 and 16 with window 5), CLIP with
+# a resized position grid, the real 2048 -> 1280 projector.
+TINY = EncoderConfig(
+    sam=SamConfig(img_size=256, embed_dim=48, depth=3, num_heads=3, window_size=5, global_attn_indexes=(1,)),
+    clip=ClipConfig(num_layers=2, num_attention_heads=16, ffn_hidden_size=96, image_size=42, patch_size=14),
+)
+TINY_MODE = Mode(base_size=256, image_size=192, crop_mode=True)
+# SMALL: smaller than TINY so Triton's interpreter stays quick: global views 192 px (grid 12, pos/rel tables
+# resized), crops 128 px (grid 8); windows of 5 need padding on both; CLIP keeps its real 1024 width.
+SMALL = EncoderConfig(
+    sam=SamConfig(img_size=128, embed_dim=32, depth=2, num_heads=2, window_size=5, global_attn_indexes=(1,)),
+    clip=ClipConfig(num_layers=1, num_attention_heads=16, ffn_hidden_size=64, image_size=28, patch_size=14),
+)
+SMALL_MODE = Mode(192, 128, True)
+# TRAIN: small in every width, for training in the interpreter (its cost is per program, and the LayerNorms run
+# one program per token): a window block (windows of 3 pad the 8x8 and 4x4 grids) and a global block, tables
+# resized for both view sizes, two CLIP layers, a small projector.
+TRAIN = EncoderConfig(
+    sam=SamConfig(img_size=192, embed_dim=32, depth=2, num_heads=2, window_size=3, global_attn_indexes=(1,),
+                  out_chans=32, net_2_chans=48, net_3_chans=64),
+    clip=ClipConfig(hidden_size=64, num_layers=2, num_attention_heads=2, ffn_hidden_size=96, image_size=42,
+                    patch_size=14),
+    projector=ProjectorConfig(input_dim=128, n_embed=96),
+)
+TRAIN_MODE = Mode(128, 64, True)   # global views 8x8 patches, crops 4x4
+# MICRO: smaller still, every width reduced (plumbing, not numerics): a few hundred kB.
+MICRO = EncoderConfig(
+    sam=SamConfig(img_size=128, embed_dim=24, depth=2, num_heads=2, window_size=5, global_attn_indexes=(1,),
+                  out_chans=16, net_2_chans=32, net_3_chans=48),
+    clip=ClipConfig(hidden_size=48, num_layers=1, num_attention_heads=4, ffn_hidden_size=40, image_size=28,
+                    patch_size=14),
+    projector=ProjectorConfig(input_dim=96, n_embed=40),
+)
 
 
 def bench_ms(fn, device: torch.device, seconds: float = 1.0) -> dict:

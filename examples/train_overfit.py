@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from gundam import GundamEncoder
+from gundam.encoder import resolve_backend
 from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, ProjectorConfig, SamConfig, resolve_mode
 from gundam.data import GundamDataset, ViewBudgetSampler, collate
-from gundam.packed import check_triton_available
 
 IMAGE = "<image>"   # the prompt's placeholder for the vision tokens; they go first, so it is dropped
 
@@ -203,7 +203,7 @@ def train(args, emit=print) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.backend == "triton":   # before anything runs: on CPU the kernels need Triton's interpreter
         try:
-            check_triton_available(device)
+            resolve_backend(args.backend, device)
         except RuntimeError as e:
             raise ValueError(f"--backend triton: {e}") from None
     mode = parse_mode(args.mode, args.max_crops)

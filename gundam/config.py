@@ -10,7 +10,9 @@ import numbers
 from dataclasses import dataclass, field
 
 MIN_CROPS, MAX_CROPS = 2, 9   # crops per image the vendor allows (min_crops 2; max_crops 6 by default, up to 9)
+PATCH_SIZE = 16               # SAM's patch side in px; the vendor's token count (size / 16 / 4) assumes it
 NECK_DOWNSAMPLE = 4           # SAM's net_2 and net_3 (stride 2 each) shrink the patch grid 4x per side
+TOKEN_PX = PATCH_SIZE * NECK_DOWNSAMPLE   # px per output token along a side: views are multiples of it
 MAX_IMAGE_PIXELS = 200_000_000  # larger images are refused: decompression-bomb guard, and the cost model's range
 
 
@@ -44,21 +46,15 @@ def check_image_size(width, height, name: str = "image") -> tuple[int, int]:
     return w, h
 
 
-def view_multiple(patch_size: int = 16) -> int:
-    """Pixels per output token along a side: one patch, times SAM's neck downsampling."""
-    return patch_size * NECK_DOWNSAMPLE
-
-
-def tokens_per_side(size: int, patch_size: int = 16) -> int:
+def tokens_per_side(size: int, name: str = "view size") -> int:
     """Output tokens along a side of a `size` px view (the vendor's ceil(size / 16 / 4), exact here because
-    views are multiples of 64); raises for a size the encoder cannot take."""
-    return check_view_size(size, "view size", patch_size) // view_multiple(patch_size)
+    views are multiples of TOKEN_PX); raises for a size the encoder cannot take."""
+    return check_view_size(size, name) // TOKEN_PX
 
 
-def check_view_size(size, name: str = "view size", patch_size: int = 16) -> int:
-    step = view_multiple(patch_size)
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0 or size % step:
-        raise ValueError(f"{name}={short_repr(size)}: expected a positive multiple of {step} px")
+def check_view_size(size, name: str = "view size") -> int:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0 or size % TOKEN_PX:
+        raise ValueError(f"{name}={short_repr(size)}: expected a positive multiple of {TOKEN_PX} px")
     return int(size)
 
 
@@ -87,6 +83,9 @@ class SamConfig:
         for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "out_chans", "window_size",
                      "net_2_chans", "net_3_chans"):
             check_int(getattr(self, name), f"SamConfig.{name}")
+        if self.patch_size != PATCH_SIZE:   # refused here, not by a later batch: every token count assumes it
+            raise ValueError(f"SamConfig.patch_size={self.patch_size}: expected {PATCH_SIZE} (the vendor's token "
+                             f"layout counts {TOKEN_PX} px per output token)")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"SamConfig: embed_dim={self.embed_dim} is not a multiple of num_heads={self.num_heads}")
         if self.img_size % self.patch_size:
@@ -185,14 +184,9 @@ class EncoderConfig:
         """The real DeepSeek-OCR encoder."""
         return EncoderConfig()
 
-    @property
-    def downsample(self) -> int:
-        """Pixels per output token along a side."""
-        return view_multiple(self.sam.patch_size)
-
     def tokens_per_side(self, size: int, name: str = "view size") -> int:
         """Output tokens along a side of a `size` px view; raises for a size this encoder cannot take."""
-        return check_view_size(size, name, self.sam.patch_size) // self.downsample
+        return tokens_per_side(size, name)
 
 
 def _check_crops(min_crops, max_crops, what="Mode"):

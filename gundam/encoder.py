@@ -10,16 +10,17 @@ train: gradients flow through the Triton kernels' backward passes as through the
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
 from gundam.config import EncoderConfig
 from gundam.graphs import CapturedEncoder
 from gundam.images import Batch, check_pixel_values, normalize
-from gundam.layout import layout_tokens
-from gundam.model import build_modules, encode_views
+from gundam.model import build_modules, encode, encode_views
 from gundam.output import EncoderOutput, StageTimer
-from gundam.packed import check_triton_available, encode_packed
+from gundam.packed import encode_packed
 from gundam.vendor import vendor_batch
 from gundam.weights import UNUSED_KEYS, load_encoder_state_dict, resolve_device, resolve_dtype
 
@@ -30,6 +31,19 @@ def check_backend(backend) -> str:
     """`backend` if it names one (BACKENDS), else a one-line ValueError."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def resolve_backend(backend, device) -> str:
+    """What `backend` runs as on `device`: "auto" is Triton on CUDA and torch elsewhere, for inference and
+    training alike (the kernels have their backward passes); "triton" off CUDA needs Triton's interpreter."""
+    backend = check_backend(backend)
+    device = torch.device(device)
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"backend='triton' on device {device.type!r} needs Triton's interpreter: set "
+                           f"TRITON_INTERPRET=1 in the environment before Python starts (or use backend='torch')")
     return backend
 
 
@@ -91,12 +105,7 @@ class GundamEncoder(nn.Module):
         return self.projector.layers.weight.device
 
     def _resolve(self, backend):
-        backend = check_backend(backend or self.backend)
-        if backend == "auto":  # training or not: the kernels have their backward passes
-            backend = "triton" if self.device.type == "cuda" else "torch"
-        if backend == "triton":
-            check_triton_available(self.device)
-        return backend
+        return resolve_backend(backend or self.backend, self.device)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         """Activation checkpointing per SAM block and CLIP layer (transformers' convention): while training,
@@ -128,19 +137,8 @@ class GundamEncoder(nn.Module):
         backend = self._resolve(backend)
         self.check_batch(batch)
         timer = StageTimer(self.device)
-        if backend == "triton":
-            return EncoderOutput(encode_packed(self, batch, timer), batch.offsets, timer)
-        dev, dt = self.device, self.dtype
-        glob = self.encode_views(self.pixels(batch.global_views), timer.mark)    # [n_images, qb*qb, D]
-        local = self.encode_views(self.pixels(batch.crops), timer.mark) if batch.crops.shape[0] else None
-        out, start = [], 0
-        newline, separator = self.image_newline.to(dt), self.view_seperator.to(dt)
-        for i, lay in enumerate(batch.layouts):
-            crops = local[start:start + lay.n_crops] if lay.n_crops else None   # [n_crops, qi*qi, D]
-            start += lay.n_crops
-            out.append(layout_tokens(lay, glob[i], crops, newline, separator))
-        timer.mark("layout")
-        return EncoderOutput(torch.cat(out), batch.offsets, timer)
+        encode_fn = encode_packed if backend == "triton" else encode
+        return EncoderOutput(encode_fn(self, batch, timer), batch.offsets, timer)
 
     def capture(self, batch: Batch, warmup: int = 2):
         """The Triton forward for batches shaped like `batch` (same modes and crop grids, in order), captured in
@@ -151,17 +149,16 @@ class GundamEncoder(nn.Module):
         """Batch pixels (uint8 or normalised float) -> normalised, on this encoder's device and dtype."""
         return normalize(views.to(self.device, non_blocking=True), self.dtype)
 
+    def pixel_groups(self, batch: Batch) -> list[torch.Tensor]:
+        """The batch's views by size, as both paths take them: global views [n, 3, B, B], then the crops
+        [n_crops, 3, S, S] when there are any; normalised, on this encoder's device and dtype."""
+        return [self.pixels(batch.global_views)] + ([self.pixels(batch.crops)] if batch.crops.shape[0] else [])
+
     def check_batch(self, batch: Batch):
-        """The batch's token layout must be what this encoder makes of its view sizes, and float pixels must be
-        normalised and finite (checked where they are, before the copy to this encoder's device)."""
+        """Float pixels must be normalised and finite (checked where they are, before the copy to this
+        encoder's device); meta pixels go only to a meta encoder."""
         check_pixel_values(batch.global_views, "global_views", self.device)
         check_pixel_values(batch.crops, "crops", self.device)
-        m = batch.mode
-        for name, size, q in (("base_size", m.base_size, m.qb), ("image_size", m.image_size, m.qi)):
-            made = self.config.tokens_per_side(size, f"mode {name}")
-            if made != q:
-                raise ValueError(f"mode {name}={size}: this encoder makes {made} tokens per side, the batch's "
-                                 f"layout expects {q} (SamConfig.patch_size={self.config.sam.patch_size})")
 
     @torch.no_grad()
     def forward_vendor(self, pixel_values, images_crop, images_spatial_crop, backend: str | None = None):

@@ -17,7 +17,7 @@ from gundam.config import Mode, check_int, resolve_mode
 SMALL_IMAGE = 640          # vendor rule: an image with both sides <= 640 px is never cropped, in every mode
 
 
-def _candidate_grids(min_crops: int, max_crops: int) -> list[tuple[int, int]]:
+def candidate_grids(min_crops: int, max_crops: int) -> list[tuple[int, int]]:
     # The vendor builds a set and sorts it by tile count; among equal counts the set's iteration order
     # decides, and that order decides exact ties. Built by the same expression, the order is the same.
     grids = set((i, j) for n in range(min_crops, max_crops + 1) for i in range(1, n + 1) for j in range(1, n + 1)
@@ -38,7 +38,7 @@ def _closest_grid(width: int, height: int, mode: Mode) -> tuple[int, int]:
     """
     aspect = Fraction(width, height)
     best, best_diff = None, None
-    for w, h in _candidate_grids(mode.min_crops, mode.max_crops):
+    for w, h in candidate_grids(mode.min_crops, mode.max_crops):
         diff = abs(aspect - Fraction(w, h))
         if best is None or diff < best_diff:
             best, best_diff = (w, h), diff
@@ -122,3 +122,16 @@ def layout_tokens(layout: ImageLayout, global_tokens: torch.Tensor, local_tokens
     rows.append(with_newlines(global_tokens.reshape(qb, qb, D)))
     rows.append(separator.view(1, D))
     return torch.cat(rows)
+
+
+def layout_batch(layouts, global_tokens: torch.Tensor, local_tokens: torch.Tensor | None,
+                 newline: torch.Tensor, separator: torch.Tensor) -> torch.Tensor:
+    """Every image's output rows, packed in image order [sum of tokens, D]: global_tokens [n_images, qb*qb, D],
+    local_tokens [all crops, qi*qi, D] (images' crops in order; None without any). Both encoder paths lay out
+    through here: the torch path on embeddings, the Triton path on index rows to build its row map."""
+    out, start = [], 0
+    for i, lay in enumerate(layouts):
+        crops = local_tokens[start:start + lay.n_crops] if lay.n_crops else None   # [n_crops, qi*qi, D]
+        start += lay.n_crops
+        out.append(layout_tokens(lay, global_tokens[i], crops, newline, separator))
+    return torch.cat(out)

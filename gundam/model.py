@@ -5,10 +5,14 @@ loads as is. Differences from the vendor code are in memory and bookkeeping only
 - global-attention blocks build the rel-pos bias per chunk of queries (never heads x N x N at once);
 - interpolated position and rel-pos tables are computed once per view size and cached (not while training).
 This path is the oracle for every Triton kernel and the CPU path.
+
+Each block also has its packed fast path beside it (`forward_packed`): the same block on one token-major [T, C]
+buffer holding every view of a batch, with attention, LayerNorm (the residual add fused in) and the projector +
+layout through the Triton kernels (gundam.kernels) and the linears through torch. `encode` (here) and
+`gundam.packed.encode_packed` are the two top-level paths; GundamEncoder picks one (`backend`).
 """
 from __future__ import annotations
 
-import math
 import weakref
 
 import torch
@@ -17,12 +21,29 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from gundam.config import ClipConfig, EncoderConfig, SamConfig
+from gundam.layout import layout_batch
 
 # Elements of attention bias built at once (fp32: 64 MB). Bounds the memory of global blocks on 1024+ views.
 BIAS_CHUNK_ELEMENTS = 1 << 24
 # Tokens per chunk of SAM's attention (whole windows or views) and MLP: both are independent across views and
 # tokens, so chunks bound the memory of crop batches without changing the math.
 CHUNK_TOKENS = 4096
+
+
+def kernels():
+    """gundam.kernels with its kernel modules loaded, imported on first use: TRITON_INTERPRET must be set before
+    triton is first imported, and `import gundam` does not import triton."""
+    import gundam.kernels.activation, gundam.kernels.attention, gundam.kernels.layernorm, gundam.kernels.layout  # noqa: E401,F401
+    return gundam.kernels
+
+
+def add_norm(norm: nn.LayerNorm, x: torch.Tensor, y: torch.Tensor | None):
+    """Packed path: LayerNorm of the residual stream x + y with the add fused into the kernel -> (normalised,
+    x + y); y None (before a stack's first block, whose stream is x alone) -> (normalised x, x)."""
+    K = kernels()
+    if y is None:
+        return K.layernorm.layer_norm(x, norm.weight, norm.bias, norm.eps), x
+    return K.layernorm.layer_norm(y, norm.weight, norm.bias, norm.eps, residual=x)
 
 
 class TableCache:
@@ -138,6 +159,17 @@ class SamAttention(nn.Module):
         x = x.view(B, nh, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, C)
         return self.proj(x)
 
+    def forward_packed(self, x: torch.Tensor, seg) -> torch.Tensor:
+        """x [T, C] (normed tokens of every view) -> [T, C]: one attention launch over the segment table `seg`
+        (every window or every whole view), the rel-pos bias added inside the kernel; padded window keys are
+        the qkv bias, as in `forward`."""
+        K = kernels()
+        T, C = x.shape
+        qkv = self.qkv(x).view(T, 3, self.num_heads, C // self.num_heads)
+        rh = K.attention.pack_rel_pos([self.rel_pos_h_for(s) for s in seg.rel_sizes_h], seg.rel_sizes_h)
+        rw = K.attention.pack_rel_pos([self.rel_pos_w_for(s) for s in seg.rel_sizes_w], seg.rel_sizes_w)
+        return self.proj(K.attention.attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=self.qkv.bias))
+
 
 class MLPBlock(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -147,6 +179,13 @@ class MLPBlock(nn.Module):
 
     def forward(self, x):
         return self.lin2(F.gelu(self.lin1(x)))  # exact erf GELU (nn.GELU default)
+
+    def forward_packed(self, x):
+        # GELU in place for inference: the [T, 4C] hidden state is the largest activation of the packed pass;
+        # out of place while autograd records it (its backward needs the input)
+        hidden = self.lin1(x)
+        hidden = F.gelu(hidden) if hidden.requires_grad else torch.ops.aten.gelu_(hidden)
+        return self.lin2(hidden)
 
 
 def window_partition(x: torch.Tensor, S: int):
@@ -198,6 +237,15 @@ class SamBlock(nn.Module):
             t1 = t0 + CHUNK_TOKENS
             out[t0:t1] = flat[t0:t1] + self.mlp(self.norm2(flat[t0:t1]))
         return out.view(x.shape)
+
+    def forward_packed(self, x, mlp_out, plan):
+        """The block on the packed stream of every view: (x, mlp_out) -> (x, mlp_out), the residual stream
+        being x + mlp_out (the add is fused into the next LayerNorm); mlp_out is None before the first block.
+        Windows are segments of the plan, not partition copies."""
+        h, x = add_norm(self.norm1, x, mlp_out)
+        h, x = add_norm(self.norm2, x, self.attn.forward_packed(h, plan.seg_window if self.window_size
+                                                                 else plan.seg_global))
+        return x, self.mlp.forward_packed(h)
 
 
 def run_block(block, *args, checkpointing: bool):
@@ -258,13 +306,36 @@ class Sam(nn.Module):
     def pos_embed_for(self, grid: int) -> torch.Tensor:
         return self.tables.get(self.pos_embed, grid, lambda: resize_pos_embed(self.pos_embed, grid))
 
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels)                  # [B, g, g, C]
+        return x + self.pos_embed_for(x.shape[1])
+
+    def downsample(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, g, g] after the blocks -> [B, net_3_chans, g/4, g/4]."""
+        return self.net_3(self.net_2(self.neck(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)                       # [B, g, g, C]
-        x = x + self.pos_embed_for(x.shape[1])
+        x = self.embed(x)                             # [B, g, g, C]
         for blk in self.blocks:
             x = run_block(blk, x, checkpointing=self.gradient_checkpointing)
-        x = self.neck(x.permute(0, 3, 1, 2))          # [B, out_chans, g, g]
-        return self.net_3(self.net_2(x))              # [B, net_3_chans, g/4, g/4]
+        return self.downsample(x.permute(0, 3, 1, 2))
+
+    def forward_packed(self, groups: list[torch.Tensor], plan) -> list[torch.Tensor]:
+        """groups: [B, 3, S, S] pixels per view size (plan order) -> [B, net_3_chans, q, q] per group; the
+        blocks run once over one token-major buffer of every view."""
+        C = self.cfg.embed_dim
+        embedded = [self.embed(pixels) for pixels in groups]               # [B, g, g, C] each
+        x = torch.cat([e.reshape(-1, C) for e in embedded])                # [T, C]
+        mlp_out = None
+        for blk in self.blocks:
+            x, mlp_out = run_block(blk.forward_packed, x, mlp_out, plan, checkpointing=self.gradient_checkpointing)
+        x = x + mlp_out
+        outs, off = [], 0
+        for e in embedded:
+            B, g = e.shape[:2]
+            outs.append(self.downsample(x[off:off + B * g * g].view(B, g, g, C).permute(0, 3, 1, 2)))
+            off += B * g * g
+        return outs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,6 +388,12 @@ class ClipAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(x.permute(0, 2, 1, 3).reshape(B, N, C))
 
+    def forward_packed(self, x: torch.Tensor, seg) -> torch.Tensor:
+        """x [T, C] (every view's class token and grid) -> [T, C]: one attention launch, a view per segment."""
+        T, C = x.shape
+        qkv = self.qkv_proj(x).view(T, 3, self.num_heads, C // self.num_heads)
+        return self.out_proj(kernels().attention.attention(qkv, seg))
+
 
 def quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)
@@ -331,6 +408,12 @@ class ClipMLP(nn.Module):
     def forward(self, x):
         return self.fc2(quick_gelu(self.fc1(x)))
 
+    def forward_packed(self, x):
+        # inference: one in-place pass, not three; while autograd records: the torch path's quick_gelu
+        hidden = self.fc1(x)
+        hidden = quick_gelu(hidden) if hidden.requires_grad else kernels().activation.quick_gelu_(hidden)
+        return self.fc2(hidden)
+
 
 class ClipLayer(nn.Module):
     def __init__(self, cfg: ClipConfig):
@@ -344,6 +427,12 @@ class ClipLayer(nn.Module):
         h = x + self.self_attn(self.layer_norm1(x))
         return h + self.mlp(self.layer_norm2(h))
 
+    def forward_packed(self, x, mlp_out, plan):
+        """The layer on the packed stream, (x, mlp_out) -> (x, mlp_out) as `SamBlock.forward_packed`."""
+        h, x = add_norm(self.layer_norm1, x, mlp_out)
+        h, x = add_norm(self.layer_norm2, x, self.self_attn.forward_packed(h, plan.seg_clip))
+        return x, self.mlp.forward_packed(h)
+
 
 class ClipTransformer(nn.Module):
     def __init__(self, cfg: ClipConfig):
@@ -355,6 +444,12 @@ class ClipTransformer(nn.Module):
         for layer in self.layers:
             x = run_block(layer, x, checkpointing=self.gradient_checkpointing)
         return x
+
+    def forward_packed(self, x, plan):
+        mlp_out = None
+        for layer in self.layers:
+            x, mlp_out = run_block(layer.forward_packed, x, mlp_out, plan, checkpointing=self.gradient_checkpointing)
+        return x + mlp_out
 
 
 class Clip(nn.Module):
@@ -371,6 +466,13 @@ class Clip(nn.Module):
         # `pixels` is unused (the vendor's signature: SAM's output stands in for the patch embedding)
         return self.transformer(self.pre_layrnorm(self.embeddings(patch_embeds)))
 
+    def forward_packed(self, sam_outs: list[torch.Tensor], plan) -> torch.Tensor:
+        """SAM outputs [B, C, q, q] per view size -> packed tokens [T, C] (per view: class token + q*q)."""
+        x = torch.cat([self.embeddings(s).flatten(0, 1) for s in sam_outs])   # [B, 1 + q*q, C] each -> [T, C]
+        n = self.pre_layrnorm
+        x = kernels().layernorm.layer_norm(x, n.weight, n.bias, n.eps)
+        return self.transformer.forward_packed(x, plan)
+
 
 class Projector(nn.Module):
     def __init__(self, input_dim: int, n_embed: int):
@@ -379,6 +481,12 @@ class Projector(nn.Module):
 
     def forward(self, x):
         return self.layers(x)
+
+    def forward_packed(self, sam_tok, clip_tok, newline, separator, row_map):
+        """Packed SAM [T, C] and CLIP tokens -> every output row, each written once at its final index: a
+        projected token, an image_newline or a view_seperator (one kernel, no concatenated copy)."""
+        p = self.layers
+        return kernels().layout.project_and_layout(sam_tok, clip_tok, p.weight, p.bias, newline, separator, row_map)
 
 
 def encode_views(sam: Sam, clip: Clip, projector: Projector, pixels: torch.Tensor, mark=None) -> torch.Tensor:
@@ -392,6 +500,17 @@ def encode_views(sam: Sam, clip: Clip, projector: Projector, pixels: torch.Tenso
     feats = torch.cat([clip_out[:, 1:], sam_out.flatten(2).permute(0, 2, 1)], dim=-1)  # [B, q*q, 2C]
     out = projector(feats)
     mark("layout")
+    return out
+
+
+def encode(enc, batch, timer) -> torch.Tensor:
+    """The torch path: Batch -> embeddings [total_tokens, n_embed], each view size through SAM, CLIP and the
+    projector, then every image's rows laid out (`layout_batch`). enc: a GundamEncoder."""
+    groups = enc.pixel_groups(batch)                         # global views [n, 3, B, B], then crops if any
+    tokens = [encode_views(enc.sam_model, enc.vision_model, enc.projector, pixels, timer.mark) for pixels in groups]
+    newline, separator = enc.image_newline.to(enc.dtype), enc.view_seperator.to(enc.dtype)
+    out = layout_batch(batch.layouts, tokens[0], tokens[1] if len(tokens) > 1 else None, newline, separator)
+    timer.mark("layout")
     return out
 
 

@@ -2,7 +2,6 @@
 `error: ...`, exit code 2) or the exactly right result. Files are generated in tmp_path; whatever is encoded goes
 through MICRO, an encoder smaller still than testutils.TINY."""
 import io
-import json
 import os
 import re
 import struct
@@ -19,21 +18,11 @@ from safetensors.torch import load_file, save_file
 import gundam
 from gundam import Batch, EncoderConfig, GundamEncoder, Mode, count_image_tokens, crop_grid, preprocess
 from gundam.cli import main
-from gundam.config import ClipConfig, ProjectorConfig, SamConfig, resolve_mode
+from gundam.config import ClipConfig, SamConfig, resolve_mode
 from gundam.cost import estimate
 from gundam.images import image_views, load_image
-from gundam.layout import _candidate_grids, grid_layout, image_layout
-from testutils import TINY_MODE, randomize
-
-# Smaller still than testutils.TINY (these tests check plumbing, not numerics): every stage, a few hundred kB.
-MICRO = EncoderConfig(
-    sam=SamConfig(img_size=128, embed_dim=24, depth=2, num_heads=2, window_size=5, global_attn_indexes=(1,),
-                  out_chans=16, net_2_chans=32, net_3_chans=48),
-    clip=ClipConfig(hidden_size=48, num_layers=1, num_attention_heads=4, ffn_hidden_size=40, image_size=28,
-                    patch_size=14),
-    projector=ProjectorConfig(input_dim=96, n_embed=40),
-)
-
+from gundam.layout import candidate_grids, grid_layout, image_layout
+from testutils import MICRO, TINY_MODE, randomize
 
 # ----------------------------------------------------------------------------------------------------------
 # generated files
@@ -258,7 +247,7 @@ def test_exact_ties_keep_the_vendors_choice(size, max_crops):
 
 def test_every_exact_midpoint_keeps_the_vendors_choice():
     for max_crops in range(2, 10):
-        ratios = sorted({Fraction(w, h) for w, h in _candidate_grids(2, max_crops)})
+        ratios = sorted({Fraction(w, h) for w, h in candidate_grids(2, max_crops)})
         for a, b in zip(ratios, ratios[1:]):
             mid = (a + b) / 2
             for k in (700, 1000, 5000, 10 ** 15):  # sides above 640; areas either side of the tie's area rule

@@ -4,16 +4,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gundam import ClipConfig, EncoderConfig, GundamEncoder, Mode, SamConfig, preprocess
-from testutils import page, randomize
+from gundam import EncoderConfig, GundamEncoder, preprocess
+from testutils import SMALL, SMALL_MODE as MODE, page, randomize
 
-# Smaller than TINY so the interpreter stays quick: global views 192 px (grid 12, pos/rel tables resized),
-# crops 128 px (grid 8); windows of 5 need padding on both; CLIP keeps its real 1024 width.
-SMALL = EncoderConfig(
-    sam=SamConfig(img_size=128, embed_dim=32, depth=2, num_heads=2, window_size=5, global_attn_indexes=(1,)),
-    clip=ClipConfig(num_layers=1, num_attention_heads=16, ffn_hidden_size=64, image_size=28, patch_size=14),
-)
-MODE = Mode(192, 128, True)
 
 
 @pytest.fixture(scope="module")

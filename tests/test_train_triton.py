@@ -9,25 +9,10 @@ the attention backward.
 import pytest
 import torch
 
-from gundam import ClipConfig, EncoderConfig, GundamEncoder, Mode, ProjectorConfig, SamConfig, preprocess
-from testutils import ATTENTION_KERNEL_SLOW, assert_close, log_launches, page, randomize
+from gundam import GundamEncoder, preprocess
+from testutils import (ATTENTION_KERNEL_SLOW, TRAIN as CFG, TRAIN_MODE as MODE, assert_close, log_launches, randomize,
+                       train_images as images)
 
-# Small enough for the interpreter (its cost is per program, and the LayerNorms run one program per token):
-# SAM with a window block (windows of 3 pad the 8x8 and 4x4 grids) and a global block, position and rel-pos
-# tables resized for both view sizes; CLIP with two layers on SAM's output; a small projector.
-CFG = EncoderConfig(
-    sam=SamConfig(img_size=192, embed_dim=32, depth=2, num_heads=2, window_size=3, global_attn_indexes=(1,),
-                  out_chans=32, net_2_chans=48, net_3_chans=64),
-    clip=ClipConfig(hidden_size=64, num_layers=2, num_attention_heads=2, ffn_hidden_size=96, image_size=42,
-                    patch_size=14),
-    projector=ProjectorConfig(input_dim=128, n_embed=96),
-)
-MODE = Mode(128, 64, True)   # global views 8x8 patches, crops 4x4
-
-
-def images(n):
-    """A 1x2 image and one without crops (n=2); and a 2x2 one (n=3)."""
-    return [page(650, 1300, 0), page(400, 300, 1), page(1000, 1000, 2)][:n]
 
 
 # (dtype, tolerance relative to each gradient's largest magnitude): fp64 leaves only rounding; fp32 differs by

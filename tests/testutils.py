@@ -1,9 +1,14 @@
-"""Shared by the tests: tiny encoder configs, random weights and pages, and close-enough assertions."""
+"""Shared by the tests: tiny encoder configs (bench/benchutil.py holds them, for the benchmarks' smoke runs
+too), random weights and pages, and close-enough assertions."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
 
-from gundam.config import ClipConfig, EncoderConfig, Mode, SamConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from benchutil import MICRO, SMALL, SMALL_MODE, TINY, TINY_MODE, TRAIN, TRAIN_MODE  # noqa: E402,F401
 
 # (dtype, atol, rtol) rows for kernel-vs-reference tests on CPU (the interpreter has no bf16 arithmetic).
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 1e-2)]
@@ -12,15 +17,6 @@ DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 1e-2)]
 # not the attention backward (the kernel trains in the default suite in tests/test_train_triton.py).
 ATTENTION_KERNEL_SLOW = pytest.mark.parametrize(
     "attention", [pytest.param("kernel", marks=pytest.mark.slow), "torch-reference"], indirect=True)
-
-# A tiny encoder with the real structure: window and global SAM blocks, windows that need padding
-# (view grids 12 and 16 with window 5), CLIP with a resized position grid, the real 2048 -> 1280 projector.
-TINY = EncoderConfig(
-    sam=SamConfig(img_size=256, embed_dim=48, depth=3, num_heads=3, window_size=5, global_attn_indexes=(1,)),
-    clip=ClipConfig(num_layers=2, num_attention_heads=16, ffn_hidden_size=96, image_size=42, patch_size=14),
-)
-TINY_MODE = Mode(base_size=256, image_size=192, crop_mode=True)
-
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Every parameter random (the vendor init leaves pos_embed and rel-pos at zero, which would hide bugs)."""
@@ -65,3 +61,8 @@ def log_launches(monkeypatch, log, modules, names=None):
         for name in dir(mod):
             if name.startswith("_") and name.endswith("_kernel") and (names is None or name in names):
                 monkeypatch.setattr(mod, name, LoggedKernel(getattr(mod, name), log))
+
+
+def train_images(n):
+    """For TRAIN_MODE: a 1x2 image and one without crops (n=2); and a 2x2 one (n=3)."""
+    return [page(650, 1300, 0), page(400, 300, 1), page(1000, 1000, 2)][:n]
