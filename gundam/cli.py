@@ -175,8 +175,7 @@ def _item_size(item: str) -> tuple[int, int]:
 
 
 def cmd_cost(args) -> int:
-    from gundam.cost import estimate
-    from gundam.cost_report import format_report, plot, sweep, write_csv
+    from gundam.cost import estimate, format_report, plot, sweep, write_csv
 
     sizes = [parse_size(s) for s in args.sizes]
     if args.sweep:
@@ -277,14 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0, help="another seed gives other text and images (default 0)")
     o.set_defaults(func=cmd_make_overfit_set)
 
-    from gundam.cost import DTYPE_BYTES, GPUS
+    from gundam.cost import GPUS
+    from gundam.weights import DTYPES
     c = sub.add_parser("cost", help="analytic FLOPs, bytes and roofline per stage")
     c.add_argument("sizes", nargs="*", metavar="WxH", help="image sizes in pixels, e.g. 2000x3000")
     c.add_argument("--mode", default="gundam", choices=list(MODES), help="image mode (default: gundam)")
     c.add_argument("--max-crops", type=int, default=None,
                    help=f"maximum crops, {MIN_CROPS}..{MAX_CROPS} (default: the mode's)")
     c.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
-    c.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="activation and weight dtype")
+    c.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="activation and weight dtype")
     c.add_argument("--gpu", default="h100", choices=list(GPUS), help="roofline GPU (default: h100)")
     c.add_argument("--json", action="store_true", help="print JSON instead of tables")
     c.add_argument("--train", action="store_true",

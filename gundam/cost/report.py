@@ -1,4 +1,4 @@
-"""Reading the cost model (`gundam.cost`): a text report of one estimate, a sweep over image sizes and aspect
+"""Reading the cost model (`gundam.cost.model`): a text report of one estimate, a sweep over image sizes and aspect
 ratios with crops on and off, written as CSV and plotted.
 
     print(format_report(estimate(2000, 3000), gpu="h100"))
@@ -11,7 +11,7 @@ import dataclasses
 import os
 
 from gundam.config import MODES, Mode, resolve_mode
-from gundam.cost import CostReport, estimate, get_gpu
+from gundam.cost.model import CostReport, estimate, get_gpu
 
 # ----------------------------------------------------------------------------------------------------------
 # text report
@@ -22,7 +22,7 @@ def format_report(r: CostReport, gpu="h100", train: bool = False) -> str:
     g = get_gpu(gpu)
     lay, m = r.layout, r.mode
     floors = r.floor(g)
-    peak = g.tf32_flops if r.dtype == "fp32" else g.tensor_flops
+    peak = g.peak(r.dtype)
     grid = f"grid {lay.grid[0]}x{lay.grid[1]}, {lay.n_crops} crops of {m.image_size}" if lay.n_crops else "no crops"
     lines = [
         f"{r.width}x{r.height}, mode {_mode_name(m)} (global {m.base_size}, crop_mode {'on' if m.crop_mode else 'off'}),"

@@ -5,7 +5,7 @@
     r.floor("h100")                                    # {stage: (Floor vendor, Floor fused)}
     r.to_dict("h100")                                  # all of it, JSON-ready
 
-The text report, the sweep over sizes and its plot are in `gundam.cost_report`; the command is `gundam cost`.
+The text report, the sweep over sizes and its plot are in `gundam.cost.report`; the command is `gundam cost`.
 
 Stages: `sam_global`, `sam_crops`, `clip_global`, `clip_crops`, `projector_layout`. The view layout (crop grid,
 crops, tokens) comes from `gundam.layout.image_layout`, so the model never sees crops that preprocessing does
@@ -79,12 +79,16 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from gundam.config import EncoderConfig, Mode, check_image_size, check_int
 from gundam.layout import ImageLayout, image_layout
 from gundam.model import CHUNK_TOKENS
+from gundam.weights import resolve_dtype
 
-STAGES = ("sam_global", "sam_crops", "clip_global", "clip_crops", "projector_layout")
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+COST_STAGES = ("sam_global", "sam_crops", "clip_global", "clip_crops", "projector_layout")
+# the dtypes the roofline has peaks for (GPU.peak), by the short name reports print
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,10 @@ class GPU:
     tensor_flops: float     # dense tensor-core FLOP/s at bf16/fp16
     tf32_flops: float       # dense tensor-core FLOP/s at tf32 (used for fp32)
     hbm_bandwidth: float    # bytes/s
+
+    def peak(self, dtype: str) -> float:
+        """Dense tensor-core FLOP/s for matmuls in `dtype` (a DTYPE_NAMES name): fp32 ones run as tf32."""
+        return self.tf32_flops if dtype == "fp32" else self.tensor_flops
 
 
 # Dense (no sparsity) peaks; the datasheets print the 2:4-sparse figure, twice these.
@@ -163,7 +171,7 @@ class CostReport:
     mode: Mode
     layout: ImageLayout
     batch: int
-    dtype: str
+    dtype: str           # "bf16", "fp16" or "fp32" (DTYPE_NAMES)
     stages: dict[str, StageCost]
     total: StageCost
     config: EncoderConfig = field(repr=False)
@@ -171,7 +179,7 @@ class CostReport:
     def floor(self, gpu: str | GPU = "h100") -> dict[str, tuple[Floor, Floor]]:
         """{stage (and "total"): (vendor floor, fused floor)} on `gpu`."""
         gpu = get_gpu(gpu)
-        peak = gpu.tf32_flops if self.dtype == "fp32" else gpu.tensor_flops
+        peak = gpu.peak(self.dtype)
         out = {}
         for name, s in self.stages.items():
             out[name] = (_floor(s.matmul_flops, s.hbm_bytes_vendor, peak, gpu.hbm_bandwidth),
@@ -226,14 +234,13 @@ def get_gpu(gpu: str | GPU) -> GPU:
     return GPUS[gpu]
 
 
-def dtype_name(dtype) -> str:
-    """'bf16' | 'fp16' | 'fp32' from such a name or a torch dtype."""
-    names = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
-    s = str(dtype).removeprefix("torch.")
-    s = names.get(s, s)
-    if s not in DTYPE_BYTES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPE_BYTES)} (or the torch dtype)")
-    return s
+def _cost_dtype(dtype) -> torch.dtype:
+    """bf16, fp16 or fp32 by any name gundam.weights.DTYPES knows, or the torch dtype; "auto" is what a GPU
+    runs (bf16)."""
+    dt = resolve_dtype(dtype, device="cuda")
+    if dt not in DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r}: the cost model has GPU peaks for {', '.join(DTYPE_NAMES.values())} only")
+    return dt
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -548,14 +555,14 @@ def estimate(width: int, height: int, mode: str | Mode = "gundam", max_crops: in
         raise TypeError(f"config of type {type(config).__name__}: expected an EncoderConfig")
     width, height = check_image_size(width, height)  # sizes an image can have: counts stay finite floats
     batch = check_int(batch, "batch", 1, 1 << 20)
-    dt = dtype_name(dtype)
-    e = DTYPE_BYTES[dt]
+    dt = _cost_dtype(dtype)
+    e = dt.itemsize
     layout = image_layout(width, height, mode, max_crops)
     m = layout.mode
     config.tokens_per_side(m.base_size, "mode base_size")  # raises for a view size this encoder cannot take
     config.tokens_per_side(m.image_size, "mode image_size")
     k = layout.n_crops
-    stages = {name: StageCost() for name in STAGES}
+    stages = {name: StageCost() for name in COST_STAGES}
     for kind, size, views in (("global", m.base_size, 1), ("crops", m.image_size, k)):
         if not views:
             continue  # no crops made: nothing modelled
@@ -584,7 +591,7 @@ def estimate(width: int, height: int, mode: str | Mode = "gundam", max_crops: in
     total.activation_bytes_fused = max(st["sam_global"].activation_bytes_fused + st["sam_crops"].activation_bytes_fused,
                                        st["clip_global"].activation_bytes_fused + st["clip_crops"].activation_bytes_fused,
                                        st["projector_layout"].activation_bytes_fused)
-    return CostReport(int(width), int(height), m, layout, batch, dt, stages, total, config)
+    return CostReport(int(width), int(height), m, layout, batch, DTYPE_NAMES[dt], stages, total, config)
 
 
 def _projector_weight_elems(cfg: EncoderConfig) -> int:
