@@ -117,12 +117,6 @@ def test_neck_widths_come_from_the_config():
         assert a.stages[name] == b.stages[name], name
 
 
-def test_view_size_the_encoder_cannot_take():
-    cfg = EncoderConfig(sam=SamConfig(img_size=960, patch_size=48))  # 48 * 4 = 192 px per output token
-    with pytest.raises(ValueError, match="base_size=1024: expected a positive multiple of 192 px"):
-        estimate(2000, 3000, "gundam", config=cfg)
-
-
 def test_projector_vendor_bytes_by_hand():
     # Mode(1280, 640) with 2x2 crops, bf16: the 20x20 global view and the 4 crops of 10x10 have 400 tokens each.
     # Per view kind (2048 in, 1280 out):
@@ -527,11 +521,10 @@ def test_training_memory_in_the_cli(capsys):
 def test_training_memory_of_the_packed_path(n):
     # needs the attention kernel's autograd Function: what it keeps is the model's, the torch reference's is not.
     # n copies of a 1x2 image (global views and crops of two sizes in one pass), in Triton's interpreter
-    import gundam.packed
-    from test_train_triton import CFG, MODE, images
-    from testutils import randomize
-    enc = randomize(GundamEncoder(CFG), seed=3)
-    image = images(1)[0]
-    measured = saved_in_training(enc, preprocess([image] * n, MODE), "triton",
-                                 [(gundam.packed, "sam_block"), (gundam.packed, "clip_layer")])
-    check_training_memory(estimate(*image.size, MODE, config=CFG, batch=n, dtype="fp32"), measured, fused=True)
+    import gundam.model
+    from testutils import TRAIN, TRAIN_MODE, randomize, train_images
+    enc = randomize(GundamEncoder(TRAIN), seed=3)
+    image = train_images(1)[0]
+    measured = saved_in_training(enc, preprocess([image] * n, TRAIN_MODE), "triton",
+                                 [(gundam.model.SamBlock, "forward_packed"), (gundam.model.ClipLayer, "forward_packed")])
+    check_training_memory(estimate(*image.size, TRAIN_MODE, config=TRAIN, batch=n, dtype="fp32"), measured, fused=True)

@@ -307,6 +307,9 @@ def test_estimate_config_of_the_wrong_type():
     (lambda: SamConfig(mlp_ratio=1e-9), "MLP of 0 units"), (lambda: SamConfig(layer_norm_eps=float("nan")), "eps=nan"),
     (lambda: SamConfig(global_attn_indexes=(2, 12)), r"\[12\] outside"),
     (lambda: SamConfig(global_attn_indexes=5), "global_attn_indexes=5"),
+    # every token count (Mode, count_image_tokens, the cost model) is at 64 px per token: 16 px patches
+    (lambda: SamConfig(img_size=960, patch_size=48), "patch_size=48: expected 16"),
+    (lambda: EncoderConfig(sam=SamConfig(img_size=1008, patch_size=14)), "patch_size=14: expected 16"),
     (lambda: ClipConfig(layernorm_epsilon=-1), "layernorm_epsilon=-1"),
     (lambda: grid_layout(TINY_MODE, (0, 2)), "w_tiles=0"), (lambda: grid_layout(TINY_MODE, "2x2"), "grid='2x2'"),
 ])
