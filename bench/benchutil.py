@@ -6,7 +6,9 @@ import time
 
 import torch
 
-from gundam.config import ClipConfig, EncoderConfig, Mode, ProjectorConfig, SamConfig
+import dataclasses
+
+from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, Ocr2Config, ProjectorConfig, Qwen2Config, SamConfig
 
 # Tiny encoders for smoke runs and tests, each with the real structure at reduced widths.
 # TINY: window and global SAM blocks, windows that need padding (view grids 12 and 16 with window 5), CLIP with
@@ -42,6 +44,18 @@ MICRO = EncoderConfig(
                     patch_size=14),
     projector=ProjectorConfig(input_dim=96, n_embed=40),
 )
+
+# OCR2_TINY: DeepSeek-OCR 2's structure at reduced widths: SAM with window and global blocks (windows of 5 pad
+# the 16x16 and 12x12 grids), a 2-layer GQA Qwen2 (4 heads, 2 kv heads), 256 px global views and 192 px crops
+# (query tables of 16 and 9 rows).
+OCR2_TINY = Ocr2Config(
+    sam=SamConfig(img_size=256, embed_dim=48, depth=3, num_heads=3, window_size=5, global_attn_indexes=(1,),
+                  net_3_chans=64),
+    qwen2=Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=96),
+    projector=ProjectorConfig(input_dim=64, n_embed=80), base_size=256, image_size=192,
+)
+OCR2_TINY_MODE = dataclasses.replace(MODES["ocr2"], base_size=256, image_size=192)
 
 
 def bench_ms(fn, device: torch.device, seconds: float = 1.0) -> dict:

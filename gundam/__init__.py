@@ -1,4 +1,5 @@
-"""gundam: DeepSeek-OCR's vision encoder (DeepEncoder) in Gundam dynamic-crop mode, fast and exact.
+"""gundam: DeepSeek-OCR's vision encoder (DeepEncoder) in Gundam dynamic-crop mode, and DeepSeek-OCR 2's
+(DeepEncoder V2), fast and exact.
 
     import gundam
     enc = gundam.GundamEncoder.from_pretrained("DeepSeek-OCR/")
@@ -11,7 +12,7 @@ torch forward and its packed Triton forward in gundam.model, the packed plan in 
 (gundam.hosts). `read_embeddings(dir)` reads what `gundam encode-dataset` wrote (gundam.bulk).
 """
 from gundam.bulk import read_embeddings
-from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, ProjectorConfig, SamConfig
+from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, Ocr2Config, ProjectorConfig, Qwen2Config, SamConfig
 from gundam.cost import estimate
 from gundam.encoder import GundamEncoder
 from gundam.hosts import patch, unpatch
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GundamEncoder", "EncoderOutput", "Batch", "preprocess", "crop_grid", "count_image_tokens",
-    "EncoderConfig", "SamConfig", "ClipConfig", "ProjectorConfig", "Mode", "MODES", "estimate",
+    "EncoderConfig", "SamConfig", "ClipConfig", "ProjectorConfig", "Ocr2Config", "Qwen2Config", "Mode", "MODES",
+    "estimate",
     "patch", "unpatch", "read_embeddings",
 ]

@@ -1,11 +1,16 @@
-"""Configs of the DeepEncoder (SAM ViT-B -> CLIP-L -> linear projector), the image modes, and the size facts
-everything else calls: tokens per side of a view, which view sizes an encoder takes, the crop limits.
+"""Configs of the two encoder families, the image modes, and the size facts everything else calls: tokens per
+side of a view, which view sizes an encoder takes, the crop limits.
+
+- DeepSeek-OCR's DeepEncoder (`EncoderConfig`): SAM ViT-B -> CLIP-L -> linear projector of both.
+- DeepSeek-OCR 2's DeepEncoder V2 (`Ocr2Config`): the same SAM (net_3 512 -> 896) -> a Qwen2-shaped decoder used
+  as an encoder over [visual tokens, learned queries] -> linear projector of the queries' outputs.
 
 Field names are the vendor's own constructor/config keywords where the vendor has one, so any encoder the
 vendor code can build (including tiny ones for tests) is described by the same words.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass, field
 
@@ -189,6 +194,105 @@ class EncoderConfig:
         return tokens_per_side(size, name)
 
 
+@dataclass(frozen=True)
+class Qwen2Config:
+    """The Qwen2-0.5B-shaped decoder DeepSeek-OCR 2 runs as an encoder; field names are transformers'
+    `Qwen2Config`'s. head_dim = hidden_size / num_attention_heads; RoPE over all of it; q/k/v with bias, o_proj
+    without; SwiGLU MLP; RMSNorm before attention, before the MLP and after the last layer."""
+    hidden_size: int = 896
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    intermediate_size: int = 4864
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size"):
+            check_int(getattr(self, name), f"Qwen2Config.{name}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"Qwen2Config: hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"Qwen2Config: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"Qwen2Config: head_dim={self.head_dim} is odd, expected an even size (RoPE rotates "
+                             f"pairs)")
+        check_positive(self.rms_norm_eps, "Qwen2Config.rms_norm_eps")
+        check_positive(self.rope_theta, "Qwen2Config.rope_theta")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class Ocr2Config:
+    """DeepSeek-OCR 2's encoder (DeepEncoder V2). base_size / image_size: the global and crop view sizes it
+    takes (the vendor's config.py names); its learned query tables `query_1024` and `query_768` have one row per
+    output token of those views, (base_size/64)^2 and (image_size/64)^2, whatever the sizes (the names are the
+    checkpoint's)."""
+    sam: SamConfig = field(default_factory=lambda: SamConfig(net_3_chans=896))
+    qwen2: Qwen2Config = field(default_factory=Qwen2Config)
+    projector: ProjectorConfig = field(default_factory=lambda: ProjectorConfig(input_dim=896, n_embed=1280))
+    base_size: int = 1024
+    image_size: int = 768
+
+    def __post_init__(self):
+        for name, kind in (("sam", SamConfig), ("qwen2", Qwen2Config), ("projector", ProjectorConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"Ocr2Config.{name} of type {type(getattr(self, name)).__name__}: "
+                                f"expected a {kind.__name__}")
+        object.__setattr__(self, "base_size", check_view_size(self.base_size, "Ocr2Config.base_size"))
+        object.__setattr__(self, "image_size", check_view_size(self.image_size, "Ocr2Config.image_size"))
+        if self.base_size == self.image_size:   # the query table is chosen by the view's token count
+            raise ValueError(f"Ocr2Config: base_size={self.base_size} equals image_size={self.image_size}, "
+                             f"expected two view sizes (each has its own query table)")
+        if self.qwen2.hidden_size != self.sam.net_3_chans:
+            raise ValueError(f"Qwen2Config.hidden_size={self.qwen2.hidden_size}: must equal "
+                             f"SamConfig.net_3_chans={self.sam.net_3_chans} (SAM's output is the encoder's input)")
+        if self.projector.input_dim != self.qwen2.hidden_size:
+            raise ValueError(f"ProjectorConfig.input_dim={self.projector.input_dim}: expected "
+                             f"{self.qwen2.hidden_size} (Qwen2Config.hidden_size)")
+
+    @staticmethod
+    def deepseek_ocr2() -> "Ocr2Config":
+        """The real DeepSeek-OCR 2 encoder."""
+        return Ocr2Config()
+
+    @property
+    def mode(self) -> "Mode":
+        """The mode this encoder's views come from: DeepSeek-OCR 2's, at this config's view sizes."""
+        return dataclasses.replace(MODES["ocr2"], base_size=self.base_size, image_size=self.image_size)
+
+    def tokens_per_side(self, size: int, name: str = "view size") -> int:
+        """Output tokens along a side of a `size` px view; raises for a size this encoder cannot take."""
+        if size not in (self.base_size, self.image_size):
+            raise ValueError(f"{name}={short_repr(size)}: this DeepSeek-OCR 2 encoder takes views of "
+                             f"{self.base_size} and {self.image_size} px only (one query table each)")
+        return tokens_per_side(size, name)
+
+
+FAMILIES = ("deepseek-ocr", "deepseek-ocr2")   # DeepEncoder (EncoderConfig), DeepEncoder V2 (Ocr2Config)
+
+
+def family_of(config) -> str:
+    """The encoder family of a config."""
+    if isinstance(config, Ocr2Config):
+        return "deepseek-ocr2"
+    if isinstance(config, EncoderConfig):
+        return "deepseek-ocr"
+    raise TypeError(f"config of type {type(config).__name__}: expected an EncoderConfig (DeepSeek-OCR) or an "
+                    f"Ocr2Config (DeepSeek-OCR 2)")
+
+
+def default_config(family: str):
+    """The real encoder of a family."""
+    return Ocr2Config() if family == "deepseek-ocr2" else EncoderConfig()
+
+
 def _check_crops(min_crops, max_crops, what="Mode"):
     lo = check_int(min_crops, f"{what} min_crops", MIN_CROPS, MAX_CROPS)
     hi = check_int(max_crops, f"{what} max_crops", MIN_CROPS, MAX_CROPS)
@@ -200,13 +304,17 @@ def _check_crops(min_crops, max_crops, what="Mode"):
 @dataclass(frozen=True)
 class Mode:
     """How an image becomes views: a `base_size` global view, and `image_size` crops when `crop_mode` is on
-    (the crop grid has `min_crops..max_crops` tiles). Sizes are multiples of 64 px (the vendor's token count
-    is size / 64 per side)."""
+    (the crop grid has `min_crops..max_crops` tiles) and the image is larger than `small_image` on a side.
+    Sizes are multiples of 64 px (the vendor's token count is size / 64 per side). `family`: whose encoder
+    the views are for, which decides the token layout (gundam.layout): DeepSeek-OCR's rows with newlines, or
+    DeepSeek-OCR 2's crops, global view and separator without."""
     base_size: int
     image_size: int
     crop_mode: bool
     min_crops: int = MIN_CROPS
     max_crops: int = 6
+    small_image: int = 640        # an image with both sides <= this is never cropped (the vendor's 640; OCR 2: 768)
+    family: str = "deepseek-ocr"
 
     def __post_init__(self):
         object.__setattr__(self, "base_size", check_view_size(self.base_size, "Mode.base_size"))
@@ -220,6 +328,9 @@ class Mode:
         _check_crops(self.min_crops, self.max_crops)
         object.__setattr__(self, "min_crops", int(self.min_crops))
         object.__setattr__(self, "max_crops", int(self.max_crops))
+        object.__setattr__(self, "small_image", check_int(self.small_image, "Mode.small_image"))
+        if self.family not in FAMILIES:
+            raise ValueError(f"Mode.family={self.family!r}: expected one of {', '.join(FAMILIES)}")
 
     @property
     def qb(self) -> int:
@@ -239,6 +350,7 @@ MODES: dict[str, Mode] = {
     "large": Mode(1280, 1280, False),
     "gundam": Mode(1024, 640, True),
     "gundam-m": Mode(1280, 1024, True),
+    "ocr2": Mode(1024, 768, True, small_image=768, family="deepseek-ocr2"),   # DeepSeek-OCR 2
 }
 
 
@@ -254,5 +366,5 @@ def resolve_mode(mode: str | Mode = "gundam", max_crops: int | None = None) -> M
         max_crops = check_int(max_crops, "max_crops", MIN_CROPS, MAX_CROPS)
         if max_crops < mode.min_crops:
             raise ValueError(f"max_crops={max_crops} is below the mode's min_crops={mode.min_crops}")
-        mode = Mode(mode.base_size, mode.image_size, mode.crop_mode, mode.min_crops, max_crops)
+        mode = dataclasses.replace(mode, max_crops=max_crops)
     return mode

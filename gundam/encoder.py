@@ -15,14 +15,14 @@ import os
 import torch
 import torch.nn as nn
 
-from gundam.config import EncoderConfig
+from gundam.config import MODES, EncoderConfig, Mode, Ocr2Config, family_of, resolve_mode
 from gundam.graphs import CapturedEncoder
-from gundam.images import Batch, check_pixel_values, normalize
+from gundam.images import Batch, check_pixel_values, normalize, preprocess
 from gundam.model import build_modules, encode, encode_views
-from gundam.output import EncoderOutput, StageTimer
+from gundam.output import TIMED_STAGES, EncoderOutput, StageTimer
 from gundam.packed import encode_packed
 from gundam.vendor import vendor_batch
-from gundam.weights import UNUSED_KEYS, load_encoder_state_dict, resolve_device, resolve_dtype
+from gundam.weights import UNUSED_KEYS, checked_config, load_encoder_state_dict, resolve_device, resolve_dtype
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -48,33 +48,38 @@ def resolve_backend(backend, device) -> str:
 
 
 class GundamEncoder(nn.Module):
-    """SAM ViT-B + CLIP-L + projector with the vendor's parameter names, plus `image_newline`/`view_seperator`."""
+    """One encoder family's modules with the vendor's parameter names: DeepSeek-OCR's (an EncoderConfig: SAM ViT-B
+    + CLIP-L + projector, `image_newline`, `view_seperator`) or DeepSeek-OCR 2's (an Ocr2Config: SAM + Qwen2 as an
+    encoder + projector, `view_seperator`)."""
 
-    def __init__(self, config: EncoderConfig | None = None, backend: str = "auto"):
+    def __init__(self, config: EncoderConfig | Ocr2Config | None = None, backend: str = "auto"):
         super().__init__()
-        if config is not None and not isinstance(config, EncoderConfig):
-            raise TypeError(f"config of type {type(config).__name__}: expected an EncoderConfig (or None for "
-                            f"DeepSeek-OCR's)")
-        self.config = config = config or EncoderConfig.deepseek_ocr()
+        self.config = config = config if config is not None else EncoderConfig.deepseek_ocr()
+        self.family = family_of(config)
         self.backend = check_backend(backend)
-        self.sam_model, self.vision_model, self.projector = build_modules(config)
+        for name, module in build_modules(config).items():
+            setattr(self, name, module)
         n = config.projector.n_embed
         std = 1 / torch.sqrt(torch.tensor(n, dtype=torch.float32))
-        self.image_newline = nn.Parameter(torch.randn(n) * std)
+        if self.family == "deepseek-ocr":
+            self.image_newline = nn.Parameter(torch.randn(n) * std)
         self.view_seperator = nn.Parameter(torch.randn(n) * std)
         # Vendor checkpoints carry CLIP's unused patch-embedding conv and position ids: drop them on load.
         self._register_load_state_dict_pre_hook(_drop_unused_keys)
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | str = torch.float32, device="cpu", backend: str = "auto",
-                        config: EncoderConfig | None = None, strict: bool = True) -> "GundamEncoder":
-        """Encoder weights from a DeepSeek-OCR safetensors checkpoint (file, directory or sharded directory).
+                        config: EncoderConfig | Ocr2Config | None = None, strict: bool = True) -> "GundamEncoder":
+        """Encoder weights from a DeepSeek-OCR or DeepSeek-OCR 2 safetensors checkpoint (file, directory or
+        sharded directory); which of the two it is, its keys say.
 
-        dtype: a floating torch dtype or a name ("bfloat16", "bf16", "fp16", ...); device: one this torch has.
+        dtype: a floating torch dtype or a name ("bfloat16", "bf16", "fp16", ...); device: one this torch has;
+        config: the encoder's shape (default: the real encoder of the checkpoint's family).
         strict=False ignores encoder tensors the config does not use (by default they are an error: a deeper
         checkpoint than the config would otherwise load as a silently different model)."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        config = checked_config(path, config)
         with torch.device("meta"):
             enc = cls(config, backend=backend)
         state = load_encoder_state_dict(path, enc, device=device, dtype=dtype, strict=strict)
@@ -82,12 +87,12 @@ class GundamEncoder(nn.Module):
         return enc.eval()
 
     @classmethod
-    def build(cls, weights=None, *, config: EncoderConfig | None = None, dtype: torch.dtype | str = "auto",
-              device=None, backend: str = "auto", seed: int = 0) -> "GundamEncoder":
+    def build(cls, weights=None, *, config: EncoderConfig | Ocr2Config | None = None,
+              dtype: torch.dtype | str = "auto", device=None, backend: str = "auto", seed: int = 0) -> "GundamEncoder":
         """The encoder a command names: the checkpoint `weights` (see from_pretrained), or random weights drawn
         from `seed` when it is None (every process builds the same; the caller's random state is kept).
         dtype "auto": bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise; device None: CUDA when
-        there is one, else the CPU."""
+        there is one, else the CPU. For the config of a mode's family: `default_config(mode.family)`."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         if weights is not None:
@@ -104,19 +109,56 @@ class GundamEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.projector.layers.weight.device
 
+    @property
+    def mode(self) -> Mode:
+        """The encoder's default mode: Gundam for DeepSeek-OCR (which takes any mode of its family), the config's
+        own for DeepSeek-OCR 2 (which takes only its two view sizes)."""
+        return self.config.mode if self.family == "deepseek-ocr2" else MODES["gundam"]
+
+    def preprocess(self, images, mode: str | Mode | None = None, max_crops: int | None = None) -> Batch:
+        """`gundam.preprocess` in this encoder's mode (default `self.mode`; another mode must be of its family)."""
+        mode = resolve_mode(self.mode if mode is None else mode, max_crops)
+        self.check_mode(mode)
+        return preprocess(images, mode)
+
+    def check_mode(self, mode: Mode):
+        """Views of `mode` are what this encoder takes, or a one-line ValueError."""
+        if mode.family != self.family:
+            raise ValueError(f"a batch of {mode.family} views (mode {mode.base_size}/{mode.image_size}) for a "
+                             f"{self.family} encoder: expected views of its own family (GundamEncoder.preprocess "
+                             f"makes them)")
+        if self.family == "deepseek-ocr2":
+            for name in ("base_size", "image_size"):
+                if getattr(mode, name) != getattr(self.config, name):
+                    raise ValueError(f"mode {name}={getattr(mode, name)}: this DeepSeek-OCR 2 encoder takes "
+                                     f"{name}={getattr(self.config, name)} (Ocr2Config)")
+
     def _resolve(self, backend):
-        return resolve_backend(backend or self.backend, self.device)
+        backend = check_backend(backend or self.backend)
+        if self.family == "deepseek-ocr2":   # the packed path is DeepSeek-OCR's so far: "auto" is torch here
+            if backend == "triton":
+                raise ValueError("backend='triton' runs DeepSeek-OCR's encoder only: use backend='torch' (or "
+                                 "'auto') for DeepSeek-OCR 2")
+            return "torch"
+        return resolve_backend(backend, self.device)
+
+    def _stacks(self) -> list[nn.Module]:
+        """The modules whose blocks checkpoint: SAM, and CLIP's or Qwen2's layers."""
+        second = self.qwen2_model.model.model if self.family == "deepseek-ocr2" else self.vision_model.transformer
+        return [self.sam_model, second]
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Activation checkpointing per SAM block and CLIP layer (transformers' convention): while training,
-        each block's activations are recomputed in the backward instead of kept."""
+        """Activation checkpointing per SAM block and CLIP (or Qwen2) layer (transformers' convention): while
+        training, each block's activations are recomputed in the backward instead of kept."""
         if gradient_checkpointing_kwargs:
             raise ValueError(f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r}: expected None "
                              f"(non-reentrant checkpointing is always used)")
-        self.sam_model.gradient_checkpointing = self.vision_model.transformer.gradient_checkpointing = True
+        for stack in self._stacks():
+            stack.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self):
-        self.sam_model.gradient_checkpointing = self.vision_model.transformer.gradient_checkpointing = False
+        for stack in self._stacks():
+            stack.gradient_checkpointing = False
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -125,18 +167,19 @@ class GundamEncoder(nn.Module):
     def clear_cache(self):
         """Drop the cached position and rel-pos tables (needed only after writing weights through `.data`)."""
         self.sam_model.tables.clear()
-        self.vision_model.embeddings.tables.clear()
+        if self.family == "deepseek-ocr":
+            self.vision_model.embeddings.tables.clear()
 
     def encode_views(self, pixels: torch.Tensor, mark=None) -> torch.Tensor:
         """Views of one size [B, 3, S, S] -> projected tokens [B, (S/64)^2, n_embed]."""
-        return encode_views(self.sam_model, self.vision_model, self.projector, pixels, mark)
+        return encode_views(self, pixels, mark)
 
     def forward(self, batch: Batch, backend: str | None = None) -> EncoderOutput:
         if not isinstance(batch, Batch):
             raise TypeError(f"batch of type {type(batch).__name__}: expected a gundam.Batch (from gundam.preprocess)")
         backend = self._resolve(backend)
         self.check_batch(batch)
-        timer = StageTimer(self.device)
+        timer = StageTimer(self.device, TIMED_STAGES[self.family])
         encode_fn = encode_packed if backend == "triton" else encode
         return EncoderOutput(encode_fn(self, batch, timer), batch.offsets, timer)
 
@@ -155,8 +198,10 @@ class GundamEncoder(nn.Module):
         return [self.pixels(batch.global_views)] + ([self.pixels(batch.crops)] if batch.crops.shape[0] else [])
 
     def check_batch(self, batch: Batch):
-        """Float pixels must be normalised and finite (checked where they are, before the copy to this
-        encoder's device); meta pixels go only to a meta encoder."""
+        """The batch's views must be of this encoder's family (and view sizes, for DeepSeek-OCR 2); float pixels
+        must be normalised and finite (checked where they are, before the copy to this encoder's device); meta
+        pixels go only to a meta encoder."""
+        self.check_mode(batch.mode)
         check_pixel_values(batch.global_views, "global_views", self.device)
         check_pixel_values(batch.crops, "crops", self.device)
 
@@ -168,7 +213,9 @@ class GundamEncoder(nn.Module):
         vLLM's flat layout (pixel_values [n, 3, B, B], images_crop [sum of crops, 3, S, S], images_spatial_crop
         [n, 2]; an image has w*h crops when its grid is not 1x1). See gundam.vendor."""
         self._resolve(backend)
-        return self.forward(vendor_batch(pixel_values, images_crop, images_spatial_crop, self.config), backend).split()
+        batch = vendor_batch(pixel_values, images_crop, images_spatial_crop, self.config,
+                             self.mode if self.family == "deepseek-ocr2" else None)
+        return self.forward(batch, backend).split()
 
 
 

@@ -1,7 +1,8 @@
 """Images -> views (a `Batch`), exactly as the vendor's `DeepseekOCRProcessor.tokenize_with_images`.
 
 One image becomes a `base_size` global view (the image padded to a square with grey 127) and, in crop mode
-and above 640 px, a grid of `image_size` crops of the image resized to the grid (`gundam.layout` chooses it).
+and above the mode's `small_image` (640 px; DeepSeek-OCR 2: 768), a grid of `image_size` crops of the image
+resized to the grid (`gundam.layout` chooses it). DeepSeek-OCR 2's processor follows the same rules.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gundam.config import MAX_IMAGE_PIXELS, Mode, resolve_mode
-from gundam.layout import SMALL_IMAGE, ImageLayout, grid_layout, image_layout
+from gundam.layout import ImageLayout, grid_layout, image_layout
 
 PAD_COLOR = (127, 127, 127)     # int(0.5 * 255): the normalisation mean
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit (and 32-bit int) pixels: scaled, not clipped
@@ -122,7 +123,7 @@ def crop_images(image: Image.Image, grid: tuple[int, int], image_size: int) -> l
 
 
 def global_view(image: Image.Image, mode: Mode) -> Image.Image:
-    if mode.image_size <= SMALL_IMAGE and not mode.crop_mode:
+    if mode.image_size <= mode.small_image and not mode.crop_mode:
         image = image.resize((mode.image_size, mode.image_size))
     return ImageOps.pad(image, (mode.base_size, mode.base_size), color=PAD_COLOR)
 

@@ -1,9 +1,12 @@
 """The output layout of an image: its crop grid, its views and where each output token goes. One home for it:
 preprocessing, both encoder paths, the layout kernel's row map and the cost model all call this module.
 
-Output rows of one image, in the vendor's order: the local grid when there are crops (`h*qi` rows of `w*qi`
-tokens, crops placed by tile, each row followed by `image_newline`), then `qb` global rows of `qb` tokens each
-followed by `image_newline`, then `view_seperator`.
+Output rows of one image, in the vendor's order, by the mode's family:
+- DeepSeek-OCR: the local grid when there are crops (`h*qi` rows of `w*qi` tokens, crops placed by tile, each
+  row followed by `image_newline`), then `qb` global rows of `qb` tokens each followed by `image_newline`,
+  then `view_seperator`.
+- DeepSeek-OCR 2: each crop's `qi*qi` tokens, crop by crop in row-major tile order (no 2-D stitching), then the
+  global view's `qb*qb`, then `view_seperator`; no newlines.
 """
 from __future__ import annotations
 
@@ -13,8 +16,6 @@ from fractions import Fraction
 import torch
 
 from gundam.config import Mode, check_int, resolve_mode
-
-SMALL_IMAGE = 640          # vendor rule: an image with both sides <= 640 px is never cropped, in every mode
 
 
 def candidate_grids(min_crops: int, max_crops: int) -> list[tuple[int, int]]:
@@ -57,14 +58,15 @@ def crop_grid(width: int, height: int, mode: str | Mode = "gundam", max_crops: i
     """(w_tiles, h_tiles) of the crop grid; (1, 1) means no crops."""
     width, height = check_int(width, "image width"), check_int(height, "image height")
     mode = resolve_mode(mode, max_crops)
-    if not mode.crop_mode or (width <= SMALL_IMAGE and height <= SMALL_IMAGE):
+    if not mode.crop_mode or (width <= mode.small_image and height <= mode.small_image):
         return (1, 1)
     return _closest_grid(width, height, mode)
 
 
 @dataclass(frozen=True)
 class ImageLayout:
-    """Views and output tokens of one image. Tokens: `qb*(qb+1)` global + `(h*qi)*(w*qi+1)` local + 1."""
+    """Views and output tokens of one image. Tokens: DeepSeek-OCR `qb*(qb+1)` global + `(h*qi)*(w*qi+1)` local
+    + 1 separator; DeepSeek-OCR 2 `qb*qb` global + `n_crops*qi*qi` local + 1."""
     width: int
     height: int
     mode: Mode
@@ -85,10 +87,17 @@ def grid_layout(mode: Mode, grid: tuple[int, int], width: int = 0, height: int =
     width, height = check_int(width, "image width", 0), check_int(height, "image height", 0)
     qb, qi = mode.qb, mode.qi
     n_crops = 0 if (w, h) == (1, 1) else w * h
-    global_tokens = qb * (qb + 1)
-    local_tokens = (h * qi) * (w * qi + 1) if n_crops else 0
+    if has_newlines(mode):
+        global_tokens, local_tokens = qb * (qb + 1), (h * qi) * (w * qi + 1) if n_crops else 0
+    else:
+        global_tokens, local_tokens = qb * qb, n_crops * qi * qi
     return ImageLayout(width, height, mode, (w, h), n_crops, qb, qi, global_tokens, local_tokens,
                        global_tokens + local_tokens + 1)
+
+
+def has_newlines(mode: Mode) -> bool:
+    """DeepSeek-OCR ends every row of tokens with `image_newline`; DeepSeek-OCR 2 has none."""
+    return mode.family == "deepseek-ocr"
 
 
 def image_layout(width: int, height: int, mode: str | Mode = "gundam", max_crops: int | None = None) -> ImageLayout:
@@ -106,10 +115,14 @@ def layout_tokens(layout: ImageLayout, global_tokens: torch.Tensor, local_tokens
     """One image's output rows [layout.tokens, D] in the vendor's order.
 
     global_tokens [qb*qb, D] row-major; local_tokens [n_crops, qi*qi, D] in row-major tile order (None without
-    crops); newline, separator [D]. Any dtype: the Triton path runs it on index rows to build its row map.
+    crops); newline [D] (None for a family without newlines), separator [D]. Any dtype: the Triton path runs it
+    on index rows to build its row map.
     """
     D = global_tokens.shape[-1]
     (w, h), qb, qi = layout.grid, layout.qb, layout.qi
+    if not has_newlines(layout.mode):
+        rows = [local_tokens.reshape(-1, D)] if layout.n_crops else []
+        return torch.cat(rows + [global_tokens.reshape(-1, D), separator.view(1, D)])
 
     def with_newlines(grid):  # [R, C, D] -> [R * (C + 1), D]
         R = grid.shape[0]

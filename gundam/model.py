@@ -1,9 +1,11 @@
-"""The DeepEncoder in pure torch: SAM ViT-B -> CLIP-L -> linear projector, exactly the vendor's computation.
+"""The encoders in pure torch, exactly the vendor's computation: DeepSeek-OCR's DeepEncoder (SAM ViT-B -> CLIP-L
+-> linear projector) and DeepSeek-OCR 2's (the same SAM -> Qwen2 as an encoder -> linear projector).
 
 Module and parameter names are the vendor's (`sam_model.blocks.0.attn.qkv.weight`, ...), so a vendor state dict
 loads as is. Differences from the vendor code are in memory and bookkeeping only, never in the math:
 - global-attention blocks build the rel-pos bias per chunk of queries (never heads x N x N at once);
-- interpolated position and rel-pos tables are computed once per view size and cached (not while training).
+- interpolated position and rel-pos tables are computed once per view size and cached (not while training);
+- the Qwen2 prefix mask is built at once per view size, not row by row, and views run in bounded chunks.
 This path is the oracle for every Triton kernel and the CPU path.
 
 Each block also has its packed fast path beside it (`forward_packed`): the same block on one token-major [T, C]
@@ -20,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from gundam.config import ClipConfig, EncoderConfig, SamConfig
+from gundam.config import ClipConfig, EncoderConfig, Ocr2Config, Qwen2Config, SamConfig, tokens_per_side
 from gundam.layout import layout_batch
 
 # Elements of attention bias built at once (fp32: 64 MB). Bounds the memory of global blocks on 1024+ views.
@@ -489,30 +491,184 @@ class Projector(nn.Module):
         return kernels().layout.project_and_layout(sam_tok, clip_tok, p.weight, p.bias, newline, separator, row_map)
 
 
-def encode_views(sam: Sam, clip: Clip, projector: Projector, pixels: torch.Tensor, mark=None) -> torch.Tensor:
-    """Views of one size [B, 3, S, S] -> projected tokens [B, (S/64)^2, n_embed], row-major per view.
-    `mark(stage)` is called after each stage ("sam", "clip", "layout") when given (timing)."""
+# ----------------------------------------------------------------------------------------------------------
+# Qwen2 as an encoder (DeepSeek-OCR 2)
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # statistics in fp32, cast back before the weight multiply (transformers' Qwen2RMSNorm)
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_tables(n: int, head_dim: int, theta: float, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [n, head_dim] of positions 0..n-1, computed in fp32 then cast (transformers' default RoPE)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    freqs = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]   # [n, d/2]
+    emb = torch.cat([freqs, freqs], dim=-1)                                                     # [n, d]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., n, d] rotated by position: x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def prefix_mask(m: int, device) -> torch.Tensor:
+    """bool [2m, 2m], True where row r attends to key c: `m` visual tokens attend to all visual tokens (never to
+    the queries), query i to every visual token and to queries 0..i, i.e. c <= max(r, m - 1). Built at once,
+    not per row (the vendor fills it with a Python loop per query)."""
+    r = torch.arange(2 * m, device=device)
+    return (r[None, :] < m) | (r[None, :] <= r[:, None])
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        C, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(C, cfg.num_attention_heads * d)
+        self.k_proj = nn.Linear(C, cfg.num_key_value_heads * d)
+        self.v_proj = nn.Linear(C, cfg.num_key_value_heads * d)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * d, C, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        B, n, _ = x.shape
+        q = self.q_proj(x).view(B, n, self.num_heads, self.head_dim).transpose(1, 2)      # [B, heads, n, d]
+        k = self.k_proj(x).view(B, n, self.num_kv_heads, self.head_dim).transpose(1, 2)   # [B, kv heads, n, d]
+        v = self.v_proj(x).view(B, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        group = self.num_heads // self.num_kv_heads          # query head h reads kv head h // group
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                       # [B, heads, n, d]
+        return self.o_proj(o.transpose(1, 2).reshape(B, n, -1))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2Layer(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.self_attn = Qwen2Attention(cfg)
+        self.mlp = Qwen2MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen2Stack(nn.Module):
+    """The decoder layers and the final norm (transformers' Qwen2Model without token embeddings)."""
+
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.gradient_checkpointing = False
+        self.layers = nn.ModuleList(Qwen2Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        """x [B, 2m, C] (visual tokens, then queries) -> [B, 2m, C] after the final norm."""
+        c = self.cfg
+        cos, sin = rope_tables(x.shape[1], c.head_dim, c.rope_theta, x.dtype, x.device)   # positions 0..2m-1
+        mask = prefix_mask(m, x.device)
+        for layer in self.layers:
+            x = run_block(layer, x, cos, sin, mask, checkpointing=self.gradient_checkpointing)
+        return self.norm(x)
+
+
+class Qwen2Decoder(nn.Module):
+    """Holds the stack as `.model`, so parameter names are the vendor's (`qwen2_model.model.model.layers.N.*`)."""
+
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.model = Qwen2Stack(cfg)
+
+
+class Qwen2Encoder(nn.Module):
+    """DeepSeek-OCR 2's `qwen2_model`: SAM features [B, C, h, w] -> [B, m, C], m = h*w. The sequence is the m
+    visual tokens (raster order) followed by m learned queries (`query_768` for crops, `query_1024` for global
+    views: the table with m rows), under `prefix_mask`; the queries' outputs are kept."""
+
+    def __init__(self, cfg: Ocr2Config):
+        super().__init__()
+        C = cfg.qwen2.hidden_size
+        self.model = Qwen2Decoder(cfg.qwen2)
+        self.query_768 = nn.Embedding(tokens_per_side(cfg.image_size) ** 2, C)    # crop views
+        self.query_1024 = nn.Embedding(tokens_per_side(cfg.base_size) ** 2, C)    # global views
+
+    def queries(self, m: int) -> torch.Tensor:
+        for table in (self.query_768, self.query_1024):
+            if table.num_embeddings == m:
+                return table.weight
+        raise ValueError(f"qwen2_model: a view of {m} tokens, expected {self.query_768.num_embeddings} (crops) or "
+                         f"{self.query_1024.num_embeddings} (global views): the sizes of the query tables")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C = x.shape[:2]
+        m = x.shape[2] * x.shape[3]
+        queries = self.queries(m)
+        x = torch.cat([x.flatten(2).transpose(1, 2), queries.expand(B, m, C)], dim=1)      # [B, 2m, C]
+        # views are independent: a bounded number of tokens' worth of them at a time
+        per = max(1, CHUNK_TOKENS // (2 * m))
+        return torch.cat([self.model.model(part, m)[:, m:] for part in x.split(per)])    # [B, m, C]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# top level
+
+def encode_views(enc, pixels: torch.Tensor, mark=None) -> torch.Tensor:
+    """Views of one size [B, 3, S, S] -> projected tokens [B, (S/64)^2, n_embed], row-major per view, through
+    the encoder's family: SAM -> CLIP -> projector of both (DeepSeek-OCR) or SAM -> Qwen2 -> projector
+    (DeepSeek-OCR 2). `mark(stage)` is called after each stage when given (timing)."""
     mark = mark or (lambda stage: None)
-    sam_out = sam(pixels)                                            # [B, C, q, q]
+    sam_out = enc.sam_model(pixels)                                  # [B, C, q, q]
     mark("sam")
-    clip_out = clip(pixels, sam_out)                                 # [B, 1 + q*q, C]
-    mark("clip")
-    feats = torch.cat([clip_out[:, 1:], sam_out.flatten(2).permute(0, 2, 1)], dim=-1)  # [B, q*q, 2C]
-    out = projector(feats)
+    if enc.family == "deepseek-ocr2":
+        feats = enc.qwen2_model(sam_out)                             # [B, q*q, C]
+        mark("qwen2")
+    else:
+        clip_out = enc.vision_model(pixels, sam_out)                 # [B, 1 + q*q, C]
+        mark("clip")
+        feats = torch.cat([clip_out[:, 1:], sam_out.flatten(2).permute(0, 2, 1)], dim=-1)  # [B, q*q, 2C]
+    out = enc.projector(feats)
     mark("layout")
     return out
 
 
 def encode(enc, batch, timer) -> torch.Tensor:
-    """The torch path: Batch -> embeddings [total_tokens, n_embed], each view size through SAM, CLIP and the
-    projector, then every image's rows laid out (`layout_batch`). enc: a GundamEncoder."""
+    """The torch path: Batch -> embeddings [total_tokens, n_embed], each view size through the encoder
+    (`encode_views`), then every image's rows laid out (`layout_batch`). enc: a GundamEncoder."""
     groups = enc.pixel_groups(batch)                         # global views [n, 3, B, B], then crops if any
-    tokens = [encode_views(enc.sam_model, enc.vision_model, enc.projector, pixels, timer.mark) for pixels in groups]
-    newline, separator = enc.image_newline.to(enc.dtype), enc.view_seperator.to(enc.dtype)
-    out = layout_batch(batch.layouts, tokens[0], tokens[1] if len(tokens) > 1 else None, newline, separator)
+    tokens = [encode_views(enc, pixels, timer.mark) for pixels in groups]
+    newline = enc.image_newline.to(enc.dtype) if enc.family == "deepseek-ocr" else None
+    out = layout_batch(batch.layouts, tokens[0], tokens[1] if len(tokens) > 1 else None, newline,
+                       enc.view_seperator.to(enc.dtype))
     timer.mark("layout")
     return out
 
 
-def build_modules(cfg: EncoderConfig):
-    return Sam(cfg.sam), Clip(cfg.clip), Projector(cfg.projector.input_dim, cfg.projector.n_embed)
+def build_modules(cfg: EncoderConfig | Ocr2Config) -> dict[str, nn.Module]:
+    """The encoder's modules by their vendor names."""
+    if isinstance(cfg, Ocr2Config):
+        return {"sam_model": Sam(cfg.sam), "qwen2_model": Qwen2Encoder(cfg),
+                "projector": Projector(cfg.projector.input_dim, cfg.projector.n_embed)}
+    return {"sam_model": Sam(cfg.sam), "vision_model": Clip(cfg.clip),
+            "projector": Projector(cfg.projector.input_dim, cfg.projector.n_embed)}

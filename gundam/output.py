@@ -7,15 +7,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-TIMED_STAGES = ("sam", "clip", "layout")   # `EncoderOutput.timings` keys, both backends ("layout": projector + layout)
+# `EncoderOutput.timings` keys per encoder family, both backends ("layout": projector + layout)
+TIMED_STAGES = {"deepseek-ocr": ("sam", "clip", "layout"), "deepseek-ocr2": ("sam", "qwen2", "layout")}
 
 
 class StageTimer:
     """Seconds per stage of one forward. On CUDA, events are recorded between stages and read only when the
     timings are asked for, so timing adds no host synchronisation to the forward."""
 
-    def __init__(self, device: torch.device, enabled: bool = True):
-        self.cuda, self.enabled = device.type == "cuda", enabled
+    def __init__(self, device: torch.device, stages: tuple[str, ...] = TIMED_STAGES["deepseek-ocr"],
+                 enabled: bool = True):
+        self.cuda, self.enabled, self.stages = device.type == "cuda", enabled, stages
         self.marks = [("start", self._now())] if enabled else []
 
     def _now(self):
@@ -34,7 +36,7 @@ class StageTimer:
             return {}
         if self.cuda:
             self.marks[-1][1].synchronize()
-        out = dict.fromkeys(TIMED_STAGES, 0.0)
+        out = dict.fromkeys(self.stages, 0.0)
         for (_, t0), (stage, t1) in zip(self.marks, self.marks[1:]):
             out[stage] += t0.elapsed_time(t1) / 1e3 if self.cuda else t1 - t0
         return out
@@ -49,7 +51,8 @@ class EncoderOutput:
 
     @property
     def timings(self) -> dict[str, float]:
-        """Seconds per stage ("sam", "clip", "layout") of the forward that made this output."""
+        """Seconds per stage of the forward that made this output: "sam", "clip" (DeepSeek-OCR) or "qwen2"
+        (DeepSeek-OCR 2), "layout"."""
         return self.timer.seconds() if self.timer else {}
 
     def split(self) -> list[torch.Tensor]:

@@ -24,9 +24,10 @@ from gundam.images import Batch
 from gundam.layout import grid_layout
 
 
-def vendor_batch(pixel_values, images_crop, images_spatial_crop, config) -> Batch:
+def vendor_batch(pixel_values, images_crop, images_spatial_crop, config, mode: Mode | None = None) -> Batch:
     """The vendor's `_pixel_values_to_embedding` arguments, either layout -> Batch (flat crops are not copied).
-    `config`: the encoder's EncoderConfig (which view sizes it takes)."""
+    `config`: the encoder's config (which view sizes it takes); `mode`: the batch's mode when the encoder has
+    one (DeepSeek-OCR 2), else made from the view sizes (DeepSeek-OCR takes any)."""
     n = _num_images(pixel_values, "pixel_values")
     flat = isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4
     # flat: images_crop holds crops, not images, and is checked against the tile counts instead
@@ -43,10 +44,18 @@ def vendor_batch(pixel_values, images_crop, images_spatial_crop, config) -> Batc
     else:
         globals_, crops, grids = _per_image(pixel_values, images_crop, images_spatial_crop, n)
     B = _view_size(globals_, "pixel_values", config)
-    if crops is None:  # no image has crops: an empty crop tensor of the global views' size
-        crops = globals_.new_zeros(0, 3, B, B)
+    if mode is not None and B != mode.base_size:
+        raise ValueError(f"forward_vendor: pixel_values views are {B} px, expected this encoder's global view "
+                         f"size {mode.base_size}")
+    if crops is None:  # no image has crops: an empty crop tensor of the crop size (else of the global views')
+        S = mode.image_size if mode is not None else B
+        crops = globals_.new_zeros(0, 3, S, S)
     S = _view_size(crops, "images_crop", config)
-    mode = Mode(B, S, crops.shape[0] > 0)
+    if mode is None:
+        mode = Mode(B, S, crops.shape[0] > 0)
+    elif S != mode.image_size:
+        raise ValueError(f"forward_vendor: images_crop views are {S} px, expected this encoder's crop size "
+                         f"{mode.image_size}")
     return Batch(globals_, crops, [grid_layout(mode, g) for g in grids], mode)
 
 

@@ -1,9 +1,12 @@
-"""Encoder weights from a DeepSeek-OCR safetensors checkpoint.
+"""Encoder weights from a DeepSeek-OCR or DeepSeek-OCR 2 safetensors checkpoint.
 
-The real checkpoint is ~6.7 GB, mostly language model; only the encoder's tensors (`model.sam_model.*`,
-`model.vision_model.*`, `model.projector.*`, `model.image_newline`, `model.view_seperator`) are read, one by
-one through safetensors' lazy `safe_open`. Accepted: a `.safetensors` file, a directory holding
-`model.safetensors`, or a sharded directory with `model.safetensors.index.json`; keys with or without `model.`.
+The real checkpoints are ~6.7 GB, mostly language model; only the encoder's tensors are read, one by one through
+safetensors' lazy `safe_open`: DeepSeek-OCR's `model.sam_model.*`, `model.vision_model.*`, `model.projector.*`,
+`model.image_newline`, `model.view_seperator`; DeepSeek-OCR 2's `model.sam_model.*`, `model.qwen2_model.*`,
+`model.projector.*`, `model.view_seperator` (its `model.norm.weight` is the language model's). Which family a
+checkpoint holds, its keys say (`vision_model.*` or `qwen2_model.*`). Accepted: a `.safetensors` file, a
+directory holding `model.safetensors`, or a sharded directory with `model.safetensors.index.json`; keys with or
+without `model.`.
 """
 from __future__ import annotations
 
@@ -13,9 +16,15 @@ import os
 import torch
 from safetensors import SafetensorError, safe_open
 
+from gundam.config import default_config, family_of
+
 PREFIXES = ("model.", "")
 INDEX = "model.safetensors.index.json"
-ENCODER_KEYS = ("sam_model.", "vision_model.", "projector.", "image_newline", "view_seperator")
+FAMILY_KEYS = {"deepseek-ocr": ("sam_model.", "vision_model.", "projector.", "image_newline", "view_seperator"),
+               "deepseek-ocr2": ("sam_model.", "qwen2_model.", "projector.", "view_seperator")}
+FAMILY_MARK = {"deepseek-ocr": "vision_model.", "deepseek-ocr2": "qwen2_model."}   # keys only that family has
+FAMILY_NAMES = {"deepseek-ocr": "DeepSeek-OCR", "deepseek-ocr2": "DeepSeek-OCR 2"}
+ENCODER_KEYS = tuple(dict.fromkeys(k for keys in FAMILY_KEYS.values() for k in keys))
 # CLIP's patch-embedding conv and position ids are in vendor checkpoints and host modules but unused (SAM's
 # output replaces them): loading and host patching skip them
 UNUSED_KEYS = ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.patch_embedding.bias",
@@ -104,8 +113,45 @@ def checkpoint_files(path) -> list[str]:
     raise ValueError(f"checkpoint {path!r}: no such file or directory")
 
 
-def _is_encoder_key(key: str) -> bool:
-    return any(key.startswith(p + w) for p in PREFIXES for w in ENCODER_KEYS)
+def _is_encoder_key(key: str, family: str | None = None) -> bool:
+    """Whether `key` names an encoder tensor (of `family`, or of either)."""
+    names = FAMILY_KEYS[family] if family else ENCODER_KEYS
+    return any(key.startswith(p + w) for p in PREFIXES for w in names)
+
+
+def _file_keys(file: str) -> list[str]:
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"checkpoint file {file!r}: cannot read as safetensors ({e})") from None
+
+
+def checkpoint_family(path) -> str:
+    """Which encoder family a checkpoint holds ("deepseek-ocr" or "deepseek-ocr2"), from its tensor names."""
+    found = set()
+    for file in checkpoint_files(path):
+        for key in _file_keys(file):
+            name = key.removeprefix("model.")
+            found |= {fam for fam, mark in FAMILY_MARK.items() if name.startswith(mark)}
+    if len(found) != 1:
+        what = "both vision_model.* and qwen2_model.*" if found else "neither vision_model.* nor qwen2_model.*"
+        raise ValueError(f"checkpoint {os.fspath(path)!r}: holds {what} tensors, expected one encoder family "
+                         f"(DeepSeek-OCR: vision_model.*; DeepSeek-OCR 2: qwen2_model.*)")
+    return found.pop()
+
+
+def checked_config(path, config=None):
+    """The config to load checkpoint `path` with: `config`, or the real encoder of the checkpoint's family when
+    it is None; a config of the other family is a one-line error."""
+    family = checkpoint_family(path)
+    if config is None:
+        return default_config(family)
+    if family_of(config) != family:
+        raise ValueError(f"checkpoint {os.fspath(path)!r} holds a {FAMILY_NAMES[family]} encoder "
+                         f"({FAMILY_MARK[family]}* tensors), config is a {type(config).__name__} "
+                         f"({FAMILY_NAMES[family_of(config)]}): expected a {type(default_config(family)).__name__}")
+    return config
 
 
 def _indexed_files(index_path: str) -> list[str]:
@@ -142,6 +188,7 @@ def load_encoder_state_dict(path, encoder: torch.nn.Module, device="cpu", dtype:
     expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     found: dict[str, torch.Tensor] = {}
     unused: list[str] = []
+    family = family_of(encoder.config)
     for file in checkpoint_files(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
@@ -150,7 +197,7 @@ def load_encoder_state_dict(path, encoder: torch.nn.Module, device="cpu", dtype:
                     if name in expected:
                         if name not in found:  # with and without the prefix: the first one read
                             found[name] = f.get_tensor(key)
-                    elif _is_encoder_key(key) and name not in UNUSED_KEYS:
+                    elif _is_encoder_key(key, family) and name not in UNUSED_KEYS:
                         unused.append(key)
         except (OSError, SafetensorError) as e:
             raise ValueError(f"checkpoint file {file!r}: cannot read as safetensors ({e})") from None

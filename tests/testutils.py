@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from benchutil import MICRO, SMALL, SMALL_MODE, TINY, TINY_MODE, TRAIN, TRAIN_MODE  # noqa: E402,F401
+from benchutil import (MICRO, OCR2_TINY, OCR2_TINY_MODE, SMALL, SMALL_MODE, TINY, TINY_MODE, TRAIN,  # noqa: E402,F401
+                       TRAIN_MODE)
 
 # (dtype, atol, rtol) rows for kernel-vs-reference tests on CPU (the interpreter has no bf16 arithmetic).
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 1e-2)]
