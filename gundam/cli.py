@@ -47,12 +47,13 @@ def cmd_encode(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from gundam.config import check_int, resolve_mode
+    from gundam.config import check_int, default_config, resolve_mode
     from gundam.encoder import GundamEncoder
     from gundam.images import Batch, check_image_file, image_views
-    from gundam.weights import resolve_device, resolve_dtype, weights_line
+    from gundam.weights import resolve_device, resolve_dtype, weights_line, weights_mode
 
-    mode = resolve_mode(args.mode, args.max_crops)
+    name = weights_mode(args.weights, args.mode)
+    mode = resolve_mode(name, args.max_crops)
     batch_size = check_int(args.batch_size, "--batch-size")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -72,9 +73,10 @@ def cmd_encode(args) -> int:
             fail(path, e)
     if not paths:
         return report_failures(failed, len(args.images))
-    encoder = GundamEncoder.build(args.weights, dtype=dtype, device=device, backend=args.backend)
+    encoder = GundamEncoder.build(args.weights, config=None if args.weights else default_config(mode.family),
+                                  dtype=dtype, device=device, backend=args.backend)
     print(weights_line(args.weights))
-    print(f"mode: {args.mode} (base {mode.base_size}, crops {mode.image_size if mode.crop_mode else 'off'}, "
+    print(f"mode: {name} (base {mode.base_size}, crops {mode.image_size if mode.crop_mode else 'off'}, "
           f"max_crops {mode.max_crops}), dtype {str(dtype).removeprefix('torch.')}, device {device}")
     done, results = [], []
     bar = tqdm(total=len(paths), unit="image", disable=len(paths) < 2, file=sys.stderr)
@@ -112,7 +114,7 @@ def cmd_encode(args) -> int:
     if args.out and results:
         from safetensors.torch import save_file
         offsets = torch.tensor([0] + [r.shape[0] for r in results]).cumsum(0)
-        metadata = {"images": "\n".join(done), "mode": args.mode}
+        metadata = {"images": "\n".join(done), "mode": name}
         if failed:
             metadata["failed"] = "\n".join(p for p, _ in failed)
         save_file({"embeddings": torch.cat(results).contiguous(), "offsets": offsets}, args.out, metadata=metadata)
@@ -225,7 +227,8 @@ def encoder_options(p: argparse.ArgumentParser, device_help: str = "cpu or cuda 
     from gundam.encoder import BACKENDS
     from gundam.weights import DTYPES
 
-    p.add_argument("--mode", default="gundam", choices=list(MODES))
+    p.add_argument("--mode", default=None, choices=list(MODES),
+                   help="default: gundam, or the weights' own (ocr2 for DeepSeek-OCR 2 weights)")
     p.add_argument("--max-crops", type=int, default=None, help=f"{MIN_CROPS}..{MAX_CROPS} (default 6)")
     p.add_argument("--weights", help="DeepSeek-OCR checkpoint: .safetensors file or directory")
     p.add_argument("--backend", default="auto", choices=list(BACKENDS))

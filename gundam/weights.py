@@ -16,7 +16,7 @@ import os
 import torch
 from safetensors import SafetensorError, safe_open
 
-from gundam.config import default_config, family_of
+from gundam.config import default_config, family_of, resolve_mode
 
 PREFIXES = ("model.", "")
 INDEX = "model.safetensors.index.json"
@@ -152,6 +152,20 @@ def checked_config(path, config=None):
                          f"({FAMILY_MARK[family]}* tensors), config is a {type(config).__name__} "
                          f"({FAMILY_NAMES[family_of(config)]}): expected a {type(default_config(family)).__name__}")
     return config
+
+
+def weights_mode(weights=None, mode=None):
+    """The mode a command encodes in (a name in MODES, or a Mode): `mode`, or, when it is None, the own mode of
+    the checkpoint `weights`' family (ocr2 for DeepSeek-OCR 2, gundam for DeepSeek-OCR; gundam without weights).
+    A mode of the other family than the weights' is a one-line error."""
+    family = checkpoint_family(weights) if weights is not None else None
+    if mode is None:
+        return "ocr2" if family == "deepseek-ocr2" else "gundam"
+    if family is not None and resolve_mode(mode).family != family:
+        raise ValueError(f"mode {mode!r} is a {FAMILY_NAMES[resolve_mode(mode).family]} mode, the weights "
+                         f"{os.fspath(weights)!r} are {FAMILY_NAMES[family]}'s: expected no mode (it follows the "
+                         f"weights) or one of their family")
+    return mode
 
 
 def _indexed_files(index_path: str) -> list[str]:

@@ -21,7 +21,8 @@ VOCAB = 40
 
 def add_encoder(module: nn.Module, seed: int):
     """sam_model, vision_model, projector, image_newline, view_seperator, random (vendor names)."""
-    module.sam_model, module.vision_model, module.projector = build_modules(TINY)
+    for name, part in build_modules(TINY).items():
+        setattr(module, name, part)
     std = 1 / math.sqrt(N_EMBED)
     module.image_newline = nn.Parameter(torch.randn(N_EMBED) * std)
     module.view_seperator = nn.Parameter(torch.randn(N_EMBED) * std)

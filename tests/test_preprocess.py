@@ -86,8 +86,11 @@ def test_token_formula_every_mode():
         for w, h in [(300, 300), (700, 500), (1000, 1500), (2000, 3000), (3000, 800), (5000, 700)]:
             lay = image_layout(w, h, name)
             gw, gh = lay.grid
-            local = (gh * qi) * (gw * qi + 1) if (gw, gh) != (1, 1) else 0
-            assert lay.tokens == qb * (qb + 1) + local + 1
+            crops = (gw, gh) != (1, 1)
+            if mode.family == "deepseek-ocr":    # rows of tokens, each with a newline
+                assert lay.tokens == qb * (qb + 1) + ((gh * qi) * (gw * qi + 1) if crops else 0) + 1
+            else:                                # DeepSeek-OCR 2: no newlines
+                assert lay.tokens == qb * qb + (gw * gh * qi * qi if crops else 0) + 1
             assert lay.n_crops == (gw * gh if (gw, gh) != (1, 1) else 0)
 
 
