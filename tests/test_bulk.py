@@ -1,5 +1,5 @@
-"""Bulk encoding (gundam.bulk, gundam.sources, `gundam encode-dataset`): a small corpus of images, a three-page
-PDF, a corrupt file, a missing file and a JSONL manifest, encoded by a tiny encoder."""
+"""Bulk encoding (gundam.bulk, `gundam encode-dataset`): a small corpus of images, a three-page PDF, a corrupt
+file, a missing file and a JSONL manifest, encoded by a tiny encoder."""
 import fcntl
 import filecmp
 import json
@@ -12,10 +12,12 @@ from safetensors.torch import load_file, save_file
 from testutils import TINY, TINY_MODE, assert_close, page, randomize
 
 import gundam
-from gundam.bulk import Group, encode_dataset, encode_group, read_manifest, write_shard
+from gundam.bulk import encode_dataset, read_manifest
+from gundam.bulk.engines import Group, encode_group
+from gundam.bulk.shards import shard_name, shard_number
+from gundam.bulk.sources import expand_inputs
 from gundam.cli import main
 from gundam.layout import image_layout
-from gundam.sources import expand_inputs
 
 # sizes not powers of two; several above 640 px, so they are cropped (grids 3x2, 1x2, 2x1 in TINY_MODE)
 IMAGES = {"a/p0.png": (1000, 700), "a/p1.jpg": (500, 300), "a/sub/p2.png": (800, 1500), "b/p3.png": (1300, 900)}
@@ -47,6 +49,15 @@ def full_run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     summary = encode_dataset(inputs, out, weights=root / "weights.safetensors", workers=2, **SETTINGS)
     return out, summary
+
+
+def assert_same_shards(a, b):
+    """The shard files of two output folders are the same, byte for byte (hidden temporary files aside)."""
+    for sub in ("embeddings", "manifest"):
+        names = sorted(f for f in os.listdir(a / sub) if not f.startswith("."))
+        assert names == sorted(f for f in os.listdir(b / sub) if not f.startswith("."))
+        match, mismatch, errors = filecmp.cmpfiles(a / sub, b / sub, names, shallow=False)
+        assert not mismatch and not errors, (sub, mismatch, errors)
 
 
 def expected_ids(root):
@@ -122,11 +133,7 @@ def test_interrupted_run_resumed_equals_uninterrupted(corpus, full_run, tmp_path
     (tmp_path / "embeddings" / "shard-00001.safetensors").write_bytes(b"partial")
     rest = encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", workers=0, **SETTINGS)
     assert (rest.skipped, rest.encoded, rest.remaining, len(rest.shards)) == (3, 6, 0, 2)
-    for sub in ("embeddings", "manifest"):
-        names = sorted(f for f in os.listdir(out / sub) if not f.startswith("."))
-        assert names == sorted(f for f in os.listdir(tmp_path / sub) if not f.startswith("."))
-        match, mismatch, errors = filecmp.cmpfiles(out / sub, tmp_path / sub, names, shallow=False)
-        assert not mismatch and not errors, (sub, mismatch, errors)
+    assert_same_shards(out, tmp_path)
     again = encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", workers=0, **SETTINGS)
     assert (again.skipped, again.encoded, again.shards) == (9, 0, [])
 
@@ -207,8 +214,10 @@ def test_ray_engine_matches_local(corpus, full_run, ray_session, tmp_path):
     out, local = full_run
     s = encode_dataset(inputs, tmp_path, engine="ray", weights=root / "weights.safetensors", **SETTINGS)
     assert (s.encoded, s.failed, s.tokens) == (local.encoded, local.failed, local.tokens)
-    for sub in ("embeddings", "manifest"):   # byte for byte: the same batches, the same writer
-        names = sorted(os.listdir(out / sub))
-        assert names == sorted(os.listdir(tmp_path / sub))
-        match, mismatch, errors = filecmp.cmpfiles(out / sub, tmp_path / sub, names, shallow=False)
-        assert not mismatch and not errors, (sub, mismatch, errors)
+    assert_same_shards(out, tmp_path)   # byte for byte: the same batches, the same writer
+
+
+def test_shard_names():
+    assert shard_name(7) == "shard-00007" and shard_number("out/manifest/shard-00007.parquet") == 7
+    assert shard_number(shard_name(123456) + ".safetensors") == 123456   # past five digits too
+    assert shard_number(".shard-00001.parquet.tmp") is None and shard_number("notes.parquet") is None
