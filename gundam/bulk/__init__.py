@@ -13,7 +13,8 @@ unless `retry_failed`. One run at a time writes a folder: a run holds a lock on 
 ends, crashed or not), and a second run on the folder meanwhile is refused.
 
 Both engines encode exactly the planned batches (the encoder's floating-point result depends on what else is in
-the batch), so they write the same files, bit for bit, and a run interrupted and resumed writes what an
+the batch) with the same torch thread count (on CPUs with AMX the bf16 result depends on it too), so on the same
+kind of device they write the same files, bit for bit, and a run interrupted and resumed writes what an
 uninterrupted one would.
 """
 from __future__ import annotations
@@ -105,9 +106,10 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
         n_todo = sum(len(b) for s in shards for b in s)
         summary.remaining = len(todo) - n_todo
         if verbose:
+            threads = f" ({settings.threads} threads)" if device.type == "cpu" else ""
             print(weights_line(weights))
             print(f"inputs: {len(items)} pages and images, {summary.skipped} already in {out!r}, {n_todo} to encode in "
-                  f"{len(shards)} shards ({engine} engine, {settings.device}, "
+                  f"{len(shards)} shards ({engine} engine, {settings.device}{threads}, "
                   f"{str(dtype).removeprefix('torch.')}, batches of <= {batch_size} views)")
         if not shards:
             summary.seconds = time.perf_counter() - t0

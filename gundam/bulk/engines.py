@@ -136,6 +136,8 @@ class _RayEncoder:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        # the driver's thread count, not Ray's one per reserved CPU: on AMX the bf16 bits depend on it
+        torch.set_num_threads(settings.threads)
         self.encoder = load_encoder(settings)
 
     def __call__(self, batch: dict) -> dict:

@@ -4,7 +4,7 @@ order cut into shards of `shard_size` items, each shard cut into encoder batches
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -24,6 +24,10 @@ class Settings:
     dtype: torch.dtype
     device: str = "cpu"          # not recorded: the same weights give the same embeddings within rounding anywhere
     backend: str = "auto"
+    # torch's CPU threads in the process that makes the settings (the local engine encodes there) and in the Ray
+    # actor: on CPUs with AMX, oneDNN cuts the sums of its bf16 matmuls by the thread count, so the last bits
+    # depend on it. Not recorded, like device
+    threads: int = field(default_factory=torch.get_num_threads)
 
     def record(self) -> dict:
         """The recorded part, as JSON values."""
