@@ -24,11 +24,12 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from gundam.bulk import Settings, collate_group, encode_group, load_encoder, local_groups, plan, prepare
+from gundam.bulk.engines import collate_group, encode_group, load_encoder, local_groups, prepare
+from gundam.bulk.planning import Settings, plan
+from gundam.bulk.sources import expand_inputs, load_item
 from gundam.config import ClipConfig, EncoderConfig, Mode, SamConfig, resolve_mode
 from gundam.encoder import GundamEncoder
 from gundam.images import preprocess
-from gundam.sources import expand_inputs, load_item
 
 sys.path.insert(0, os.path.dirname(__file__))
 from benchutil import environment  # noqa: E402

@@ -209,7 +209,7 @@ def train(args, emit=print) -> dict:
     mode = parse_mode(args.mode, args.max_crops)
     data_dir = args.data
     if data_dir is None:
-        from gundam.overfit import make_overfit_set
+        from gundam.data.overfit import make_overfit_set
         data_dir = tempfile.mkdtemp(prefix="gundam-overfit-")
         t0 = time.perf_counter()
         make_overfit_set(data_dir, seed=args.seed, n=args.images or 10)

@@ -209,7 +209,7 @@ def cmd_make_overfit_set(args) -> int:
     except ImportError:
         raise RuntimeError("make-overfit-set draws its charts with matplotlib: "
                            "pip install 'gundam-encoder[data]'") from None
-    from gundam.overfit import make_overfit_set
+    from gundam.data.overfit import make_overfit_set
 
     t0 = time.perf_counter()
     records = make_overfit_set(args.dir, seed=args.seed)

@@ -1,5 +1,5 @@
-"""Bulk encoding (gundam.bulk, gundam.sources, `gundam encode-dataset`): a small corpus of images, a three-page
-PDF, a corrupt file, a missing file and a JSONL manifest, encoded by a tiny encoder."""
+"""Bulk encoding (gundam.bulk, `gundam encode-dataset`): a small corpus of images, a three-page PDF, a corrupt
+file, a missing file and a JSONL manifest, encoded by a tiny encoder."""
 import fcntl
 import filecmp
 import json
@@ -12,15 +12,20 @@ from safetensors.torch import load_file, save_file
 from testutils import TINY, TINY_MODE, assert_close, page, randomize
 
 import gundam
-from gundam.bulk import Group, encode_dataset, encode_group, read_manifest, write_shard
+from gundam.bulk import encode_dataset, read_manifest
+from gundam.bulk.engines import Group, _RayEncoder, encode_group
+from gundam.bulk.planning import Settings
+from gundam.bulk.shards import shard_name, shard_number
+from gundam.bulk.sources import expand_inputs
 from gundam.cli import main
 from gundam.layout import image_layout
-from gundam.sources import expand_inputs
+from gundam.weights import default_dtype, resolve_device
 
 # sizes not powers of two; several above 640 px, so they are cropped (grids 3x2, 1x2, 2x1 in TINY_MODE)
 IMAGES = {"a/p0.png": (1000, 700), "a/p1.jpg": (500, 300), "a/sub/p2.png": (800, 1500), "b/p3.png": (1300, 900)}
 PDF_PAGES = [(350, 450), (600, 250), (150, 150)]   # points: 144 dpi doubles them
-SETTINGS = dict(mode=TINY_MODE, config=TINY, batch_size=11, shard_size=3, verbose=False)
+# float32: the embeddings are compared with the encoder's in float32 ("auto" is bf16 on some CPUs)
+SETTINGS = dict(mode=TINY_MODE, config=TINY, dtype=torch.float32, batch_size=11, shard_size=3, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +52,15 @@ def full_run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     summary = encode_dataset(inputs, out, weights=root / "weights.safetensors", workers=2, **SETTINGS)
     return out, summary
+
+
+def assert_same_shards(a, b):
+    """The shard files of two output folders are the same, byte for byte (hidden temporary files aside)."""
+    for sub in ("embeddings", "manifest"):
+        names = sorted(f for f in os.listdir(a / sub) if not f.startswith("."))
+        assert names == sorted(f for f in os.listdir(b / sub) if not f.startswith("."))
+        match, mismatch, errors = filecmp.cmpfiles(a / sub, b / sub, names, shallow=False)
+        assert not mismatch and not errors, (sub, mismatch, errors)
 
 
 def expected_ids(root):
@@ -122,16 +136,12 @@ def test_interrupted_run_resumed_equals_uninterrupted(corpus, full_run, tmp_path
     (tmp_path / "embeddings" / "shard-00001.safetensors").write_bytes(b"partial")
     rest = encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", workers=0, **SETTINGS)
     assert (rest.skipped, rest.encoded, rest.remaining, len(rest.shards)) == (3, 6, 0, 2)
-    for sub in ("embeddings", "manifest"):
-        names = sorted(f for f in os.listdir(out / sub) if not f.startswith("."))
-        assert names == sorted(f for f in os.listdir(tmp_path / sub) if not f.startswith("."))
-        match, mismatch, errors = filecmp.cmpfiles(out / sub, tmp_path / sub, names, shallow=False)
-        assert not mismatch and not errors, (sub, mismatch, errors)
+    assert_same_shards(out, tmp_path)
     again = encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", workers=0, **SETTINGS)
     assert (again.skipped, again.encoded, again.shards) == (9, 0, [])
 
     with pytest.raises(ValueError, match="dtype"):   # other settings would mix incomparable embeddings
-        encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", dtype="float16", **SETTINGS)
+        encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", **{**SETTINGS, "dtype": "float16"})
 
     # a run writing the folder (here: its lock held by another open file) keeps a second one out
     with open(tmp_path / ".lock") as other:
@@ -184,7 +194,10 @@ def test_cli(corpus, tmp_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "1 of 2 pages and images encoded (73 tokens), 1 failed, 1 new shards" in out
     assert "error: image" in err and "broken.png" in err and "error: 1 of 2 pages and images failed" in err
-    assert [m["tokens"] for _, _, m in gundam.read_embeddings(tmp_path / "o")] == [73]
+    # --dtype auto (the default) is gundam.weights' choice for this machine: recorded, and what was written
+    auto = default_dtype(resolve_device(None))
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["dtype"] == str(auto).removeprefix("torch.")
+    assert [(m["tokens"], emb.dtype) for _, emb, m in gundam.read_embeddings(tmp_path / "o")] == [(73, auto)]
 
     (tmp_path / "file").write_text("")
     for bad, why in ((["--batch-size", "6"], "batch_size=6 views"), (["--out", str(tmp_path / "file")], "is a file"),
@@ -202,13 +215,37 @@ def ray_session():
     ray.shutdown()
 
 
-def test_ray_engine_matches_local(corpus, full_run, ray_session, tmp_path):
+BF16_AUTO = default_dtype(resolve_device(None)) == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="float32"), pytest.param(
+    torch.bfloat16, id="bfloat16", marks=pytest.mark.skipif(not BF16_AUTO, reason="no native bf16 on this CPU: "
+                                                             "dtype auto never encodes in bf16 here"))])
+def test_ray_engine_matches_local(corpus, full_run, ray_session, tmp_path, dtype):
+    # byte for byte: the same batches, the same torch threads (the bf16 bits depend on them on AMX), the same writer
     root, inputs, _ = corpus
+    run = dict(weights=root / "weights.safetensors", **{**SETTINGS, "dtype": dtype})
     out, local = full_run
-    s = encode_dataset(inputs, tmp_path, engine="ray", weights=root / "weights.safetensors", **SETTINGS)
+    if dtype != torch.float32:
+        out = tmp_path / "local"
+        local = encode_dataset(inputs, out, workers=2, **run)
+    s = encode_dataset(inputs, tmp_path / "ray", engine="ray", **run)
     assert (s.encoded, s.failed, s.tokens) == (local.encoded, local.failed, local.tokens)
-    for sub in ("embeddings", "manifest"):   # byte for byte: the same batches, the same writer
-        names = sorted(os.listdir(out / sub))
-        assert names == sorted(os.listdir(tmp_path / sub))
-        match, mismatch, errors = filecmp.cmpfiles(out / sub, tmp_path / sub, names, shallow=False)
-        assert not mismatch and not errors, (sub, mismatch, errors)
+    assert_same_shards(out, tmp_path / "ray")
+
+
+def test_ray_actor_takes_the_driver_threads():
+    # Ray starts an actor with one torch thread per CPU it reserved; the settings bring the driver's count
+    threads = torch.get_num_threads()
+    assert Settings(TINY_MODE, 144.0, None, TINY, torch.float32).threads == threads
+    try:
+        _RayEncoder(Settings(TINY_MODE, 144.0, None, TINY, torch.float32, threads=threads + 1))
+        assert torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_shard_names():
+    assert shard_name(7) == "shard-00007" and shard_number("out/manifest/shard-00007.parquet") == 7
+    assert shard_number(shard_name(123456) + ".safetensors") == 123456   # past five digits too
+    assert shard_number(".shard-00001.parquet.tmp") is None and shard_number("notes.parquet") is None

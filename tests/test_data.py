@@ -14,7 +14,7 @@ from gundam import preprocess
 from gundam.cli import main
 from gundam.data import GundamDataset, Record, ViewBudgetSampler, collate, read_records, write_records
 from gundam.layout import crop_grid
-from gundam.overfit import make_overfit_set, render
+from gundam.data.overfit import make_overfit_set, render
 from testutils import TINY_MODE, page
 
 # (width, height) -> crop grid in TINY_MODE (192 px crops): a mix of grids, and one image too small to crop

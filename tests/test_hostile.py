@@ -565,7 +565,7 @@ def test_cli_encode_keeps_the_good_images(tmp_path, files, capsys, tiny_cli):
     Image.fromarray(noise(500, 200, 9)).save(good2)
     out = tmp_path / "emb.safetensors"
     code, stdout, err = run_cli(capsys, "encode", files["good"], files["missing"], files["trunc_png"], good2,
-                                files["dir"], "--mode", "tiny", "--batch-size", "2", "--out", out)
+                                files["dir"], "--mode", "tiny", "--dtype", "float32", "--batch-size", "2", "--out", out)
     assert code == 2
     for bad in ("missing", "trunc_png", "dir"):
         assert f"error: image {str(files[bad])!r}: " in err

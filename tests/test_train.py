@@ -9,7 +9,7 @@ import torch
 
 from gundam import GundamEncoder
 from gundam.data import GundamDataset, collate
-from gundam.overfit import make_overfit_set
+from gundam.data.overfit import make_overfit_set
 from testutils import ATTENTION_KERNEL_SLOW, assert_close
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_overfit.py"

@@ -21,10 +21,10 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 from gundam.config import check_int
-from gundam.data import Record, write_records
+from gundam.data.records import Record, write_records
 
 PROMPT = "<image>\nFree OCR."   # the same for every image: only the vision tokens tell the images apart
-SOURCE = "gundam.overfit"
+SOURCE = "gundam.data.overfit"
 # (kind, width, height), interleaved so that the first three records are one of each kind
 SPECS = [
     ("receipt", 1100, 2200), ("chart", 3000, 2000), ("scene", 2200, 2200),

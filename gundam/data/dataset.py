@@ -1,82 +1,18 @@
-"""Training data for the encoder: JSONL records, a dataset of uint8 views, `collate` into the encoder's `Batch`,
-and a batch sampler that fills batches by a budget of views.
-
-    ds = GundamDataset.from_jsonl("overfit/records.jsonl", mode="gundam")
-    sampler = ViewBudgetSampler(ds.views, budget=24, seed=0)
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=2, pin_memory=True)
-    for rb in loader:                       # RecordBatch
-        out = encoder(rb.batch)             # uint8 pixels, normalised on the encoder's device
-        per_image = out.split()             # the i-th goes with rb.records[i]
-
-Images are decoded and cropped in the worker through `gundam.images.image_views`, the code path `preprocess`
-uses; pixels stay uint8 (4x fewer bytes between processes and to the device than float32).
-"""
+"""The training dataset: records -> uint8 views decoded in the loader's workers, `collate` into the encoder's
+`Batch`, and a batch sampler that fills batches by a budget of views."""
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from gundam.config import Mode, check_int, resolve_mode
+from gundam.data.records import Record, read_records
 from gundam.images import Batch, image_views
+from gundam.inputs import view_budget_batches
 from gundam.layout import ImageLayout, image_layout
-
-
-@dataclass(frozen=True)
-class Record:
-    """One image and its text: the seed format plus the image size (batches are planned without decoding)."""
-    id: str
-    image: str          # path relative to the records file
-    source: str
-    type: str
-    prompt: str
-    answer: str
-    width: int
-    height: int
-
-
-def jsonl_lines(path):
-    """Yield (where, object, error) per non-blank line of a JSONL file: where is "path:line"; a line that is not
-    JSON gives object None and the error message."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{os.fspath(path)}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, None, f"{where}: not JSON ({e})"
-                continue
-            yield where, obj, None
-
-
-def read_records(path) -> list[Record]:
-    """Records from a JSONL file, one object per line (blank lines skipped, other fields ignored)."""
-    names = [f.name for f in fields(Record)]
-    records = []
-    for where, obj, error in jsonl_lines(path):
-        if error:
-            raise ValueError(error)
-        missing = [k for k in names if k not in obj] if isinstance(obj, dict) else names
-        if missing:
-            raise ValueError(f"{where}: missing fields {missing}: expected {names}")
-        for key in ("width", "height"):
-            check_int(obj[key], f"{where}: {key}")
-        for key in ("id", "image", "source", "type", "prompt", "answer"):
-            if not isinstance(obj[key], str):
-                raise ValueError(f"{where}: {key}={obj[key]!r}: expected a string")
-        records.append(Record(**{k: obj[k] for k in names}))
-    return records
-
-
-def write_records(path, records: list[Record]):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
 
 
 @dataclass
@@ -162,9 +98,9 @@ class ViewBudgetSampler(Sampler[list[int]]):
     """Batches of indices whose views (1 + crops per image) add up to at most `budget`.
 
     The encoder's cost follows the number of views, not of images: a receipt cut 1x5 is six views, a chart cut
-    2x1 three. Indices are shuffled with `seed` (plus the
-    epoch, see `set_epoch`) and put into batches in that order, a new batch whenever the next image would pass
-    the budget. Every index appears exactly once per epoch.
+    2x1 three. Indices are shuffled with `seed` (plus the epoch, see `set_epoch`) and put into batches in that
+    order, a new batch whenever the next image would pass the budget. Every index appears exactly once per
+    epoch.
     """
 
     def __init__(self, views: list[int], budget: int, shuffle: bool = True, seed: int = 0):
@@ -184,21 +120,11 @@ class ViewBudgetSampler(Sampler[list[int]]):
         self.epoch = check_int(epoch, "epoch", lo=0)
 
     def batches(self) -> list[list[int]]:
-        n = len(self.views)
+        order = None   # index order
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        else:
-            order = list(range(n))
-        batches, current, used = [], [], 0
-        for i in order:
-            if current and used + self.views[i] > self.budget:
-                batches.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += self.views[i]
-        if current:
-            batches.append(current)
-        return batches
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.views), generator=g).tolist()
+        return view_budget_batches(self.views, self.budget, order)
 
     def __iter__(self):
         return iter(self.batches())

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from gundam.config import MAX_IMAGE_PIXELS, check_positive
-from gundam.data import jsonl_lines
 from gundam.images import check_image_file
+from gundam.inputs import jsonl_lines
 
 PDF_DPI = 144  # the vendor's PDF script renders pages at 144 dpi
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
