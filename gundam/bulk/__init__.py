@@ -30,7 +30,7 @@ from gundam.bulk.engines import ENGINES, local_groups, ray_connect, ray_groups
 from gundam.bulk.planning import Settings, plan
 from gundam.bulk.shards import locked, open_output, read_embeddings, read_manifest, write_shard
 from gundam.bulk.sources import PDF_DPI, Item, expand_inputs, load_item
-from gundam.config import EncoderConfig, Mode, check_int, check_positive, resolve_mode
+from gundam.config import EncoderConfig, Mode, Ocr2Config, check_int, check_positive, default_config, family_of, resolve_mode
 
 __all__ = ["encode_dataset", "Summary", "Settings", "read_embeddings", "read_manifest", "Item", "expand_inputs",
            "load_item"]
@@ -49,9 +49,9 @@ class Summary:
     seconds: float = 0.0
 
 
-def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gundam", max_crops: int | None = None,
+def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode | None = None, max_crops: int | None = None,
                    batch_size: int = 32, shard_size: int = 256, dpi: float = PDF_DPI, weights=None,
-                   config: EncoderConfig | None = None, dtype="auto", device=None, backend: str = "auto",
+                   config: EncoderConfig | Ocr2Config | None = None, dtype="auto", device=None, backend: str = "auto",
                    workers: int | None = None, ray_address: str | None = None, max_shards: int | None = None,
                    retry_failed: bool = False, verbose: bool = True) -> Summary:
     """Encode every image and PDF page of `inputs` into the folder `out` (see the module docstring); returns a
@@ -62,17 +62,19 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
     max_shards: stop after that many new shards (a rerun goes on); retry_failed: encode again the ids that failed
     in earlier runs (a fixed file; an encoder that ran out of memory), else they count as done; dtype "auto":
     bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise; device: default cuda when there is one (on
-    Ray: in the cluster)."""
+    Ray: in the cluster); mode: default the weights' family's own (gundam, or ocr2 for DeepSeek-OCR 2 weights);
+    config: default the real encoder of the mode's family."""
     from tqdm import tqdm
 
-    from gundam.weights import resolve_device, resolve_dtype, weights_line
+    from gundam.weights import checked_config, resolve_device, resolve_dtype, weights_line, weights_mode
 
     t0 = time.perf_counter()
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
     if ray_address is not None and engine != "ray":
         raise ValueError(f"ray_address={ray_address!r} with engine={engine!r}: expected engine='ray'")
-    mode, dpi = resolve_mode(mode, max_crops), check_positive(dpi, "dpi")
+    mode = resolve_mode(weights_mode(weights, mode), max_crops)   # a bad checkpoint fails here, before any work
+    dpi = check_positive(dpi, "dpi")
     batch_size, shard_size = check_int(batch_size, "batch_size"), check_int(shard_size, "shard_size")
     if batch_size < 1 + mode.max_crops:
         raise ValueError(f"batch_size={batch_size} views: an image can have {1 + mode.max_crops} (a global view and "
@@ -81,9 +83,12 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
     if max_shards is not None:
         max_shards = check_int(max_shards, "max_shards")
     if weights is not None:
-        from gundam.weights import checkpoint_files
-        checkpoint_files(weights)   # a missing checkpoint fails now, not in a worker
+        config = checked_config(weights, config)
         weights = os.path.abspath(os.fspath(weights))
+    config = config if config is not None else default_config(mode.family)
+    if family_of(config) != mode.family:
+        raise ValueError(f"config is a {type(config).__name__}, the mode's views are for a {mode.family} encoder: "
+                         f"expected a config of the mode's family")
     n_gpus = 0
     if engine == "ray":
         n_gpus = ray_connect(ray_address)
@@ -93,7 +98,7 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode = "gu
     else:
         device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    settings = Settings(mode, dpi, weights, config or EncoderConfig.deepseek_ocr(), dtype, str(device), backend)
+    settings = Settings(mode, dpi, weights, config, dtype, str(device), backend)
     out = os.fspath(out)
     with locked(out):   # one run per folder at a time
         finished, number = open_output(out, settings, retry_failed)
