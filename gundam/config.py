@@ -290,7 +290,7 @@ def family_of(config) -> str:
 
 def default_config(family: str):
     """The real encoder of a family."""
-    return Ocr2Config() if family == "deepseek-ocr2" else EncoderConfig()
+    return Ocr2Config.deepseek_ocr2() if family == "deepseek-ocr2" else EncoderConfig.deepseek_ocr()
 
 
 def _check_crops(min_crops, max_crops, what="Mode"):
