@@ -47,13 +47,13 @@ def cmd_encode(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from gundam.config import check_int, default_config, resolve_mode
+    from gundam.config import check_int
     from gundam.encoder import GundamEncoder
     from gundam.images import Batch, check_image_file, image_views
-    from gundam.weights import resolve_device, resolve_dtype, weights_line, weights_mode
+    from gundam.weights import resolve_device, resolve_dtype, resolve_encoder, weights_line
 
-    name = weights_mode(args.weights, args.mode)
-    mode = resolve_mode(name, args.max_crops)
+    config, mode = resolve_encoder(args.weights, None, args.mode, args.max_crops)
+    name = args.mode or ("ocr2" if mode.family == "deepseek-ocr2" else "gundam")
     batch_size = check_int(args.batch_size, "--batch-size")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -73,8 +73,7 @@ def cmd_encode(args) -> int:
             fail(path, e)
     if not paths:
         return report_failures(failed, len(args.images))
-    encoder = GundamEncoder.build(args.weights, config=None if args.weights else default_config(mode.family),
-                                  dtype=dtype, device=device, backend=args.backend)
+    encoder = GundamEncoder.build(args.weights, config=config, dtype=dtype, device=device, backend=args.backend)
     print(weights_line(args.weights))
     print(f"mode: {name} (base {mode.base_size}, crops {mode.image_size if mode.crop_mode else 'off'}, "
           f"max_crops {mode.max_crops}), dtype {str(dtype).removeprefix('torch.')}, device {device}")

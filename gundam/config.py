@@ -288,6 +288,20 @@ def family_of(config) -> str:
                     f"Ocr2Config (DeepSeek-OCR 2)")
 
 
+def check_mode(config, mode: "Mode"):
+    """Views of `mode` are what an encoder of `config` takes (its family; DeepSeek-OCR 2: its two view sizes),
+    or a one-line ValueError."""
+    family = family_of(config)
+    if mode.family != family:
+        raise ValueError(f"views of a {mode.family} mode ({mode.base_size}/{mode.image_size}) for a {family} "
+                         f"encoder: expected a mode of its family")
+    if family == "deepseek-ocr2":
+        for name in ("base_size", "image_size"):
+            if getattr(mode, name) != getattr(config, name):
+                raise ValueError(f"mode {name}={getattr(mode, name)}: this DeepSeek-OCR 2 encoder takes "
+                                 f"{name}={getattr(config, name)} (Ocr2Config)")
+
+
 def default_config(family: str):
     """The real encoder of a family."""
     return Ocr2Config.deepseek_ocr2() if family == "deepseek-ocr2" else EncoderConfig.deepseek_ocr()

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn as nn
 
-from gundam.config import MODES, EncoderConfig, Mode, Ocr2Config, family_of, resolve_mode
+from gundam.config import MODES, EncoderConfig, Mode, Ocr2Config, check_mode, family_of, resolve_mode
 from gundam.graphs import CapturedEncoder
 from gundam.images import Batch, check_pixel_values, normalize, preprocess
 from gundam.model import build_modules, encode, encode_views
@@ -122,16 +122,8 @@ class GundamEncoder(nn.Module):
         return preprocess(images, mode)
 
     def check_mode(self, mode: Mode):
-        """Views of `mode` are what this encoder takes, or a one-line ValueError."""
-        if mode.family != self.family:
-            raise ValueError(f"a batch of {mode.family} views (mode {mode.base_size}/{mode.image_size}) for a "
-                             f"{self.family} encoder: expected views of its own family (GundamEncoder.preprocess "
-                             f"makes them)")
-        if self.family == "deepseek-ocr2":
-            for name in ("base_size", "image_size"):
-                if getattr(mode, name) != getattr(self.config, name):
-                    raise ValueError(f"mode {name}={getattr(mode, name)}: this DeepSeek-OCR 2 encoder takes "
-                                     f"{name}={getattr(self.config, name)} (Ocr2Config)")
+        """Views of `mode` are what this encoder takes, or a one-line ValueError (gundam.config.check_mode)."""
+        check_mode(self.config, mode)
 
     def _resolve(self, backend):
         backend = check_backend(backend or self.backend)

@@ -16,7 +16,7 @@ import os
 import torch
 from safetensors import SafetensorError, safe_open
 
-from gundam.config import default_config, family_of, resolve_mode
+from gundam.config import check_mode, default_config, family_of, resolve_mode
 
 PREFIXES = ("model.", "")
 INDEX = "model.safetensors.index.json"
@@ -154,18 +154,24 @@ def checked_config(path, config=None):
     return config
 
 
-def weights_mode(weights=None, mode=None):
-    """The mode a command encodes in (a name in MODES, or a Mode): `mode`, or, when it is None, the own mode of
-    the checkpoint `weights`' family (ocr2 for DeepSeek-OCR 2, gundam for DeepSeek-OCR; gundam without weights).
-    A mode of the other family than the weights' is a one-line error."""
-    family = checkpoint_family(weights) if weights is not None else None
+def resolve_encoder(weights=None, config=None, mode=None, max_crops: int | None = None):
+    """(config, Mode) a command encodes with, each defaulting from what is given: the config from the checkpoint
+    `weights` (its family; a config of the other family is refused) or from the mode's family; the mode from
+    the config (DeepSeek-OCR 2's own; gundam for DeepSeek-OCR). A mode the encoder cannot take is a one-line
+    error naming both."""
+    if weights is not None:
+        config = checked_config(weights, config)
+    if config is None:
+        config = default_config(resolve_mode(mode).family if mode is not None else "deepseek-ocr")
     if mode is None:
-        return "ocr2" if family == "deepseek-ocr2" else "gundam"
-    if family is not None and resolve_mode(mode).family != family:
-        raise ValueError(f"mode {mode!r} is a {FAMILY_NAMES[resolve_mode(mode).family]} mode, the weights "
-                         f"{os.fspath(weights)!r} are {FAMILY_NAMES[family]}'s: expected no mode (it follows the "
-                         f"weights) or one of their family")
-    return mode
+        mode = config.mode if family_of(config) == "deepseek-ocr2" else "gundam"
+    mode = resolve_mode(mode, max_crops)
+    try:
+        check_mode(config, mode)
+    except ValueError as e:
+        whose = f"the weights {os.fspath(weights)!r}" if weights is not None else "the config"
+        raise ValueError(f"mode {mode.base_size}/{mode.image_size} ({mode.family}) does not fit {whose}: {e}") from None
+    return config, mode
 
 
 def _indexed_files(index_path: str) -> list[str]:

@@ -9,11 +9,11 @@ import pytest
 import pypdfium2 as pdfium
 import torch
 from safetensors.torch import load_file, save_file
-from testutils import TINY, TINY_MODE, assert_close, page, randomize
+from testutils import OCR2_TINY, OCR2_TINY_MODE, TINY, TINY_MODE, assert_close, page, randomize
 
 import gundam
 from gundam.bulk import encode_dataset, read_manifest
-from gundam.bulk.engines import Group, _RayEncoder, encode_group
+from gundam.bulk.engines import Group, RayEncoder, encode_group
 from gundam.bulk.planning import Settings
 from gundam.bulk.shards import shard_name, shard_number
 from gundam.bulk.sources import expand_inputs
@@ -234,12 +234,35 @@ def test_ray_engine_matches_local(corpus, full_run, ray_session, tmp_path, dtype
     assert_same_shards(out, tmp_path / "ray")
 
 
+def test_ocr2_weights_set_the_family(tmp_path):
+    # DeepSeek-OCR 2 weights: the mode follows them (no mode given), run.json records the family, every image's
+    # tokens are the OCR-2 layout's and equal the encoder's own output; a DeepSeek-OCR mode is refused up front
+    enc = randomize(gundam.GundamEncoder(OCR2_TINY), seed=5).eval()
+    weights = tmp_path / "ocr2.safetensors"
+    save_file({"model." + k: v.contiguous() for k, v in enc.state_dict().items()}, weights)
+    sizes = [(900, 500), (300, 200)]          # 2x1 crops (over 768 px), none
+    for i, (w, h) in enumerate(sizes):
+        page(w, h, seed=20 + i).save(tmp_path / f"p{i}.png")
+    inputs = [str(tmp_path / f"p{i}.png") for i in range(len(sizes))]
+    with pytest.raises(ValueError, match="does not fit the weights .*: views of a deepseek-ocr mode"):
+        encode_dataset(inputs, tmp_path / "refused", weights=weights, mode="gundam", verbose=False)
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "out"
+    encode_dataset(inputs, out, weights=weights, config=OCR2_TINY, dtype=torch.float32, workers=0, verbose=False)
+    assert json.loads((out / "run.json").read_text())["mode"]["family"] == "deepseek-ocr2"
+    read = list(gundam.read_embeddings(out))
+    assert [meta["tokens"] for _, _, meta in read] == [16 + 2 * 9 + 1, 16 + 1]
+    with torch.inference_mode():
+        for (_, emb, _), path in zip(read, inputs):
+            assert_close(emb, enc(enc.preprocess(path)).embeddings, atol=1e-5, rtol=1e-5, what=path)
+
+
 def test_ray_actor_takes_the_driver_threads():
     # Ray starts an actor with one torch thread per CPU it reserved; the settings bring the driver's count
     threads = torch.get_num_threads()
     assert Settings(TINY_MODE, 144.0, None, TINY, torch.float32).threads == threads
     try:
-        _RayEncoder(Settings(TINY_MODE, 144.0, None, TINY, torch.float32, threads=threads + 1))
+        RayEncoder(Settings(TINY_MODE, 144.0, None, TINY, torch.float32, threads=threads + 1))
         assert torch.get_num_threads() == threads + 1
     finally:
         torch.set_num_threads(threads)

@@ -42,3 +42,41 @@ def test_bad_input_is_one_line_error(tmp_path):
         r = run(*args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_tokens_ocr2(capsys):
+    assert main(["tokens", "1900x1250", "700x700", "769x768"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ocr2      grid 3x2  crops 6  tokens 1121") == 1      # 256 + 6 * 144 + 1
+    assert out.count("ocr2      grid 1x1  crops 0  tokens 257") == 1       # both sides <= 768: no crops
+    assert out.count("ocr2      grid 2x2  crops 4  tokens 833") == 1       # 769 px wide: cropped
+
+
+def test_encode_mode_follows_ocr2_weights(tmp_path, capsys, monkeypatch):
+    # the real Ocr2Config is too large here: the CLI's DeepSeek-OCR 2 config is the tiny one
+    import pytest
+    from safetensors.torch import save_file
+
+    import gundam
+    from testutils import OCR2_TINY, page, randomize
+    monkeypatch.setattr(gundam.Ocr2Config, "deepseek_ocr2", staticmethod(lambda: OCR2_TINY))
+    enc = randomize(gundam.GundamEncoder(OCR2_TINY), seed=2).eval()
+    weights = tmp_path / "w.safetensors"
+    save_file({"model." + k: v.contiguous() for k, v in enc.state_dict().items()}, weights)
+    page(900, 500, 0).save(tmp_path / "p.png")
+    out = tmp_path / "emb.safetensors"
+    assert main(["encode", str(tmp_path / "p.png"), "--weights", str(weights), "--dtype", "float32",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mode: ocr2 (base 256, crops 192" in printed and "grid 2x1  crops 2  tokens 35" in printed
+    assert "qwen2" in printed
+    with torch.inference_mode():
+        want = enc(enc.preprocess(tmp_path / "p.png")).embeddings
+    assert torch.equal(load_file(out)["embeddings"], want)
+    # a mode of the other family (or other view sizes) than the weights': one line, nothing encoded
+    for mode in ("gundam", "ocr2"):
+        assert main(["encode", str(tmp_path / "p.png"), "--weights", str(weights), "--mode", mode]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: mode ") and "does not fit the weights" in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):   # not a mode name: argparse's usage error
+        main(["encode", str(tmp_path / "p.png"), "--mode", "ocr3"])

@@ -30,7 +30,7 @@ from gundam.bulk.engines import ENGINES, local_groups, ray_connect, ray_groups
 from gundam.bulk.planning import Settings, plan
 from gundam.bulk.shards import locked, open_output, read_embeddings, read_manifest, write_shard
 from gundam.bulk.sources import PDF_DPI, Item, expand_inputs, load_item
-from gundam.config import EncoderConfig, Mode, Ocr2Config, check_int, check_positive, default_config, family_of, resolve_mode
+from gundam.config import EncoderConfig, Mode, Ocr2Config, check_int, check_positive
 
 __all__ = ["encode_dataset", "Summary", "Settings", "read_embeddings", "read_manifest", "Item", "expand_inputs",
            "load_item"]
@@ -66,14 +66,14 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode | Non
     config: default the real encoder of the mode's family."""
     from tqdm import tqdm
 
-    from gundam.weights import checked_config, resolve_device, resolve_dtype, weights_line, weights_mode
+    from gundam.weights import resolve_device, resolve_dtype, resolve_encoder, weights_line
 
     t0 = time.perf_counter()
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
     if ray_address is not None and engine != "ray":
         raise ValueError(f"ray_address={ray_address!r} with engine={engine!r}: expected engine='ray'")
-    mode = resolve_mode(weights_mode(weights, mode), max_crops)   # a bad checkpoint fails here, before any work
+    config, mode = resolve_encoder(weights, config, mode, max_crops)   # a bad checkpoint fails here, before any work
     dpi = check_positive(dpi, "dpi")
     batch_size, shard_size = check_int(batch_size, "batch_size"), check_int(shard_size, "shard_size")
     if batch_size < 1 + mode.max_crops:
@@ -83,12 +83,7 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode | Non
     if max_shards is not None:
         max_shards = check_int(max_shards, "max_shards")
     if weights is not None:
-        config = checked_config(weights, config)
         weights = os.path.abspath(os.fspath(weights))
-    config = config if config is not None else default_config(mode.family)
-    if family_of(config) != mode.family:
-        raise ValueError(f"config is a {type(config).__name__}, the mode's views are for a {mode.family} encoder: "
-                         f"expected a config of the mode's family")
     n_gpus = 0
     if engine == "ray":
         n_gpus = ray_connect(ray_address)

@@ -131,7 +131,7 @@ def _ray_prepare(row: dict, mode: Mode, dpi: float) -> list[dict]:
              "crops": (b.crops if b else torch.zeros(0, 3, S, S, dtype=torch.uint8)).numpy()}]
 
 
-class _RayEncoder:
+class RayEncoder:
     """Ray actor holding the encoder (one per GPU): a prepared batch -> its rows and packed embeddings."""
 
     def __init__(self, settings: Settings):
@@ -169,7 +169,7 @@ def ray_groups(items, indices, batches, settings: Settings, n_gpus: int):
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     # flat_map, not map: Ray would fuse a 1:1 map with an actor of the same resources into that actor
     ds = ds.flat_map(_ray_prepare, fn_kwargs={"mode": settings.mode, "dpi": settings.dpi}, num_cpus=1)
-    ds = ds.map_batches(_RayEncoder, fn_constructor_kwargs={"settings": settings}, batch_size=1,
+    ds = ds.map_batches(RayEncoder, fn_constructor_kwargs={"settings": settings}, batch_size=1,
                         batch_format="numpy", concurrency=n_gpus if gpu else 1, num_gpus=1 if gpu else 0, num_cpus=1)
     for row in ds.iter_rows():
         emb = torch.from_numpy(np.array(row["embeddings"]))
