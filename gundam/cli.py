@@ -280,9 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gundam.cost import GPUS
     from gundam.weights import DTYPES
-    c = sub.add_parser("cost", help="analytic FLOPs, bytes and roofline per stage")
+    c = sub.add_parser("cost", help="analytic FLOPs, bytes and roofline per stage (DeepSeek-OCR or, with --mode "
+                                    "ocr2, DeepSeek-OCR 2)")
     c.add_argument("sizes", nargs="*", metavar="WxH", help="image sizes in pixels, e.g. 2000x3000")
-    c.add_argument("--mode", default="gundam", choices=list(MODES), help="image mode (default: gundam)")
+    c.add_argument("--mode", default="gundam", choices=list(MODES),
+                   help="image mode (default: gundam); its encoder: DeepSeek-OCR's, or DeepSeek-OCR 2's for ocr2")
     c.add_argument("--max-crops", type=int, default=None,
                    help=f"maximum crops, {MIN_CROPS}..{MAX_CROPS} (default: the mode's)")
     c.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")

@@ -14,8 +14,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from gundam.cli import main, parse_size
-from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, SamConfig
-from gundam.cost import COST_STAGES, StageCost, estimate
+from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, Ocr2Config, SamConfig, default_config
+from gundam.cost import COST_STAGES, OCR2_COST_STAGES, StageCost, estimate
 from gundam.encoder import GundamEncoder
 from gundam import preprocess
 from gundam.layout import image_layout
@@ -28,7 +28,7 @@ TOL = 0.005  # relative; the counts are in fact exact
 
 
 @functools.lru_cache(maxsize=None)
-def meta_encoder(config: EncoderConfig) -> GundamEncoder:
+def meta_encoder(config: EncoderConfig | Ocr2Config) -> GundamEncoder:
     with torch.device("meta"):
         return GundamEncoder(config).eval()
 
@@ -40,28 +40,34 @@ def _flops(fn) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def measured_views(config: EncoderConfig, size: int, n: int) -> tuple[int, int, int]:
-    """Measured (SAM, CLIP, projector) FLOPs of n views of `size` px."""
+def measured_views(config: EncoderConfig | Ocr2Config, size: int, n: int) -> tuple[int, int, int]:
+    """Measured (SAM, CLIP or Qwen2, projector) FLOPs of n views of `size` px."""
     enc = meta_encoder(config)
     x = torch.empty(n, 3, size, size, device="meta")
     out = {}
     sam = _flops(lambda: out.__setitem__("sam", enc.sam_model(x)))
-    clip = _flops(lambda: out.__setitem__("clip", enc.vision_model(x, out["sam"])))
-    feats = torch.cat([out["clip"][:, 1:], out["sam"].flatten(2).permute(0, 2, 1)], dim=-1)
-    return sam, clip, _flops(lambda: enc.projector(feats))
+    if enc.family == "deepseek-ocr2":
+        second = _flops(lambda: out.__setitem__("feats", enc.qwen2_model(out["sam"])))
+    else:
+        second = _flops(lambda: out.__setitem__("clip", enc.vision_model(x, out["sam"])))
+        out["feats"] = torch.cat([out["clip"][:, 1:], out["sam"].flatten(2).permute(0, 2, 1)], dim=-1)
+    return sam, second, _flops(lambda: enc.projector(out["feats"]))
 
 
-def measured_stages(width, height, mode, max_crops=None, batch=1, config=EncoderConfig()) -> dict[str, int]:
+def measured_stages(width, height, mode, max_crops=None, batch=1, config=None) -> dict[str, int]:
     lay = image_layout(width, height, mode, max_crops)
+    config = default_config(lay.mode.family) if config is None else config
+    second = "qwen2" if lay.mode.family == "deepseek-ocr2" else "clip"
     g = measured_views(config, lay.mode.base_size, batch)
     c = measured_views(config, lay.mode.image_size, batch * lay.n_crops) if lay.n_crops else (0, 0, 0)
-    return {"sam_global": g[0], "clip_global": g[1], "sam_crops": c[0], "clip_crops": c[1],
+    return {"sam_global": g[0], f"{second}_global": g[1], "sam_crops": c[0], f"{second}_crops": c[1],
             "projector_layout": g[2] + c[2]}
 
 
 def check_against_measured(report, measured):
     rows, bad = [], []
-    for name in COST_STAGES:
+    assert set(report.stages) == set(measured)
+    for name in report.stages:
         a, m = report.stages[name].matmul_flops, measured[name]
         err = abs(a - m) / m if m else float(a != 0)
         rows.append(f"  {name:<17} analytic {a:>17,} measured {m:>17,} rel.err {err:.2e}")
@@ -136,7 +142,8 @@ def test_projector_vendor_bytes_by_hand():
 # view layout = preprocessing
 
 @settings(max_examples=300, deadline=None)
-@given(width=st.integers(1, 6000), height=st.integers(1, 6000), mode=st.sampled_from(sorted(MODES)),
+@given(width=st.integers(1, 6000), height=st.integers(1, 6000),
+       mode=st.sampled_from(sorted(k for k, m in MODES.items() if m.family == "deepseek-ocr")),
        max_crops=st.one_of(st.none(), st.integers(2, 9)))
 def test_stages_follow_the_layout(width, height, mode, max_crops):
     r = estimate(width, height, mode, max_crops)
@@ -334,17 +341,22 @@ def test_parse_size():
     assert parse_size("2000x3000") == (2000, 3000) and parse_size("640X480") == (640, 480)
 
 
-def test_cli_table_shows_measured_flops(capsys):
-    assert cli("2000x3000") == 0
-    out = capsys.readouterr().out
+@pytest.mark.parametrize("mode,header,names", [
     # 2x3 crops of 640 and the 1024 global view: 16 * (16 + 1) global, (3 * 10) * (2 * 10 + 1) local, 1 separator
-    assert "grid 2x3, 6 crops of 640; tokens 903 = 272 global + 630 local + 1" in out
+    ("gundam", "grid 2x3, 6 crops of 640; tokens 903 = 272 global + 630 local + 1", COST_STAGES),
+    # DeepSeek-OCR 2: 2x3 crops of 768 and the 1024 global view: 16 * 16 global, 6 * 12 * 12 local, 1 separator
+    ("ocr2", "mode ocr2 (global 1024, crop_mode on), grid 2x3, 6 crops of 768; tokens 1121 = 256 global + 864 local "
+             "+ 1", OCR2_COST_STAGES)])
+def test_cli_table_shows_measured_flops(capsys, mode, header, names):
+    assert cli("2000x3000", "--mode", mode) == 0
+    out = capsys.readouterr().out
+    assert header in out
     assert "vendor traffic" in out and "fused traffic" in out and "H100" in out
-    names = COST_STAGES + ("total",)
+    names = names + ("total",)
     rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in names]
     assert [r[0] for r in rows] == 2 * list(names)
     # the vendor table's GFLOP column (printed to 0.1) is what torch's FLOP counter measures
-    measured = measured_stages(2000, 3000, "gundam")
+    measured = measured_stages(2000, 3000, mode)
     measured["total"] = sum(measured.values())
     for r in rows[:len(names)]:
         assert float(r[1]) == pytest.approx(measured[r[0]] / 1e9, rel=TOL, abs=0.05), (r, measured[r[0]])
@@ -528,3 +540,260 @@ def test_training_memory_of_the_packed_path(n):
     measured = saved_in_training(enc, preprocess([image] * n, TRAIN_MODE), "triton",
                                  [(gundam.model.SamBlock, "forward_packed"), (gundam.model.ClipLayer, "forward_packed")])
     check_training_memory(estimate(*image.size, TRAIN_MODE, config=TRAIN, batch=n, dtype="fp32"), measured, fused=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DeepSeek-OCR 2: SAM -> Qwen2 over [visual tokens, queries] -> projector of the queries
+
+OCR2_SIZES = [((1900, 1250), 1), ((2000, 3000), 2), ((700, 700), 1), ((3000, 800), 3), ((769, 769), 1)]
+
+
+@pytest.mark.parametrize("size,batch", OCR2_SIZES, ids=lambda x: f"{x[0]}x{x[1]}" if isinstance(x, tuple) else str(x))
+def test_ocr2_matmul_flops_match_flop_counter(size, batch):
+    report = estimate(*size, mode="ocr2", batch=batch)
+    assert tuple(report.stages) == OCR2_COST_STAGES
+    check_against_measured(report, measured_stages(*size, "ocr2", batch=batch))
+
+
+def test_ocr2_matmul_flops_match_for_the_tiny_config():
+    from testutils import OCR2_TINY, OCR2_TINY_MODE
+    for size, batch in ((1300, 650), 1), ((1300, 650), 3), ((500, 400), 2), ((700, 2100), 1):
+        report = estimate(*size, OCR2_TINY_MODE, batch=batch, config=OCR2_TINY)
+        check_against_measured(report, measured_stages(*size, OCR2_TINY_MODE, batch=batch, config=OCR2_TINY))
+
+
+def test_ocr2_weight_bytes_equal_the_modules_parameters():
+    enc = meta_encoder(Ocr2Config())
+    r = estimate(1900, 1250, "ocr2")
+    numel = lambda m: sum(p.numel() for p in m.parameters())
+    assert r.stages["sam_global"].weight_bytes == r.stages["sam_crops"].weight_bytes == 2 * numel(enc.sam_model)
+    assert r.stages["qwen2_global"].weight_bytes == r.stages["qwen2_crops"].weight_bytes == 2 * numel(enc.qwen2_model)
+    # the vendor checkpoint's encoder: 454,385,280 parameters in 473 tensors
+    assert r.total.weight_bytes == 2 * numel(enc) == 2 * 454_385_280
+
+
+@pytest.mark.parametrize("size", [(1900, 1250), (769, 769), (768, 768), (300, 500), (800, 1600)])
+def test_ocr2_views_match_real_preprocessing(size):
+    batch = preprocess(Image.new("RGB", size, (200, 30, 90)), "ocr2")
+    r = estimate(*size, "ocr2")
+    assert [("global", batch.global_views.shape[-1], batch.global_views.shape[0])] + (
+        [("crops", batch.crops.shape[-1], batch.crops.shape[0])] if batch.crops.shape[0] else []) == r.views
+    assert batch.tokens == [r.layout.tokens]
+
+
+@settings(max_examples=200, deadline=None)
+@given(width=st.integers(1, 6000), height=st.integers(1, 6000), max_crops=st.one_of(st.none(), st.integers(2, 9)))
+def test_ocr2_stages_follow_the_layout(width, height, max_crops):
+    r = estimate(width, height, "ocr2", max_crops)
+    k = r.layout.n_crops
+    assert (k == 0) == (width <= 768 and height <= 768)
+    for name in ("sam_crops", "qwen2_crops"):
+        assert (r.stages[name] == StageCost()) == (k == 0), name
+    if k:  # crops run as one batch: k times what one crop costs
+        one = estimate(1536, 768, "ocr2")  # 2x1: two crops
+        for name in ("sam_crops", "qwen2_crops"):
+            assert 2 * r.stages[name].matmul_flops == k * one.stages[name].matmul_flops, name
+    # the projector sees every query output: all the layout's tokens but the separator, 896 -> 1280
+    assert r.stages["projector_layout"].matmul_flops == 2 * (r.layout.tokens - 1) * 896 * 1280
+
+
+def test_ocr2_fused_attention_counts_the_pairs_the_mask_keeps():
+    # the global view: m = 256 visual tokens + 256 queries, n = 512. The prefix mask keeps 256 x 256 visual
+    # pairs, and for query i the 256 visual keys and i + 1 queries: 65,536 + 65,536 + 256 * 257 / 2 = 163,968 of
+    # the 262,144 pairs; the fused kernel skips the other 98,176. q.k and p.v, 2 FLOPs each per pair and head
+    # dimension: 98,176 * 4 * 14 heads * 64 * 24 layers = 8,444,706,816 fewer FLOPs; the linears are the same.
+    r = estimate(1900, 1250, "ocr2")
+    for name, s in r.stages.items():
+        if name.startswith("qwen2"):
+            assert s.matmul_flops > s.matmul_flops_fused
+    g = r.stages["qwen2_global"]
+    assert g.matmul_flops - g.matmul_flops_fused == 8_444_706_816
+    # 6 crops: m = 144, n = 288: kept 2 * 144^2 + 144 * 145 / 2 = 51,912 of 82,944; 31,032 pairs skipped
+    c = r.stages["qwen2_crops"]
+    assert c.matmul_flops - c.matmul_flops_fused == 6 * 31_032 * 4 * 14 * 64 * 24
+    # the backward recomputes q.k over the kept pairs: 2 * 163,968 * 14 * 64 * 24 more
+    assert g.train_matmul_flops_fused - 3 * g.matmul_flops_fused == 2 * 163_968 * 14 * 64 * 24
+
+
+def test_ocr2_projector_bytes_by_hand():
+    # 1900x1250: 3x2 crops of 768 (144 queries each) and the 1024 global view (256), bf16, 896 -> 1280.
+    # vendor, per view kind, the linear on the query outputs:
+    #   global  256 * 896 * 2 = 458,752 in + (896 * 1280 + 1280) * 2 = 2,296,320 of weights
+    #           + 256 * 1280 * 2 = 655,360 out                                                     3,410,432
+    #   crops   864 * 896 * 2 = 1,548,288 in + 2,296,320 + 864 * 1280 * 2 = 2,211,840 out          6,056,448
+    #   cat(crops, global, separator): 1121 rows * 1280 * 2 = 2,869,760 read and written           5,739,520
+    #                                                                                            15,206,400
+    # fused, one kernel: 1120 * 896 * 2 = 2,007,040 in, 2,869,760 out, 2,296,320 + 2,560 (separator) of
+    # weights: 7,175,680
+    s = estimate(1900, 1250, "ocr2").stages["projector_layout"]
+    assert (s.hbm_bytes_vendor, s.hbm_bytes_fused) == (15_206_400, 7_175_680)
+
+
+def test_ocr2_qwen2_bytes_by_hand():
+    from testutils import OCR2_TINY, OCR2_TINY_MODE
+    # One 500x400 image (no crops): one 256 px global view, m = 16 visual tokens + 16 queries, n = 32 tokens.
+    # Qwen2 of OCR2_TINY: C = 64, 4 heads and 2 KV heads of 16, SwiGLU 96.
+    # Fused, bf16, 2 layers: X = 32 * 64 * 2 = 4,096 (q and the attention output too), q/k/v 8,192, hidden
+    # 32 * 96 * 2 = 6,144, cos + sin 2 * 32 * 16 * 2 = 2,048.
+    #   the sequence: SAM's 16 * 64 * 2 = 2,048 + the query table 2,048 in, 4,096 out                8,192
+    #   layer 0: norm 8,192; qkv 12,288; attention 8,192 + 2,048 + 4,096; o_proj 8,192; add + norm
+    #            16,384; gate/up 10,240; down 10,240                                               79,872
+    #   layer 1: the same but its first norm has the add fused: 16,384 instead of 8,192             88,064
+    #   last add + final norm 8,192 + 4,096                                                        12,288
+    #   weights once: (4,160 + 2 * 2,080 + 4,096 + 3 * 6,144 + 128) * 2 layers + 64 = 62,016 * 2   124,032
+    #                                                                                             312,448
+    r = estimate(500, 400, OCR2_TINY_MODE, config=OCR2_TINY)
+    assert r.stages["qwen2_global"].hbm_bytes_fused == 312_448
+    # Vendor, fp32 (the RMSNorm casts are no-ops), 1 layer: X = 8,192, K or V 4,096, hidden 12,288, cos or sin
+    # 2,048, the [1, 1, 32, 32] mask 4,096.
+    #   cat(SAM tokens, queries): 4,096 + 4,096 in, 8,192 out                                       16,384
+    #   mask: fill 4,096; zeros where kept, 16 * 16 + 16 * 16 + 16 * 17 / 2 = 648 entries, 2,592;
+    #         stack 8,192                                                                          14,880
+    #   RoPE tables: matmul 1,024 out; cat 4,096; cos, sin and their scaling 4 * 4,096              21,504
+    #   RMSNorm: pow 16,384; mean 8,320; + eps 256; rsqrt 256; multiply 16,512; weight 16,640        58,368
+    #   q_proj 8,192 + 8,192 + 16,640 of weights; k_proj and v_proj 8,192 + 4,096 + 8,320 each      74,240
+    #   RoPE on q: -x2 8,192; cat 16,384; * sin 18,432; * cos 18,432; add 24,576                    86,016
+    #   RoPE on k: 4,096 + 8,192 + 10,240 + 10,240 + 12,288                                         45,056
+    #   repeat_kv of k and v 2 * 12,288; q contiguous 16,384                                        40,960
+    #   SDPA: q, k, v and the mask in, 8,192 out 36,864; head merge 16,384; o_proj 32,768           86,016
+    #   residual 24,576; RMSNorm 58,368                                                             82,944
+    #   gate 45,056; silu 24,576; up 45,056; multiply 36,864; down 45,056; residual 24,576         221,184
+    #   final norm                                                                                  58,368
+    #                                                                                             805,920
+    one = dataclasses.replace(OCR2_TINY, qwen2=dataclasses.replace(OCR2_TINY.qwen2, num_hidden_layers=1))
+    r = estimate(500, 400, OCR2_TINY_MODE, config=one, dtype="fp32")
+    assert r.stages["qwen2_global"].hbm_bytes_vendor == 805_920
+
+
+def test_ocr2_traffic_models():
+    one, r = estimate(1900, 1250, "ocr2"), estimate(1900, 1250, "ocr2", batch=2)
+    for name, s in one.stages.items():
+        assert s.hbm_bytes_fused < s.hbm_bytes_vendor, name
+        assert 0 < s.activation_bytes_fused <= s.activation_bytes, name
+    # each of the 24 layers' SDPA reads the vendor's [6, 1, 288, 288] bf16 mask (6 * 288^2 * 2 B = 995,328) for
+    # each of the 2 images; the fused path has no mask
+    crops = r.stages["qwen2_crops"]
+    assert crops.hbm_bytes_vendor - crops.hbm_bytes_fused > 2 * 24 * 995_328
+    # fused, one pass for the batch: bytes = per-image part * batch + per-call part: the query table and cos/sin
+    # (read by every layer's attention) per view size, and the weights, charged to the global stage:
+    #   crops   144 * 896 * 2 = 258,048 + 24 * 2 * 288 * 64 * 2 = 1,769,472                     2,027,520
+    #   global  256 * 896 * 2 = 458,752 + 24 * 2 * 512 * 64 * 2 = 3,145,728 + the weights
+    per_call = {name: 2 * one.stages[name].hbm_bytes_fused - r.stages[name].hbm_bytes_fused
+                for name in ("qwen2_crops", "qwen2_global")}
+    weights = 2 * sum(p.numel() for p in meta_encoder(Ocr2Config()).qwen2_model.parameters()) - 2 * (256 + 144) * 896
+    assert per_call == {"qwen2_crops": 2_027_520, "qwen2_global": 458_752 + 3_145_728 + weights}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode="ocr2", config=EncoderConfig()), "config EncoderConfig is a deepseek-ocr encoder.*expected an Ocr2Config"),
+    (dict(mode="gundam", config=Ocr2Config()), "config Ocr2Config is a deepseek-ocr2 encoder.*expected an EncoderConfig"),
+    (dict(mode="ocr2", config="tiny"), "config of type str"),
+])
+def test_ocr2_config_of_the_other_family(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match) as e:
+        estimate(2000, 3000, **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_ocr2_view_sizes_must_be_the_configs():
+    from testutils import OCR2_TINY
+    with pytest.raises(ValueError, match="mode base_size=1024: this DeepSeek-OCR 2 encoder takes views of 256 and 192"):
+        estimate(2000, 3000, "ocr2", config=OCR2_TINY)
+
+
+@pytest.mark.parametrize("sizes", [[(1300, 650)], [(500, 400)], [(1300, 650)] * 2, [(700, 2100)]])
+def test_ocr2_training_flops_match_flop_counter(sizes):
+    # forward + backward of the torch path, measured, against the model's count
+    from testutils import OCR2_TINY, OCR2_TINY_MODE, page, randomize
+    enc = randomize(GundamEncoder(OCR2_TINY), seed=1)
+    batch = preprocess([page(*s, seed=i) for i, s in enumerate(sizes)], OCR2_TINY_MODE)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        enc(batch, backend="torch").embeddings.pow(2).sum().backward()
+    est = estimate(*sizes[0], OCR2_TINY_MODE, config=OCR2_TINY, batch=len(sizes), dtype="fp32")
+    assert est.total.train_matmul_flops == fc.get_total_flops()
+
+
+@pytest.mark.parametrize("sizes,chunk", [([(500, 400)], None), ([(1300, 650)] * 2, None), ([(700, 2100)], None),
+                                         ([(1300, 650)] * 3, 64)])
+def test_ocr2_training_memory_of_the_torch_path(sizes, chunk, monkeypatch):
+    # no crops, 2x1 and 1x3 grids, batches of 1 to 3; chunk: the torch path's views in chunks of 64 tokens (two
+    # 32-token global views, three 18-token crops), each chunk with its own RoPE tables and mask
+    from testutils import OCR2_TINY, OCR2_TINY_MODE, page, randomize
+    import gundam.cost.model
+    import gundam.model
+    if chunk:
+        monkeypatch.setattr(gundam.model, "CHUNK_TOKENS", chunk)
+        monkeypatch.setattr(gundam.cost.model, "CHUNK_TOKENS", chunk)
+    enc = randomize(GundamEncoder(OCR2_TINY), seed=1)
+    batch = preprocess([page(*s, seed=i) for i, s in enumerate(sizes)], OCR2_TINY_MODE)
+    measured = saved_in_training(enc, batch, "torch", [(gundam.model.SamBlock, "forward"),
+                                                       (gundam.model.Qwen2Layer, "forward")])
+    est = estimate(*sizes[0], OCR2_TINY_MODE, config=OCR2_TINY, batch=len(sizes), dtype="fp32")
+    check_training_memory(est, measured, fused=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ocr2_training_memory_of_the_qwen2_encoder(dtype):
+    # the Qwen2 stage alone, in both dtypes (bf16: each RMSNorm keeps an fp32 copy of its input): 3 global views
+    # and 2 crops of SAM features
+    from testutils import OCR2_TINY, OCR2_TINY_MODE, randomize
+    enc = randomize(GundamEncoder(OCR2_TINY), seed=1).to(dtype)
+    params = {p.untyped_storage().data_ptr() for p in enc.parameters()}
+    for stage, views, image in (("qwen2_global", 3, (500, 400)), ("qwen2_crops", 2, (1540, 770))):
+        seen = set()
+        saved = [0]
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params and st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                saved[0] += st.nbytes()
+            return t
+        q = 4 if stage == "qwen2_global" else 3
+        x = torch.randn(views, 64, q, q, dtype=dtype, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            enc.qwen2_model(x)
+        est = estimate(*image, OCR2_TINY_MODE, config=OCR2_TINY, batch=3 if stage == "qwen2_global" else 1,
+                       dtype=dtype)
+        assert est.layout.n_crops == (0 if stage == "qwen2_global" else 2)
+        assert est.stages[stage].train_saved_bytes == saved[0], stage
+
+
+def test_ocr2_cli_json_and_train(capsys):
+    assert cli("1900x1250", "--mode", "ocr2", "--json") == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["mode"]["family"], d["grid"], d["tokens"]) == ("deepseek-ocr2", [3, 2], 1121)
+    assert list(d["stages"]) == list(OCR2_COST_STAGES)
+    measured = measured_stages(1900, 1250, "ocr2")
+    for name in OCR2_COST_STAGES:
+        assert d["stages"][name]["matmul_flops"] == measured[name], name
+    assert cli("1900x1250", "--mode", "ocr2", "--train", "--batch", "2") == 0
+    out = capsys.readouterr().out
+    total = [line.split() for line in out.splitlines() if line.startswith("total")][-1]
+    r = estimate(1900, 1250, "ocr2", batch=2)
+    assert float(total[1]) == pytest.approx(r.total.train_matmul_flops / 1e9, abs=0.05)
+    assert float(total[4]) == pytest.approx(r.total.train_saved_bytes / 1e6, abs=0.05)
+    assert "its Qwen2 an estimate" in out
+
+
+def test_ocr2_cli_sweep(tmp_path, capsys):
+    out = tmp_path / "sweep.csv"
+    assert cli("--sweep", "--mode", "ocr2", "--out", str(out)) == 0
+    rows = list(csv.DictReader(open(out)))
+    crops = [r for r in rows if r["variant"] == "crops"]
+    assert len(crops) > 100 and {r["image_size"] for r in rows} == {"768"}
+    for c in crops:
+        big = int(c["width"]) > 768 or int(c["height"]) > 768
+        assert (int(c["n_crops"]) > 0) == big
+        assert int(c["tokens"]) == 257 + 144 * int(c["n_crops"])
+    for r in (r for r in rows if (r["width"], r["height"]) == ("1024", "768")):
+        mode = "ocr2" if r["variant"] == "crops" else dataclasses.replace(MODES["ocr2"], crop_mode=False)
+        measured = sum(measured_stages(1024, 768, mode).values())
+        assert float(r["matmul_gflops"]) == pytest.approx(measured / 1e9, abs=5e-4), (r, measured)
+
+
+def test_ocr2_costs_more_than_deepseek_ocr_per_page():
+    # a 3x2 page: OCR 2's six 768 px crops (SAM on 2304 tokens each) and 24 Qwen2 layers against Gundam's six
+    # 640 px crops and CLIP-L
+    ocr2, ocr1 = estimate(1900, 1250, "ocr2"), estimate(1900, 1250, "gundam")
+    assert 1.6 < ocr2.total.matmul_flops / ocr1.total.matmul_flops < 1.7

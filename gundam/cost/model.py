@@ -7,9 +7,13 @@
 
 The text report, the sweep over sizes and its plot are in `gundam.cost.report`; the command is `gundam cost`.
 
-Stages: `sam_global`, `sam_crops`, `clip_global`, `clip_crops`, `projector_layout`. The view layout (crop grid,
-crops, tokens) comes from `gundam.layout.image_layout`, so the model never sees crops that preprocessing does
-not make (crop mode off, or the small-image rule `width <= 640 and height <= 640`).
+The encoder is the mode's family's (`Mode.family`): DeepSeek-OCR's (an EncoderConfig) with stages `sam_global`,
+`sam_crops`, `clip_global`, `clip_crops`, `projector_layout` (COST_STAGES), or DeepSeek-OCR 2's (an Ocr2Config, mode
+`ocr2`) with `sam_global`, `sam_crops`, `qwen2_global`, `qwen2_crops`, `projector_layout` (OCR2_COST_STAGES). The
+view layout (crop grid, crops, tokens) comes from `gundam.layout.image_layout`, so the model never sees crops that
+preprocessing does not make (crop mode off, or the small-image rule: both sides <= 640 px, 768 for OCR 2).
+What follows is stated for SAM and CLIP; SAM is the same in both families. The Qwen2 encoder is under
+"DeepSeek-OCR 2" below.
 
 FLOPs
 - `matmul_flops`: what the vendor computes on tensor cores, counted 2*M*N*K: patch-embed and neck convs (no bias
@@ -69,6 +73,43 @@ residual add fused into the next LayerNorm) and the largest block's saved bytes,
 in the backward (`train_kept_bytes` + `train_block_bytes`; an upper bound by the block's input, kept once).
 `tests/test_cost.py` measures all three with saved-tensor hooks on CPU: equal to the byte.
 
+DeepSeek-OCR 2: per view, SAM (as above), then Qwen2 over n = 2m tokens (m visual tokens, then m learned queries)
+under the prefix mask (visual -> visual; query i -> every visual token and queries 0..i), then the projector on the
+queries' outputs.
+- FLOPs: the q/k/v and o projections, SwiGLU's gate, up and down, q.k and p.v over all n x n pairs of every query
+  head (SDPA computes the masked scores too); `torch.utils.flop_counter` measures exactly this, forward and
+  training. Fused: the same linears (every row, the last layer's visual rows too, as the torch path); q.k and
+  p.v only over the pairs the mask keeps, 2m^2 + m(m+1)/2 of the n^2 (the kernel skips masked tiles; tile
+  rounding not counted), and so does the backward's recomputed q.k. Other FLOPs: RMSNorm 4 per element (square,
+  sum, scale, weight) + 3 per token (divide, eps, rsqrt), RoPE 3.5 per element of q and k (negate half, two
+  multiplies, add), 7 per score (scale, mask add, softmax), SiLU 4 (negate, exp, add, divide) and the gate
+  multiply 1 per hidden element, bias and residual adds 1. The mask and the RoPE tables count 0.
+- vendor bytes: transformers 4.46.3's Qwen2 (the vendor's pin), one forward per image and view kind: the cat of
+  SAM's tokens and the query table; per forward the [B, 1, n, n] additive mask in the activation dtype (a fill,
+  the kept entries zeroed, torch.stack of the views' masks) and the fp32 RoPE tables; per layer RMSNorm as its
+  separate passes (to fp32, pow, mean, + eps, rsqrt, multiply, cast back, weight), q_proj, k_proj, v_proj, RoPE as
+  five passes per tensor (negate, cat, two multiplies, add), repeat_kv copies of K and V to every query head,
+  q's contiguous copy (transformers makes it on CUDA when a mask is given), SDPA reading q, k, v and the mask,
+  the head-merge copy, o_proj, the residual adds, SwiGLU as gate, SiLU, up, multiply, down; the final norm over
+  every row. Peak: the residual stream, the mask, and the DynamicCache (use_cache is on), which keeps each
+  layer's K and V until the forward ends. Projector: the linear per view kind, then cat(crops, global,
+  separator) per image.
+- fused bytes, an estimate (the Triton path runs DeepSeek-OCR only so far): one pass over every view (a varlen
+  batch of 2m-token sequences); the sequence written once from SAM's output and the query table; per layer the
+  residual add fused into each RMSNorm (reads both, writes the sum and the norm), q/k/v as one GEMM, attention
+  reading them once (GQA: each K/V head serves its query heads), RoPE inside it from cos/sin tables cached per
+  view size, no mask in memory, writing token-major rows; o_proj; gate and up as one GEMM whose SwiGLU epilogue
+  writes silu(gate) * up only; down; the last residual fused into the final norm. Weights once per call, charged
+  to `qwen2_global`; projector + layout one kernel writing the final rows.
+- training memory: the torch path (measured: `tests/test_cost.py`) runs views in chunks of CHUNK_TOKENS, each
+  with its cos/sin (kept by the first layer's RoPE) and its bool mask (a checkpoint's input). Per layer each
+  RMSNorm keeps its fp32 input (the input itself in fp32), rstd, the normalised x and its output (the next
+  linears' input); SDPA (CPU's flash kernel; CUDA's memory-efficient one keeps the same) the rotated q, the
+  repeated k and v, its output, the fp32 log-sum-exp and the mask as a float [n, n]; SwiGLU the gate and up
+  outputs, SiLU's output and their product; the final norm its fp32 input, rstd and the normalised x. The packed
+  path (an estimate): each fused RMSNorm its input and output, attention the unrotated q, k, v, its output and
+  the log-sum-exp, SwiGLU gate, up and their product; nothing n x n.
+
 Roofline: a stage's floor time = max(matmul FLOPs / peak dense tensor FLOP/s, bytes / HBM bandwidth), bound by
 whichever is larger; `other_flops` are left out (they ride along the memory-bound passes). Stages run one after
 another, so the total floor is the sum of the stages' floors.
@@ -81,12 +122,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gundam.config import EncoderConfig, Mode, check_image_size, check_int
-from gundam.layout import ImageLayout, image_layout
+from gundam.config import EncoderConfig, Mode, Ocr2Config, check_image_size, check_int, default_config, family_of
+from gundam.layout import ImageLayout, has_newlines, image_layout
 from gundam.model import CHUNK_TOKENS
 from gundam.weights import resolve_dtype
 
-COST_STAGES = ("sam_global", "sam_crops", "clip_global", "clip_crops", "projector_layout")
+COST_STAGES = ("sam_global", "sam_crops", "clip_global", "clip_crops", "projector_layout")          # DeepSeek-OCR
+OCR2_COST_STAGES = ("sam_global", "sam_crops", "qwen2_global", "qwen2_crops", "projector_layout")  # DeepSeek-OCR 2
 # the dtypes the roofline has peaks for (GPU.peak), by the short name reports print
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -174,7 +216,7 @@ class CostReport:
     dtype: str           # "bf16", "fp16" or "fp32" (DTYPE_NAMES)
     stages: dict[str, StageCost]
     total: StageCost
-    config: EncoderConfig = field(repr=False)
+    config: EncoderConfig | Ocr2Config = field(repr=False)
 
     def floor(self, gpu: str | GPU = "h100") -> dict[str, tuple[Floor, Floor]]:
         """{stage (and "total"): (vendor floor, fused floor)} on `gpu`."""
@@ -545,29 +587,177 @@ def _clip(cfg: EncoderConfig, size: int, B: int, e: int, window_tables: bool = T
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Qwen2 as an encoder (DeepSeek-OCR 2)
+
+def qwen2_weight_elems(cfg: Ocr2Config) -> int:
+    """The `qwen2_model` parameters: the layers, the final norm and both query tables."""
+    c = cfg.qwen2
+    C, kv, I = c.hidden_size, c.num_key_value_heads * c.head_dim, c.intermediate_size   # query heads span C
+    layer = (C * C + C) + 2 * (C * kv + kv) + C * C + 3 * C * I + 2 * C   # q, k, v (bias), o, gate/up/down, norms
+    tables = cfg.tokens_per_side(cfg.base_size) ** 2 + cfg.tokens_per_side(cfg.image_size) ** 2
+    return c.num_hidden_layers * layer + C + tables * C
+
+
+def _rms_norm_vendor(p: _Passes, T: int, C: int, e: int, held: int):
+    """transformers' Qwen2RMSNorm as its separate passes: to fp32, pow, mean, + eps, rsqrt, multiply, back to the
+    dtype, weight multiply (the casts are no-ops in fp32)."""
+    X, X32, r = T * C * e, T * C * 4, T * 4
+    if e != 4:
+        p.add(X, X32, 0, held)              # to fp32
+    p.add(X32, X32, 0, held + X32)          # pow, the fp32 input held
+    p.add(X32, r, 0, held + X32)            # mean
+    p.add(r, r, 0, held + X32)              # + eps
+    p.add(r, r, 0, held + X32)              # rsqrt
+    p.add(X32 + r, X32, 0, held + X32)      # multiply
+    if e != 4:
+        p.add(X32, X, 0, held)              # back to the dtype
+    p.add(X, X, C * e, held)                # weight
+
+
+def _rope_vendor(p: _Passes, Y: int, table: int, held: int):
+    """transformers' apply_rotary_pos_emb on a Y-byte tensor: -x2, cat(-x2, x1), * sin, x * cos, add."""
+    p.add(Y // 2, Y // 2, 0, held)          # -x2
+    p.add(Y, Y, 0, held)                    # cat
+    p.add(Y + table, Y, 0, held + Y)        # * sin
+    p.add(Y + table, Y, 0, held + Y)        # x * cos
+    p.add(2 * Y, Y, 0, held)                # add
+
+
+def _qwen2(cfg: Ocr2Config, size: int, B: int, e: int, window_tables: bool = True):
+    """B views of `size` px through the Qwen2 encoder, as one pass (same signature and return as `_sam`; it has
+    no window tables, so `window_tables` changes nothing)."""
+    c = cfg.qwen2
+    C, nh, nkv, d, I = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
+    m = cfg.tokens_per_side(size) ** 2        # visual tokens of a view, and as many queries
+    n, T = 2 * m, 2 * m * B
+    # (row, key) pairs the prefix mask keeps per view and head: m visual rows x m keys, query i: m + i + 1 keys
+    allowed = 2 * m * m + m * (m + 1) // 2
+    cnt = _Count()
+    v, f = _Passes(), _Passes(weights=False)
+    X, KV, H = T * C * e, T * nkv * d * e, T * I * e    # q and the attention output are X too (heads * d = C)
+    QKV = X + 2 * KV
+    table = n * d * e                                   # cos or sin, [n, d]
+    mask = B * n * n * e                                # the vendor's [B, 1, n, n] additive mask
+    w_q, w_kv, w_o = (C * C + C) * e, (C * nkv * d + nkv * d) * e, C * C * e
+    w_mlp, w_norm = C * I * e, C * e
+    wb = c.num_hidden_layers * (w_q + 2 * w_kv + w_o + 3 * w_mlp + 2 * w_norm) + w_norm
+
+    # the sequence: cat(SAM tokens, the query table); the table is read once (the views share it)
+    for p in (v, f):
+        p.add(B * m * C * e + m * C * e, X)
+    # vendor, once per forward: the mask (a fill with finfo.min, the kept entries zeroed, torch.stack of the
+    # views' masks) and the fp32 RoPE tables (inv_freq @ positions, cat, cos and sin, attention_scaling, cast)
+    v.add(0, mask, 0, X)                                # fill
+    v.add(0, B * allowed * e, 0, X + mask)              # zeros where the mask keeps a pair
+    v.add(mask, mask, 0, X + mask)                      # stack
+    f32 = n * d * 4
+    v.add(0, f32 // 2)                                  # inv_freq @ positions
+    v.add(f32, f32)                                     # cat(freqs, freqs)
+    for _ in range(2):                                  # cos, sin
+        v.add(f32, f32)
+        v.add(f32, f32)                                 # * attention_scaling
+        if e != 4:
+            v.add(f32, table)                           # cast
+
+    for i in range(c.num_hidden_layers):
+        cnt.matmul(2 * T * C * (C + 2 * nkv * d))                       # q, k, v
+        cnt.matmul(4 * B * nh * n * n * d, 4 * B * nh * allowed * d)    # q.k and p.v: all pairs | kept pairs
+        cnt.recompute += 2 * B * nh * allowed * d                       # q.k again in the fused backward
+        cnt.matmul(2 * T * C * C + 3 * 2 * T * C * I)                   # o_proj; gate, up, down
+        cnt.other += 2 * (4 * T * C + 3 * T) + T * (C + 2 * nkv * d)    # two RMSNorms, q/k/v bias
+        cnt.other += 7 * T * (nh + nkv) * d // 2 + 7 * B * nh * n * n   # RoPE on q and k; scale, mask, softmax
+        cnt.other += 5 * T * I + 2 * T * C                              # SiLU and gate * up; residual adds
+
+        # vendor: the residual stream, the mask, cos and sin, and the DynamicCache (use_cache is on: the K and V
+        # of every earlier layer stay until the forward ends) are held throughout
+        held = X + mask + 2 * table + i * 2 * KV
+        _rms_norm_vendor(v, T, C, e, held)                           # input_layernorm
+        v.add(X, X, w_q, held)                                       # q_proj
+        v.add(X, KV, w_kv, held + X)                                 # k_proj
+        v.add(X, KV, w_kv, held + X + KV)                            # v_proj
+        _rope_vendor(v, X, table, held + 2 * KV)                     # q
+        _rope_vendor(v, KV, table, held + X + 2 * KV)                # k
+        v.add(KV, X, 0, held + X + 2 * KV)                           # repeat_kv(k)
+        v.add(KV, X, 0, held + 2 * X + 2 * KV)                       # repeat_kv(v)
+        v.add(X, X, 0, held + 2 * X + 2 * KV)                        # q.contiguous() (CUDA, with a mask)
+        v.add(3 * X + mask, X, 0, held + 2 * KV)                     # SDPA with the mask
+        v.add(X, X, 0, held + 2 * KV)                                # head-merge copy
+        v.add(X, X, w_o, held + 2 * KV)                              # o_proj
+        v.add(2 * X, X, 0, held + 2 * KV)                            # residual
+        held += 2 * KV                                               # this layer's K, V now in the cache
+        _rms_norm_vendor(v, T, C, e, held)                           # post_attention_layernorm
+        v.add(X, H, w_mlp, held + X)                                 # gate_proj
+        v.add(H, H, 0, held + X)                                     # silu
+        v.add(X, H, w_mlp, held + X + H)                             # up_proj
+        v.add(2 * H, H, 0, held)                                     # silu(gate) * up
+        v.add(H, X, w_mlp, held)                                     # down_proj
+        v.add(2 * X, X, 0, held)                                     # residual
+
+        # fused (weights counted once, above): a residual add is fused into the RMSNorm after it
+        if i == 0:
+            f.add(X, X, 0, X)                                        # input_layernorm
+        else:
+            f.add(2 * X, 2 * X)                                      # residual (previous layer) + input_layernorm
+        f.add(X, QKV, 0, X)                                          # q, k, v: one GEMM
+        f.add(QKV + 2 * table, X, 0, X)                              # attention: RoPE inside, no mask, no copies
+        f.add(X, X, 0, X)                                            # o_proj
+        f.add(2 * X, 2 * X)                                          # residual + post_attention_layernorm
+        f.add(X, H, 0, X)                                            # gate and up: one GEMM, SwiGLU epilogue
+        f.add(H, X, 0, X)                                            # down_proj
+    cnt.other += 4 * T * C + 3 * T                                   # the final norm
+    _rms_norm_vendor(v, T, C, e, X + mask + 2 * table + c.num_hidden_layers * 2 * KV)
+    f.add(2 * X, X)                                                  # last residual + the final norm
+
+    # training (the module docstring says what each op keeps): the torch path per chunk of views, as
+    # gundam.model.Qwen2Encoder runs them, each chunk with its own cos, sin and mask; the packed path all at once
+    per = max(1, CHUNK_TOKENS // n)
+    for views in [per] * (B // per) + [B % per] * (B % per > 0):
+        t = views * n
+        x = t * C * e
+        norm = t * C * 4 + t * 4 + 2 * x              # fp32 input, rstd, normalised x, output
+        attn = 4 * x + views * nh * n * 4 + n * n * e  # q, k, v, output; log-sum-exp; the float mask
+        mlp = 4 * t * I * e                           # gate, up, silu(gate), their product
+        for i in range(c.num_hidden_layers):
+            first = i == 0                            # cos, sin (and the bool mask) once per chunk
+            v.saved.block(2 * norm + attn + mlp + 2 * table * first, inputs=x + (2 * table + n * n) * first)
+        v.saved.outside += t * C * 4 + t * 4 + x                    # the final norm (its output is not kept)
+    for i in range(c.num_hidden_layers):
+        f.saved.block(2 * X + QKV + X + 4 * nh * T + 2 * X + 3 * H, inputs=X if i == 0 else 2 * X)
+    f.saved.outside += X                                             # the final norm's input
+    return cnt, v, f, wb
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the whole encoder
 
 def estimate(width: int, height: int, mode: str | Mode = "gundam", max_crops: int | None = None, batch: int = 1,
-             dtype="bf16", config: EncoderConfig | None = None) -> CostReport:
-    """Cost of encoding `batch` images of `width` x `height` px in `mode` (a name or a Mode)."""
-    config = EncoderConfig.deepseek_ocr() if config is None else config
-    if not isinstance(config, EncoderConfig):
-        raise TypeError(f"config of type {type(config).__name__}: expected an EncoderConfig")
+             dtype="bf16", config: EncoderConfig | Ocr2Config | None = None) -> CostReport:
+    """Cost of encoding `batch` images of `width` x `height` px in `mode` (a name or a Mode) by the encoder of the
+    mode's family: `config` an EncoderConfig for DeepSeek-OCR's modes, an Ocr2Config for DeepSeek-OCR 2's
+    (default: the family's real encoder)."""
     width, height = check_image_size(width, height)  # sizes an image can have: counts stay finite floats
     batch = check_int(batch, "batch", 1, 1 << 20)
     dt = _cost_dtype(dtype)
     e = dt.itemsize
     layout = image_layout(width, height, mode, max_crops)
     m = layout.mode
+    config = default_config(m.family) if config is None else config
+    if family_of(config) != m.family:
+        want = "an Ocr2Config" if m.family == "deepseek-ocr2" else "an EncoderConfig"
+        raise ValueError(f"config {type(config).__name__} is a {family_of(config)} encoder, the mode's views are "
+                         f"for {m.family}: expected {want} (or None: the real one)")
     config.tokens_per_side(m.base_size, "mode base_size")  # raises for a view size this encoder cannot take
     config.tokens_per_side(m.image_size, "mode image_size")
+    if m.family == "deepseek-ocr2":
+        names, second = OCR2_COST_STAGES, ("qwen2", _qwen2, qwen2_weight_elems(config))
+    else:
+        names, second = COST_STAGES, ("clip", _clip, clip_weight_elems(config))
     k = layout.n_crops
-    stages = {name: StageCost() for name in COST_STAGES}
+    stages = {name: StageCost() for name in names}
     for kind, size, views in (("global", m.base_size, 1), ("crops", m.image_size, k)):
         if not views:
             continue  # no crops made: nothing modelled
-        for name, fn, total_weights in (("sam", _sam, sam_weight_elems(config)),
-                                        ("clip", _clip, clip_weight_elems(config))):
+        for name, fn, total_weights in (("sam", _sam, sam_weight_elems(config)), second):
             # vendor: one pass per image over its `views`; fused: one pass over every image's views
             _, vend, _, _ = fn(config, size, views, e)
             cnt_all, vend_all, fus, wb = fn(config, size, views * batch, e, window_tables=kind == "global")
@@ -580,30 +770,36 @@ def estimate(width: int, height: int, mode: str | Mode = "gundam", max_crops: in
     for s in stages.values():
         total = total + s
     # weights: the encoder's parameters once; peaks: the vendor runs stages one after another, the fused path
-    # runs global and crop views of SAM (and of CLIP) together
-    total.weight_bytes = (sam_weight_elems(config) + clip_weight_elems(config) + _projector_weight_elems(config)
-                          + 2 * config.projector.n_embed) * e
+    # runs global and crop views of SAM (and of CLIP or Qwen2) together
+    total.weight_bytes = (sam_weight_elems(config) + second[2] + _projector_weight_elems(config)
+                          + _layout_rows(m) * config.projector.n_embed) * e
     st = stages
     total.activation_bytes = max(s.activation_bytes for s in st.values())
-    # the fused path's blocks run global and crop views together
-    total.train_block_bytes_fused = max(st["sam_global"].train_block_bytes_fused + st["sam_crops"].train_block_bytes_fused,
-                                        st["clip_global"].train_block_bytes_fused + st["clip_crops"].train_block_bytes_fused)
-    total.activation_bytes_fused = max(st["sam_global"].activation_bytes_fused + st["sam_crops"].activation_bytes_fused,
-                                       st["clip_global"].activation_bytes_fused + st["clip_crops"].activation_bytes_fused,
-                                       st["projector_layout"].activation_bytes_fused)
+    both = [(st[f"{name}_global"], st[f"{name}_crops"]) for name in ("sam", second[0])]
+    total.train_block_bytes_fused = max(g.train_block_bytes_fused + c.train_block_bytes_fused for g, c in both)
+    total.activation_bytes_fused = max([g.activation_bytes_fused + c.activation_bytes_fused for g, c in both]
+                                       + [st["projector_layout"].activation_bytes_fused])
     return CostReport(int(width), int(height), m, layout, batch, DTYPE_NAMES[dt], stages, total, config)
 
 
-def _projector_weight_elems(cfg: EncoderConfig) -> int:
+def _projector_weight_elems(cfg: EncoderConfig | Ocr2Config) -> int:
     p = cfg.projector
     return p.input_dim * p.n_embed + p.n_embed
 
 
-def _projector_layout(cfg: EncoderConfig, layout: ImageLayout, batch: int, e: int) -> StageCost:
-    """Projector on cat(CLIP tokens, SAM tokens) of every view, then the layout rows (newlines, separator)."""
+def _layout_rows(mode: Mode) -> int:
+    """Learned layout rows: image_newline and view_seperator (DeepSeek-OCR), view_seperator (DeepSeek-OCR 2)."""
+    return 2 if has_newlines(mode) else 1
+
+
+def _projector_layout(cfg: EncoderConfig | Ocr2Config, layout: ImageLayout, batch: int, e: int) -> StageCost:
+    """Projector on every view's tokens, then the layout rows. DeepSeek-OCR: cat(CLIP tokens, SAM tokens) in,
+    rows with newlines (the crops' tokens permuted into the tile grid) and the separator out; DeepSeek-OCR 2: the
+    queries' outputs in, crops, global view and separator out (no copies but the last cat)."""
     m, Din, D = layout.mode, cfg.projector.input_dim, cfg.projector.n_embed
+    newlines = has_newlines(m)
     qb, qi = cfg.tokens_per_side(m.base_size), cfg.tokens_per_side(m.image_size)
-    wgt = (_projector_weight_elems(cfg) + 2 * D) * e
+    wgt = (_projector_weight_elems(cfg) + _layout_rows(m) * D) * e
     w_proj = _projector_weight_elems(cfg) * e
     # (tokens, newline rows, crops?) of one image's global view and its crops
     views = [(qb * qb, qb, False)]
@@ -615,6 +811,9 @@ def _projector_layout(cfg: EncoderConfig, layout: ImageLayout, batch: int, e: in
     for t, nrows, crops in views:  # vendor, per image: global view, crops
         n.matmul(2 * t * Din * D)
         n.other += t * D
+        if not newlines:
+            v.add(t * Din * e, t * D * e, w_proj)            # the projector on the queries' outputs
+            continue
         v.add(t * Din * e, t * Din * e)                  # cat(clip[:, 1:], sam.flatten(2).T)
         v.add(t * Din * e, t * D * e, w_proj, t * Din * e)
         if crops:
@@ -622,12 +821,13 @@ def _projector_layout(cfg: EncoderConfig, layout: ImageLayout, batch: int, e: in
         v.add(t * D * e + D * e, (t + nrows) * D * e)    # cat with newlines
     v.add(rows * D * e, rows * D * e)                    # final cat with the separator
     tokens = sum(t for t, _, _ in views) * batch
-    v.saved.outside = tokens * Din * e                   # training: the projector's input, cat(CLIP, SAM)
+    v.saved.outside = tokens * Din * e                   # training: the projector's input
     f = _Passes()
-    f.add(tokens * Din * e, rows * batch * D * e, wgt)   # one kernel: both halves in, final rows out
-    # training: the kernel keeps both halves; CLIP's with the class tokens (the packed CLIP output)
-    views_all = (1 + layout.n_crops) * batch
-    f.saved.outside = tokens * cfg.sam.net_3_chans * e + (tokens + views_all) * cfg.clip.hidden_size * e
+    f.add(tokens * Din * e, rows * batch * D * e, wgt)   # one kernel: the tokens in, final rows out
+    f.saved.outside = tokens * Din * e                   # training: the kernel keeps its input
+    if newlines:  # both halves, CLIP's with the class tokens (the packed CLIP output)
+        views_all = (1 + layout.n_crops) * batch
+        f.saved.outside = tokens * cfg.sam.net_3_chans * e + (tokens + views_all) * cfg.clip.hidden_size * e
     n.mm, n.mm_fused, n.other = n.mm * batch, n.mm * batch, n.other * batch
     return StageCost(n.mm, n.mm_fused, n.other, v.bytes * batch, f.bytes, wgt, v.peak, f.peak, **n.train(),
                      **v.saved.fields(""), **f.saved.fields("_fused"))

@@ -16,6 +16,15 @@ from gundam.cost.model import CostReport, estimate, get_gpu
 # ----------------------------------------------------------------------------------------------------------
 # text report
 
+# (vendor, fused) table titles per encoder family
+TRAFFIC_TITLES = {
+    "deepseek-ocr": ("vendor traffic: SDPA + materialised bias, separate passes, partition copies",
+                     "fused traffic: Triton path, one pass, no N x N bias, no copies"),
+    "deepseek-ocr2": ("vendor traffic: SDPA + materialised bias and mask, separate passes, copies",
+                      "fused traffic: Triton path (its Qwen2 an estimate: not built yet), one pass, no N x N bias or "
+                      "mask, no copies"),
+}
+
 def format_report(r: CostReport, gpu="h100", train: bool = False) -> str:
     """Per-stage tables of both traffic models on `gpu`, as `gundam cost` prints them; with `train`, also the
     matmul FLOPs of a training step (forward + backward), their compute floor and its activation memory."""
@@ -33,8 +42,7 @@ def format_report(r: CostReport, gpu="h100", train: bool = False) -> str:
     ]
     head = f"{'stage':<17}{'GFLOP':>9}{'MB':>10}{'FLOP/B':>8}{'floor us':>10}  {'bound':<8}{'peak MB':>9}"
     stages = list(r.stages.items()) + [("total", r.total)]
-    for k, title in ((0, "vendor traffic: SDPA + materialised bias, separate passes, partition copies"),
-                     (1, "fused traffic: Triton path, one pass, no N x N bias, no copies")):
+    for k, title in enumerate(TRAFFIC_TITLES[m.family]):
         lines += ["", title, head]
         for name, s in stages:
             fl = floors[name][k]
