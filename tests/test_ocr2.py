@@ -32,11 +32,10 @@ from gundam.layout import grid_layout, has_newlines, image_layout
 from gundam import model as M
 from gundam.model import Qwen2Stack, prefix_mask
 from gundam.weights import checked_config, checkpoint_family
-from testutils import OCR2_TINY, OCR2_TINY_MODE, TINY, TINY_MODE, assert_close, page, randomize
+from testutils import (EDGE_SIZES, GRIDS, OCR2_TINY, OCR2_TINY_MODE, TINY, TINY_MODE, assert_close, in_mode,
+                       midpoint_sizes, page, randomize)
 
 OCR2 = MODES["ocr2"]
-# Every crop grid the vendor allows (2..6 tiles), enumerated here, not taken from gundam.layout.
-GRIDS = [(i, j) for i in range(1, 7) for j in range(1, 7) if 2 <= i * j <= 6]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -64,23 +63,7 @@ def vendor_rule_grid(width, height, image_size=768, small_image=768):
     return first
 
 
-def midpoint_sizes():
-    """Sizes whose aspect ratio lies exactly halfway between two neighbouring grid ratios, at many scales
-    (so the area rule goes both ways)."""
-    ratios = sorted({Fraction(i, j) for i, j in GRIDS})
-    sizes = []
-    for a, b in zip(ratios, ratios[1:]):
-        mid = (a + b) / 2
-        for k in range(1, 400):
-            w, h = mid.numerator * k, mid.denominator * k
-            if max(w, h) > 768 and w * h < 40_000_000:
-                sizes.append((w, h))
-    return sizes
 
-
-EDGE_SIZES = [(768, 768), (769, 768), (768, 769), (769, 769), (1, 1), (1, 768), (768, 1), (1, 769), (769, 1),
-              (1, 5000), (5000, 1), (1536, 768), (768, 1536), (1000, 800), (800, 1600), (2480, 3508),
-              (1500, 1800), (1250, 1000), (2500, 2000), (10**6, 3), (3, 10**6), (4607, 768), (12345, 6789)]
 
 
 def test_crop_grid_follows_the_vendors_rule():
@@ -143,21 +126,6 @@ def test_token_counts_without_crops():
 
 # ----------------------------------------------------------------------------------------------------------
 # preprocessing, pixel-exact
-
-def in_mode(img: Image.Image, pil_mode: str, seed: int) -> Image.Image:
-    """The RGB test page in another PIL mode (16-bit grey spans the whole 0..65535 range)."""
-    if pil_mode == "I;16":
-        rng = np.random.default_rng(seed)
-        grey = np.asarray(img.convert("L"), dtype=np.uint16) * 257 + rng.integers(0, 257, img.size[::-1])
-        out = Image.fromarray(grey.astype(np.uint16))
-        assert out.mode == "I;16"
-        return out
-    if pil_mode == "RGBA":
-        out = img.copy()
-        out.putalpha(Image.fromarray(np.random.default_rng(seed).integers(0, 256, img.size[::-1], dtype=np.uint8)))
-        return out
-    return img.convert(pil_mode)
-
 
 def as_rgb(img: Image.Image) -> Image.Image:
     """What the encoder sees: the vendor's convert("RGB"), except 16-bit grey, which is scaled to 8 bits

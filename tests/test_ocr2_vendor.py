@@ -40,8 +40,7 @@ from safetensors.torch import save_file
 from gundam import MODES, GundamEncoder, Ocr2Config, count_image_tokens, crop_grid, preprocess
 from gundam.config import Qwen2Config, SamConfig
 from gundam.images import image_views
-from test_ocr2 import EDGE_SIZES, in_mode, midpoint_sizes
-from testutils import assert_close, page, randomize
+from testutils import EDGE_SIZES, assert_close, in_mode, midpoint_sizes, page, randomize
 
 REPO = os.environ.get("GUNDAM_DEEPSEEK_OCR2_REPO")
 pytestmark = pytest.mark.slow

@@ -1,8 +1,10 @@
 """Shared by the tests: tiny encoder configs (bench/benchutil.py holds them, for the benchmarks' smoke runs
 too), random weights and pages, and close-enough assertions."""
 import sys
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -67,3 +69,40 @@ def log_launches(monkeypatch, log, modules, names=None):
 def train_images(n):
     """For TRAIN_MODE: a 1x2 image and one without crops (n=2); and a 2x2 one (n=3)."""
     return [page(650, 1300, 0), page(400, 300, 1), page(1000, 1000, 2)][:n]
+
+
+# DeepSeek-OCR 2's crop grids and images: the default suite's independent checks and the opt-in vendor test share
+# them. Every crop grid the vendor allows (2..6 tiles), enumerated here, not taken from gundam.layout.
+GRIDS = [(i, j) for i in range(1, 7) for j in range(1, 7) if 2 <= i * j <= 6]
+EDGE_SIZES = [(768, 768), (769, 768), (768, 769), (769, 769), (1, 1), (1, 768), (768, 1), (1, 769), (769, 1),
+              (1, 5000), (5000, 1), (1536, 768), (768, 1536), (1000, 800), (800, 1600), (2480, 3508),
+              (1500, 1800), (1250, 1000), (2500, 2000), (10**6, 3), (3, 10**6), (4607, 768), (12345, 6789)]
+
+
+def midpoint_sizes():
+    """Sizes whose aspect ratio lies exactly halfway between two neighbouring grid ratios, at many scales
+    (so the area rule goes both ways)."""
+    ratios = sorted({Fraction(i, j) for i, j in GRIDS})
+    sizes = []
+    for a, b in zip(ratios, ratios[1:]):
+        mid = (a + b) / 2
+        for k in range(1, 400):
+            w, h = mid.numerator * k, mid.denominator * k
+            if max(w, h) > 768 and w * h < 40_000_000:
+                sizes.append((w, h))
+    return sizes
+
+
+def in_mode(img: Image.Image, pil_mode: str, seed: int) -> Image.Image:
+    """The RGB test page in another PIL mode (16-bit grey spans the whole 0..65535 range)."""
+    if pil_mode == "I;16":
+        rng = np.random.default_rng(seed)
+        grey = np.asarray(img.convert("L"), dtype=np.uint16) * 257 + rng.integers(0, 257, img.size[::-1])
+        out = Image.fromarray(grey.astype(np.uint16))
+        assert out.mode == "I;16"
+        return out
+    if pil_mode == "RGBA":
+        out = img.copy()
+        out.putalpha(Image.fromarray(np.random.default_rng(seed).integers(0, 256, img.size[::-1], dtype=np.uint8)))
+        return out
+    return img.convert(pil_mode)
