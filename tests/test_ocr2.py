@@ -195,7 +195,7 @@ def test_preprocess_tiny_mode_and_encoder_preprocess():
         for c, crop in enumerate(crops):
             assert torch.equal(batch.crops[start + c], normalized(crop))
         start += len(crops)
-    with pytest.raises(ValueError, match="deepseek-ocr views .* for a deepseek-ocr2 encoder"):
+    with pytest.raises(ValueError, match="views of a deepseek-ocr mode .* for a deepseek-ocr2 encoder"):
         enc.preprocess(imgs, mode="gundam")
     with pytest.raises(ValueError, match="base_size=1024: this DeepSeek-OCR 2 encoder takes base_size=256"):
         enc.preprocess(imgs, mode="ocr2")
@@ -555,13 +555,13 @@ def test_hostile_checkpoints(ocr2_source, tmp_path):
 
 def test_wrong_family_views_and_triton_backend(tiny, batch):
     gundam_views = preprocess(page(300, 200, 5), "gundam")
-    assert_one_line_error(lambda: tiny(gundam_views), "a batch of deepseek-ocr views .* for a deepseek-ocr2 encoder")
+    assert_one_line_error(lambda: tiny(gundam_views), "views of a deepseek-ocr mode .* for a deepseek-ocr2 encoder")
     assert_one_line_error(lambda: tiny(preprocess(page(300, 200, 5), TINY_MODE)), "for a deepseek-ocr2 encoder")
     assert_one_line_error(lambda: tiny(preprocess(page(300, 200, 5), "ocr2")),
                           "mode base_size=1024: this DeepSeek-OCR 2 encoder takes base_size=256")
     with torch.device("meta"):
         v1 = GundamEncoder(TINY)
-    assert_one_line_error(lambda: v1(batch), "a batch of deepseek-ocr2 views .* for a deepseek-ocr encoder")
+    assert_one_line_error(lambda: v1(batch), "views of a deepseek-ocr2 mode .* for a deepseek-ocr encoder")
     # the Triton path is DeepSeek-OCR's only: refused in one line; "auto" is the torch path
     assert_one_line_error(lambda: tiny(batch, backend="triton"), "backend='triton' runs DeepSeek-OCR's encoder only")
     assert_one_line_error(lambda: tiny.forward_vendor(*batch.to_vendor(), backend="triton"),
