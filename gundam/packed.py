@@ -36,6 +36,7 @@ def _kernels():
     """gundam.kernels with its modules loaded, imported late: TRITON_INTERPRET must be set before triton is
     first imported, and `import gundam` does not import triton."""
     import gundam.kernels.activation, gundam.kernels.attention, gundam.kernels.layernorm, gundam.kernels.layout  # noqa: E401,F401
+    import gundam.kernels.segments  # noqa: F401
     return gundam.kernels
 
 
@@ -51,7 +52,6 @@ class Plan:
 @functools.lru_cache(maxsize=64)
 def make_plan(layouts: tuple[ImageLayout, ...], patch_size: int, window: int, device: torch.device) -> Plan:
     K = _kernels()
-    attn = K.attention
     mode = layouts[0].mode
     # (patch grid, output grid) per view: global views first, then every crop in image and tile order
     sizes = [(mode.base_size // patch_size, layouts[0].qb)] * len(layouts)
@@ -59,7 +59,7 @@ def make_plan(layouts: tuple[ImageLayout, ...], patch_size: int, window: int, de
 
     def pack(sides, class_token=0):  # square views one after another in a packed buffer
         offsets = itertools.accumulate([class_token + n * n for n in sides], initial=0)
-        return [attn.View(off, n, n) for off, n in zip(offsets, sides)]
+        return [K.segments.View(off, n, n) for off, n in zip(offsets, sides)]
 
     sam_views = pack([g for g, _ in sizes])                 # SAM blocks' token grids
     clip_views = pack([q for _, q in sizes], class_token=1)  # CLIP: class token, then the q x q grid
@@ -70,18 +70,18 @@ def make_plan(layouts: tuple[ImageLayout, ...], patch_size: int, window: int, de
         t = torch.arange(out_views[v].h * out_views[v].w)
         return torch.stack([clip_views[v].offset + 1 + t, out_views[v].offset + t], dim=1)
 
-    newline = torch.tensor([K.layout.NEWLINE, -1])
-    separator = torch.tensor([K.layout.SEPARATOR, -1])
+    newline = torch.tensor([K.segments.NEWLINE, -1])
+    separator = torch.tensor([K.segments.SEPARATOR, -1])
     rows, crop = [], len(layouts)
     for i, lay in enumerate(layouts):
         local = torch.stack([index_rows(v) for v in range(crop, crop + lay.n_crops)]) if lay.n_crops else None
         crop += lay.n_crops
         rows.append(layout_tokens(lay, index_rows(i), local, newline, separator))
     return Plan(
-        seg_window=attn.build_segments(sam_views, window, device=device),
-        seg_global=attn.build_segments(sam_views, None, device=device),
-        seg_clip=attn.build_segments(clip_views, class_token=True, device=device),
-        row_map=K.layout.RowMap.from_host(torch.cat(rows), device=device),
+        seg_window=K.segments.build_segments(sam_views, window, device=device),
+        seg_global=K.segments.build_segments(sam_views, None, device=device),
+        seg_clip=K.segments.build_segments(clip_views, class_token=True, device=device),
+        row_map=K.segments.RowMap.from_host(torch.cat(rows), device=device),
     )
 
 
@@ -109,8 +109,8 @@ def sam_block(blk, plan: Plan, x, mlp_out):
     h, x = _add_norm(blk.norm1, x, mlp_out)
     qkv = F.linear(h, a.qkv.weight, a.qkv.bias).view(T, 3, nh, C // nh)
     seg = plan.seg_window if blk.window_size else plan.seg_global
-    rh = K.attention.pack_rel_pos([a.rel_pos_h_for(s) for s in seg.rel_sizes_h], seg.rel_sizes_h)
-    rw = K.attention.pack_rel_pos([a.rel_pos_w_for(s) for s in seg.rel_sizes_w], seg.rel_sizes_w)
+    rh = K.segments.pack_rel_pos([a.rel_pos_h_for(s) for s in seg.rel_sizes_h], seg.rel_sizes_h)
+    rw = K.segments.pack_rel_pos([a.rel_pos_w_for(s) for s in seg.rel_sizes_w], seg.rel_sizes_w)
     o = K.attention.attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=a.qkv.bias)   # [T, C]
     o = F.linear(o, a.proj.weight, a.proj.bias)
     h, x = _add_norm(blk.norm2, x, o)
