@@ -16,7 +16,7 @@ Cases (SAM ViT-B attention, 12 heads, head_dim 64):
 Each point is timed over at least --seconds of repetitions (triton.testing.do_bench, L2 flushed between runs):
 min and median ms. TFLOP/s counts the useful work, q.k and p.v of every group at its size
 (4 * N^2 * head_dim per head), the same for every method; "padding" is the kernel's issued / useful
-tensor-core work (gundam.kernels.attention.mma_work). Also printed: GPU, torch / triton / CUDA versions, the
+tensor-core work (gundam.kernels.tiling.mma_work). Also printed: GPU, torch / triton / CUDA versions, the
 SDPA implementation the baseline ran, the kernel's max error against it, and peak memory.
 """
 import argparse
@@ -31,7 +31,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchutil import bench_ms, environment, peak_cuda_mb, sdpa_backends  # noqa: E402
-from gundam.kernels.attention import attention, build_segments, choose_config, mma_work, pack_rel_pos  # noqa: E402
+from gundam.kernels.attention import attention  # noqa: E402
+from gundam.kernels.segments import SEG_GH, SEG_GW, build_segments, pack_rel_pos  # noqa: E402
+from gundam.kernels.tiling import choose_config, mma_work  # noqa: E402
 
 PAGE = [40] * 6 + [64]          # a Gundam 3x2 page: six 640 crops and the 1024 global view, SAM token grids
 CASES = {   # name: (view sides, window)
@@ -161,7 +163,7 @@ def make_flex(inp):
 
 def useful_flops(seg, head_dim, heads):
     """q.k and p.v of every group at its size: 4 * N^2 * head_dim per head."""
-    n = (seg.rows[:, 5] * seg.rows[:, 6]).double()          # SEG_GH * SEG_GW per group
+    n = (seg.rows[:, SEG_GH] * seg.rows[:, SEG_GW]).double()      # queries (and keys) per group
     return float((4 * n * n).sum()) * head_dim * heads
 
 

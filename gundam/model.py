@@ -36,6 +36,7 @@ def kernels():
     """gundam.kernels with its kernel modules loaded, imported on first use: TRITON_INTERPRET must be set before
     triton is first imported, and `import gundam` does not import triton."""
     import gundam.kernels.activation, gundam.kernels.attention, gundam.kernels.layernorm, gundam.kernels.layout  # noqa: E401,F401
+    import gundam.kernels.segments  # noqa: F401
     return gundam.kernels
 
 
@@ -168,8 +169,8 @@ class SamAttention(nn.Module):
         K = kernels()
         T, C = x.shape
         qkv = self.qkv(x).view(T, 3, self.num_heads, C // self.num_heads)
-        rh = K.attention.pack_rel_pos([self.rel_pos_h_for(s) for s in seg.rel_sizes_h], seg.rel_sizes_h)
-        rw = K.attention.pack_rel_pos([self.rel_pos_w_for(s) for s in seg.rel_sizes_w], seg.rel_sizes_w)
+        rh = K.segments.pack_rel_pos([self.rel_pos_h_for(s) for s in seg.rel_sizes_h], seg.rel_sizes_h)
+        rw = K.segments.pack_rel_pos([self.rel_pos_w_for(s) for s in seg.rel_sizes_w], seg.rel_sizes_w)
         return self.proj(K.attention.attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=self.qkv.bias))
 
 

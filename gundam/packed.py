@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from gundam.config import PATCH_SIZE
+from gundam.kernels import segments
 from gundam.layout import ImageLayout, grid_layout, layout_batch
-from gundam.model import kernels
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,6 @@ class Plan:
 
 @functools.lru_cache(maxsize=64)
 def make_plan(layouts: tuple[ImageLayout, ...], window: int, device: torch.device) -> Plan:
-    K = kernels()
-    attn = K.attention
     mode = layouts[0].mode
     # (patch grid, output grid) per view: global views first, then every crop in image and tile order
     sizes = [(mode.base_size // PATCH_SIZE, layouts[0].qb)] * len(layouts)
@@ -47,7 +45,7 @@ def make_plan(layouts: tuple[ImageLayout, ...], window: int, device: torch.devic
 
     def pack(sides, class_token=0):  # square views one after another in a packed buffer
         offsets = itertools.accumulate([class_token + n * n for n in sides], initial=0)
-        return [attn.View(off, n, n) for off, n in zip(offsets, sides)]
+        return [segments.View(off, n, n) for off, n in zip(offsets, sides)]
 
     sam_views = pack([g for g, _ in sizes])                 # SAM blocks' token grids
     clip_views = pack([q for _, q in sizes], class_token=1)  # CLIP: class token, then the q x q grid
@@ -61,13 +59,13 @@ def make_plan(layouts: tuple[ImageLayout, ...], window: int, device: torch.devic
     n, crops = len(layouts), len(sizes) - len(layouts)
     glob = torch.stack([index_rows(v) for v in range(n)])                             # [n, qb*qb, 2]
     local = torch.stack([index_rows(v) for v in range(n, n + crops)]) if crops else None
-    rows = layout_batch(layouts, glob, local, torch.tensor([K.layout.NEWLINE, -1]),
-                        torch.tensor([K.layout.SEPARATOR, -1]))
+    rows = layout_batch(layouts, glob, local, torch.tensor([segments.NEWLINE, -1]),
+                        torch.tensor([segments.SEPARATOR, -1]))
     return Plan(
-        seg_window=attn.build_segments(sam_views, window, device=device),
-        seg_global=attn.build_segments(sam_views, None, device=device),
-        seg_clip=attn.build_segments(clip_views, class_token=True, device=device),
-        row_map=K.layout.RowMap.from_host(rows, device=device),
+        seg_window=segments.build_segments(sam_views, window, device=device),
+        seg_global=segments.build_segments(sam_views, None, device=device),
+        seg_clip=segments.build_segments(clip_views, class_token=True, device=device),
+        row_map=segments.RowMap.from_host(rows, device=device),
     )
 
 

@@ -7,13 +7,14 @@ import triton
 import triton.language as tl
 
 from gundam.kernels.launch import FLOAT_DTYPES, check_tensor, resolve_config
+from gundam.kernels.tiling import quick_gelu_config
 
 
 @triton.jit
 def _quick_gelu_kernel(
     x_ptr,                      # [n] elements, contiguous; overwritten with the result
     n,                          # number of elements
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,        # elements per program
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -22,31 +23,14 @@ def _quick_gelu_kernel(
     tl.store(x_ptr + offs, y.to(x_ptr.dtype.element_ty), mask=mask)
 
 
-def default_config():
-    # 4096 elements per program, 8 per thread: 16-byte vector accesses for 16-bit dtypes.
-    return dict(BLOCK=4096, num_warps=16)
-
-
 def quick_gelu_(x, *, config=None):
     """x * sigmoid(1.702 * x), in place on a contiguous tensor; returns x (reference: gundam.model.quick_gelu)."""
     fn = "quick_gelu_"
     check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES)
     if not x.is_contiguous():
         raise ValueError(f"{fn}: x has strides {x.stride()}, expected a contiguous tensor")
-    cfg = resolve_config(fn, default_config(), config, pow2=("BLOCK", "num_warps"))
+    cfg = resolve_config(fn, quick_gelu_config(), config, pow2=("BLOCK", "num_warps"))
     n = x.numel()
     if n:
         _quick_gelu_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](x, n, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
     return x
-
-
-def _config(dtype):
-    cfg = default_config()
-    return dict(
-        name=f"quick_gelu/{dtype}", kernel=_quick_gelu_kernel,
-        signature=dict(x_ptr=f"*{dtype}", n="i32", BLOCK="constexpr"), constexprs=dict(BLOCK=cfg["BLOCK"]),
-        aligned=["x_ptr", "n"], num_warps=cfg["num_warps"],
-    )
-
-
-COMPILE_CONFIGS = [_config(dt) for dt in ("bf16", "fp16")]

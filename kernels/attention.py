@@ -2,8 +2,9 @@
 
 The packed token-major `qkv` buffer ([total_tokens, 3, heads, head_dim], a view of the fused qkv linear's
 [T, 3C] output) holds all views of a batch, each a row-major H x W grid at some token offset. A segment table
-lists the attention groups: a 14x14 window of a view (padded at the bottom/right edge), a whole view (SAM
-global blocks) or a class token + h*w tokens (CLIP). One launch computes all groups of a table:
+(`segments.build_segments`) lists the attention groups: a 14x14 window of a view (padded at the bottom/right
+edge), a whole view (SAM global blocks) or a class token + h*w tokens (CLIP). One launch computes all groups of
+a table:
 
     out[q] = softmax_k(q . k * scale + bias[q, k]) v            per group, per head, fp32 softmax
     bias[q, k] = q . Rh[qh - kh + GH - 1] + q . Rw[qw - kw + GW - 1]     (unscaled q; optional)
@@ -38,7 +39,7 @@ Design, and what it does for the H100 targets (bf16, head_dim 64):
   has 32); consecutive programs share a group's K/V in L2. A group's last query block is a TAIL_M = 16-row
   one (mma.sync) when its queries fit: sm_90's wgmma takes 64 query rows per warpgroup, so a 196-query
   window is 64 + 64 + 64 + 16 rows instead of 4 x 64.
-- Padding work (`mma_work`: issued / useful query x key products): a 14 x 14 window is issued 208 query rows
+- Padding work (`tiling.mma_work`: issued / useful query x key products): a 14 x 14 window is issued 208 query rows
   x 224 key slots (7 tiles of 2 x 16) = 1.21x its 196 x 196; 64-row blocks and 8 x 8 tiles issued
   256 x 256 = 1.71x. Why this tiling on sm_90: query rows come in 64s per warpgroup (wgmma M) plus the 16-row
   tail; p.v needs key tiles in 16s (its K); the outer-sum bias needs rectangular power-of-two tiles, so 14
@@ -46,7 +47,7 @@ Design, and what it does for the H100 targets (bf16, head_dim 64):
   twice the softmax steps for the same slots; 4 x 16 and 8 x 8 round the 14 rows up to 16: 256). Flat 16-key
   runs would issue 208 (1.13x) but turn the bias into a per-score gather; holding a window's K/V across its
   query blocks is not expressible in Triton without unrolling the key loop.
-- Block sizes come from `choose_config` (a heuristic on the group shapes); any BLOCK_M / TAIL_M /
+- Block sizes come from `tiling.choose_config` (a heuristic on the group shapes); any BLOCK_M / TAIL_M /
   BLOCK_KH / BLOCK_KW is correct. The production configs compile for sm_80 and sm_90 without spills or ptxas
   performance warnings, with HMMA / HGMMA; the SAM global config runs 2 CTAs per SM on sm_90
   (bench/compile_report.py).
@@ -69,238 +70,24 @@ delta = rowsum(dO * O) (torch):
 Every reduction is a fixed-order sum (no atomics, no index_add_): repeated backwards are bit-identical. Padded
 queries get lse = +inf (P = 0): they contribute nothing. Accumulators, scratch tables and the LSE follow the
 input: fp32, fp64 for fp64 inputs (gradient checks to ~1e-10 in Triton's interpreter). Block sizes come from
-`choose_backward_config`; the training forward and every backward kernel are in the compile check.
+`tiling.choose_backward_config`; the training forward and every backward kernel are in the compile check.
 """
-import dataclasses
-import inspect
-import math
-from collections import Counter
-from dataclasses import dataclass
-from typing import NamedTuple
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from gundam.kernels.launch import GRAD_DTYPES, acc_dtype, check_tensor, resolve_config, tl_acc_dtype
-
-# Segment table columns (int32 [G, SEG_COLS]); a program table row is a segment row plus the program's first
-# query (PROG_Q0). The same indices as constexprs for the kernels.
-SEG_TOKEN, SEG_H, SEG_W, SEG_ROW0, SEG_COL0, SEG_GH, SEG_GW, SEG_RH_OFF, SEG_RW_OFF = range(9)
-SEG_COLS = 9
-PROG_Q0 = SEG_COLS
-PROG_COLS = SEG_COLS + 1
-_TOKEN, _H, _W, _ROW0, _COL0, _GH, _GW, _RH_OFF, _RW_OFF, _Q0 = map(tl.constexpr, range(PROG_COLS))
-
-LOG2E = 1.4426950408889634
-RELPOS_BLOCK_M = 32     # query block of _relpos_kernel and _relpos_bwd_kernel
-RELPOS_BWD_SUB_BLOCKS = 4   # query blocks per _relpos_bwd_kernel program: fewer partial table gradients
-
-
-class View(NamedTuple):
-    """One view in a packed token buffer: a row-major h x w grid starting at token `offset` (CLIP: the class
-    token sits at `offset`, the grid follows it)."""
-    offset: int
-    h: int
-    w: int
-
-
-# ----------------------------------------------------------------------------------------------- segments
-
-@dataclass(frozen=True)
-class SegmentTable:
-    """One row per attention group (columns SEG_*) on the host, the kernels' program tables on the device, and
-    the host-side facts the launcher needs (it never reads a device value).
-
-    A row is (token offset of the view, view H, view W, group origin row, origin col, group rows GH,
-    group cols GW, first row of the group's Rh in the packed rel_pos_h, first row of its Rw in rel_pos_w).
-    Query/key i of a group sits at view position (row0 + i // GW, col0 + i % GW), token
-    offset + row * W + col; positions outside the H x W view are padding. A CLIP group is a 1 x (1 + h*w)
-    "view", so its tokens are contiguous with the class token first.
-
-    A program table (`program_table(block_m, tail_m)`) has one row per query block of every group (the
-    group's row plus the block's first query), so a launch has no idle programs whatever the mix of group
-    sizes. Tables for the default blockings are built with the segment table; others on first use.
-    """
-    rows: torch.Tensor          # int32 [G, SEG_COLS], on the host
-    device: torch.device        # where the program tables live: the device of the qkv they will be used with
-    max_group_tokens: int       # max GH * GW
-    max_gh: int                 # widths of the per-token rel-pos tables
-    max_gw: int
-    end_token: int              # one past the last token any group touches
-    max_view_tokens: int        # max H * W: offsets within a view are 32-bit
-    covered_tokens: int         # tokens inside some group (end_token when the views leave no gaps)
-    rel_sizes_h: tuple          # group heights in packed rel_pos_h order (table k has 2 * size - 1 rows)
-    rel_sizes_w: tuple
-    class_token: bool           # CLIP groups: no rel-pos
-    group_shapes: tuple = ()    # ((GH, GW), number of groups) pairs: block-size choice without a device read
-    programs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # blocking: device table
-
-    @property
-    def num_groups(self):
-        return self.rows.shape[0]
-
-    def program_table(self, block_m, tail_m):
-        """int32 [P, PROG_COLS] on `device`: one row per query block (see query_blocks), groups in order."""
-        key = (block_m, tail_m)
-        if key not in self.programs:
-            progs = [(*row, q0) for row in self.rows.tolist()
-                     for q0, _ in query_blocks(row[SEG_GH] * row[SEG_GW], block_m, tail_m)]
-            self.programs[key] = torch.tensor(progs, dtype=torch.int32, device=self.device).reshape(-1, PROG_COLS)
-        return self.programs[key]
-
-    def key_tile_table(self, block_kh, block_kw):
-        """int32 [P, PROG_COLS] on `device`: one row per (group, key tile) of the backward's dK/dV kernel, the
-        tile's index (row-major over the group's BLOCK_KH x BLOCK_KW tiles) in the PROG_Q0 column."""
-        key = ("key_tiles", block_kh, block_kw)
-        if key not in self.programs:
-            progs = [(*row, t) for row in self.rows.tolist()
-                     for t in range(-(-row[SEG_GH] // block_kh) * -(-row[SEG_GW] // block_kw))]
-            self.programs[key] = torch.tensor(progs, dtype=torch.int32, device=self.device).reshape(-1, PROG_COLS)
-        return self.programs[key]
-
-    def relpos_backward_table(self, block_m):
-        """(int32 [P, PROG_COLS] on `device`, runs): the rel-pos backward's programs, one per block_m queries of
-        every group, groups sorted by shape; runs = [(GH, GW, RH_OFF, RW_OFF, first program, end)] so the
-        partial table gradients of one shape are one contiguous range of programs (a deterministic sum)."""
-        rows = sorted(self.rows.tolist(), key=lambda r: (r[SEG_GH], r[SEG_GW]))    # stable: groups in order
-        runs, start = [], 0
-        for row in rows:
-            n = len(query_blocks(row[SEG_GH] * row[SEG_GW], block_m, block_m))
-            shape = (row[SEG_GH], row[SEG_GW], row[SEG_RH_OFF], row[SEG_RW_OFF])
-            if runs and runs[-1][:4] == shape:
-                runs[-1] = (*shape, runs[-1][4], start + n)
-            else:
-                runs.append((*shape, start, start + n))
-            start += n
-        key = ("relpos_backward", block_m)
-        if key not in self.programs:
-            progs = [(*row, q0) for row in rows for q0, _ in query_blocks(row[SEG_GH] * row[SEG_GW], block_m, block_m)]
-            self.programs[key] = torch.tensor(progs, dtype=torch.int32, device=self.device).reshape(-1, PROG_COLS)
-        return self.programs[key], runs
-
-    def to(self, device):
-        device = _device(device)
-        return dataclasses.replace(self, device=device, programs={k: p.to(device) for k, p in self.programs.items()})
-
-
-def _device(device):
-    """torch.device as a tensor on it reports it ("cuda" -> "cuda:0"), to compare with qkv.device."""
-    return torch.empty(0, device=device).device
-
-
-def query_blocks(n, block_m, tail_m):
-    """[(first query, block size)] covering the n queries of a group: blocks of block_m, except that the last
-    block is a smaller tail_m one when its queries fit in it (a 196-query window: 64, 64, 64, 16)."""
-    return [(q0, tail_m if n - q0 <= tail_m else block_m) for q0 in range(0, n, block_m)]
-
-
-def default_blocking(group_shapes):
-    """(BLOCK_M, TAIL_M) for groups of these shapes; see choose_config."""
-    block_m = 128 if max((gh * gw for (gh, gw), _ in group_shapes), default=0) >= 1024 else 64
-    return block_m, default_tail(group_shapes, block_m)
-
-
-def default_tail(group_shapes, block_m, tail_m=16):
-    """tail_m if some group ends in a block of at most tail_m queries, else block_m (no tail path compiled)."""
-    if tail_m < block_m and any(0 < gh * gw % block_m <= tail_m for (gh, gw), _ in group_shapes):
-        return tail_m
-    return block_m
-
-
-def _rel_offsets(sizes):
-    """Distinct sizes (ascending) -> {size: first row in the packed table}; tables have 2*size-1 rows."""
-    offsets, row = {}, 0
-    for s in sorted(set(sizes)):
-        offsets[s] = row
-        row += 2 * s - 1
-    return offsets
-
-
-def build_segments(views, window=None, *, class_token=False, device=None):
-    """Segment table for the views of a packed buffer.
-
-    views: list of View (offset, h, w), one per view (CLIP: the h x w grid, the view then spans 1 + h*w
-    tokens from offset, class token first). window=None: one whole-view group per view (SAM global
-    blocks, CLIP); window=S: one group per S x S window, row-major over the windows of each view, padded at
-    the bottom/right edge. The packed rel-pos tables are ordered by `rel_sizes_h` / `rel_sizes_w`
-    (use `pack_rel_pos`). device: where the program tables go (qkv's device); built here for the default
-    blockings, so a launch uploads nothing.
-    """
-    if window is not None and (not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be a positive int or None, got {window!r}")
-    if class_token and window is not None:
-        raise ValueError(f"class_token groups are whole views; got window={window}")
-    spans = []
-    for v in views:
-        if len(v) != 3 or not all(isinstance(x, (int, np.integer)) for x in v):
-            raise ValueError(f"build_segments: view {v!r}, expected View(offset, h, w) of ints")
-        off, h, w = (int(x) for x in v)
-        if off < 0 or h < 1 or w < 1:
-            raise ValueError(f"build_segments: view {v!r}, expected offset >= 0 and h, w >= 1")
-        spans.append((off, off + h * w + (1 if class_token else 0), h, w))
-    order = sorted(spans)
-    for a, b in zip(order, order[1:]):
-        if b[0] < a[1]:
-            raise ValueError(f"views overlap in the token buffer: tokens [{a[0]}, {a[1]}) and [{b[0]}, {b[1]})")
-
-    rows = []
-    if class_token:
-        for off, end, h, w in spans:
-            n = end - off                                   # class token + h*w grid tokens, one flat row
-            rows.append((off, 1, n, 0, 0, 1, n, 0, 0))
-        sizes_h, sizes_w = (), ()
-    elif window is None:
-        sizes_h = tuple(sorted({h for _, _, h, _ in spans}))
-        sizes_w = tuple(sorted({w for _, _, _, w in spans}))
-        off_h, off_w = _rel_offsets(sizes_h), _rel_offsets(sizes_w)
-        for off, _, h, w in spans:
-            rows.append((off, h, w, 0, 0, h, w, off_h[h], off_w[w]))
-    else:
-        sizes_h = sizes_w = (window,) if spans else ()
-        for off, _, h, w in spans:
-            for r0 in range(0, h, window):
-                for c0 in range(0, w, window):
-                    rows.append((off, h, w, r0, c0, window, window, 0, 0))
-    shapes = tuple(sorted(Counter((r[SEG_GH], r[SEG_GW]) for r in rows).items()))
-    table = SegmentTable(
-        rows=torch.tensor(rows, dtype=torch.int32).reshape(-1, SEG_COLS),     # [G, 9]
-        device=_device(device),
-        max_group_tokens=max((r[SEG_GH] * r[SEG_GW] for r in rows), default=0),
-        max_gh=max((r[SEG_GH] for r in rows), default=0),
-        max_gw=max((r[SEG_GW] for r in rows), default=0),
-        end_token=max((end for _, end, _, _ in spans), default=0),
-        max_view_tokens=max((r[SEG_H] * r[SEG_W] for r in rows), default=0),
-        covered_tokens=sum(end - off for off, end, _, _ in spans),
-        rel_sizes_h=sizes_h, rel_sizes_w=sizes_w, class_token=class_token, group_shapes=shapes,
-    )
-    table.program_table(*default_blocking(shapes))
-    if not class_token:
-        table.program_table(RELPOS_BLOCK_M, RELPOS_BLOCK_M)
-    return table
-
-
-def pack_rel_pos(tables, sizes):
-    """Concatenate per-size rel-pos tables ((2*s-1) x head_dim each, in `sizes` order) into one packed table.
-
-    sizes is `segments.rel_sizes_h` (or `_w`); the segment rows address the result by RH_OFF / RW_OFF.
-    """
-    tables, sizes = list(tables), list(sizes)
-    if len(tables) != len(sizes):
-        raise ValueError(f"got {len(tables)} rel-pos tables for {len(sizes)} sizes {sizes}")
-    if not tables:
-        raise ValueError("no rel-pos tables to pack")
-    for t, s in zip(tables, sizes):
-        if t.dim() != 2 or t.shape[0] != 2 * s - 1:
-            raise ValueError(f"rel-pos table for size {s} must be ({2 * s - 1}, head_dim), got {tuple(t.shape)}")
-        if t.shape[1] != tables[0].shape[1] or t.dtype != tables[0].dtype:
-            raise ValueError(f"rel-pos tables disagree: {tuple(t.shape)} {t.dtype} vs "
-                             f"{tuple(tables[0].shape)} {tables[0].dtype}")
-    return torch.cat(tables, dim=0)
-
+from gundam.kernels.segments import (PROG_Q0, RELPOS_BLOCK_M, RELPOS_BWD_SUB_BLOCKS, SEG_COL0, SEG_GH, SEG_GW, SEG_H,
+                                     SEG_RH_OFF, SEG_ROW0, SEG_RW_OFF, SEG_TOKEN, SEG_W, SegmentTable, default_tail)
+from gundam.kernels.tiling import choose_backward_config, choose_config, relpos_block, relpos_warps, round_up
 
 # ------------------------------------------------------------------------------------------------ kernels
+
+LOG2E = tl.constexpr(1.4426950408889634)    # scores are kept in base 2 (exp2); ln x = log2 x / LOG2E
+# the program table's columns (segments.SEG_* and PROG_Q0) as constexprs for the kernels
+_TOKEN, _H, _W, _ROW0, _COL0, _GH, _GW, _RH_OFF, _RW_OFF, _Q0 = map(tl.constexpr, (
+    SEG_TOKEN, SEG_H, SEG_W, SEG_ROW0, SEG_COL0, SEG_GH, SEG_GW, SEG_RH_OFF, SEG_RW_OFF, PROG_Q0))
+
 
 @triton.jit
 def _group(prog):
@@ -357,6 +144,38 @@ def _key_tile(t, n_col_tiles, H, W, R0, C0, GH, GW, k_view, pad_k_ptr, stride_qk
 
 
 @triton.jit
+def _scores(qk, qk_scale, k_in, q_real, relh_rows, relw_rows, kh0, kw0, offs_kr, offs_kc,
+            BLOCK_M: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_KW: tl.constexpr, HAS_REL: tl.constexpr,
+            TRANSPOSED: tl.constexpr):
+    """Scores in log2 units of a query block against a key tile, s = qk * qk_scale + bias: [BLOCK_M, BLOCK_N]
+    (queries x keys), or s^T [BLOCK_N, BLOCK_M] for qk^T with TRANSPOSED (the dK/dV kernel).
+
+    With rel-pos, bias = rel_h[q, kh] + rel_w[q, kw] from the per-token tables (relh_rows / relw_rows: each
+    query's row, [BLOCK_M] pointers; the tile's rows in the group are kh0 + offs_kr, its columns kw0 + offs_kc),
+    an outer sum of two thin tiles; the tables hold -inf past the group's edge and are padded to whole
+    tiles, so only the row mask: the loads stay 16-byte vectors, and no tile coordinates stay live across a
+    pipelined loop. Without rel-pos, -inf for keys outside the group (k_in [BLOCK_N])."""
+    BLOCK_N: tl.constexpr = BLOCK_KH * BLOCK_KW
+    if HAS_REL:
+        if TRANSPOSED:
+            bh = tl.load(relh_rows[None, :] + (kh0 + offs_kr)[:, None], mask=q_real[None, :], other=0.0)  # [KH, M]
+            bw = tl.load(relw_rows[None, :] + (kw0 + offs_kc)[:, None], mask=q_real[None, :], other=0.0)  # [KW, M]
+            bias = tl.reshape(bh[:, None, :] + bw[None, :, :], (BLOCK_N, BLOCK_M))   # [KH, KW, M] -> [N, M]
+        else:
+            bh = tl.load(relh_rows[:, None] + (kh0 + offs_kr)[None, :], mask=q_real[:, None], other=0.0)  # [M, KH]
+            bw = tl.load(relw_rows[:, None] + (kw0 + offs_kc)[None, :], mask=q_real[:, None], other=0.0)  # [M, KW]
+            bias = tl.reshape(bh[:, :, None] + bw[:, None, :], (BLOCK_M, BLOCK_N))   # [M, KH, KW] -> [M, N]
+        s = qk * qk_scale + bias
+    else:
+        k_add = tl.where(k_in, 0.0, float("-inf"))
+        if TRANSPOSED:
+            s = qk * qk_scale + k_add[:, None]
+        else:
+            s = qk * qk_scale + k_add[None, :]
+    return s
+
+
+@triton.jit
 def _store_rel(q, q_g, q_real, table_ptr, stride_table, OFF, G, offs_d, out_base, out_rows, row_len,
                BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """out[m, k] = log2(e) * q[m] . R[q_g[m] - k + G - 1] for k in [0, G), R = table rows OFF.. OFF+2G-2;
@@ -365,7 +184,7 @@ def _store_rel(q, q_g, q_real, table_ptr, stride_table, OFF, G, offs_d, out_base
     offs_r = tl.arange(0, BLOCK_R)
     r = tl.load(table_ptr + (OFF + offs_r)[:, None] * stride_table + offs_d[None, :],
                 mask=(offs_r < 2 * G - 1)[:, None], other=0.0)
-    p = tl.dot(q, tl.trans(r), input_precision=DOT_PRECISION) * 1.4426950408889634   # * log2(e): [M, R]
+    p = tl.dot(q, tl.trans(r), input_precision=DOT_PRECISION) * LOG2E                # [M, R]
     k = q_g[:, None] + G - 1 - offs_r[None, :]                                    # table row i -> key k
     tl.store(out_base + (out_rows[:, None] + k), p, mask=q_real[:, None] & (k >= 0) & (k < G))
     pad = q_real[:, None] & ((offs_r >= G) & (offs_r < row_len))[None, :]
@@ -375,12 +194,23 @@ def _store_rel(q, q_g, q_real, table_ptr, stride_table, OFF, G, offs_d, out_base
 
 @triton.jit
 def _relpos_kernel(
-    qkv_ptr, prog_ptr, rph_ptr, rpw_ptr, relh_ptr, relw_ptr,
-    stride_qkv_t, stride_qkv_h,
-    stride_prog, stride_rph, stride_rpw,
-    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t, len_relh, len_relw,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_RH: tl.constexpr, BLOCK_RW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    qkv_ptr,                    # [T, 3, heads, HEAD_DIM] packed q, k, v: q is read
+    prog_ptr,                   # int32 [P, PROG_COLS]: (group, query block of BLOCK_M) per program
+    rph_ptr,                    # [sum over rel_sizes_h of 2*GH-1, HEAD_DIM] packed rel_pos_h
+    rpw_ptr,                    # [sum over rel_sizes_w of 2*GW-1, HEAD_DIM] packed rel_pos_w
+    relh_ptr,                   # out [heads, T, len_relh], fp32 (fp64): log2(e) q . Rh[qh - kh + GH - 1]
+    relw_ptr,                   # out [heads, T, len_relw], fp32 (fp64): log2(e) q . Rw[qw - kw + GW - 1]
+    stride_qkv_t, stride_qkv_h,                 # qkv's token and head strides (head_dim contiguous)
+    stride_prog,                                # PROG_COLS
+    stride_rph, stride_rpw,                     # table row strides
+    stride_relh_head, stride_relh_t,            # relh's head and token strides
+    stride_relw_head, stride_relw_t,            # relw's
+    len_relh, len_relw,         # row lengths of relh / relw: >= max GH / GW, whole key tiles, 16-aligned
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,      # queries per program (RELPOS_BLOCK_M)
+    BLOCK_RH: tl.constexpr,     # power of two >= 2 * max GH - 1 and >= len_relh
+    BLOCK_RW: tl.constexpr,     # power of two >= 2 * max GW - 1 and >= len_relw
+    DOT_PRECISION: tl.constexpr,    # "ieee" for fp32 / fp64 inputs (exact dots), "tf32" (ignored) for 16-bit
 ):
     # rel_h[head, token(q), kh] = log2(e) * q . Rh[qh - kh + GH - 1] for every real query q of a group.
     # One dot of the query block against all 2*GH-1 table rows gives q . Rh[i]; row i lands at
@@ -412,17 +242,16 @@ def _attend(
     HAS_REL: tl.constexpr, HAS_LSE: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """One query block of one group, one head: flash attention over the group's key tiles."""
+    """One query block of one group, one head: flash attention over the group's key tiles (arguments as
+    _attention_kernel's; prog: this program's table row)."""
     tok0, H, W, R0, C0, GH, GW, q_gh, q_gw, q_real, q_tok = _block_queries(prog, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
                 mask=q_real[:, None], other=0.0)
-    if HAS_REL:
-        relh_rows = relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t    # [BLOCK_M]
-        relw_rows = relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t
+    relh_rows = relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t    # [BLOCK_M] (HAS_REL)
+    relw_rows = relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t
 
     # keys: BLOCK_KH x BLOCK_KW sub-rectangles of the group grid; key j of a block is at (j // KW, j % KW)
-    BLOCK_N: tl.constexpr = BLOCK_KH * BLOCK_KW
     offs_kr = tl.arange(0, BLOCK_KH)
     offs_kc = tl.arange(0, BLOCK_KW)
     # real keys: int32 offsets from the view's first k row (the launcher checks a view's span fits);
@@ -444,17 +273,8 @@ def _attend(
         v_rows = k_rows + stride_qkv_s
         k = tl.load(k_rows[:, None] + offs_d[None, :], mask=k_in[:, None], other=0.0)      # [BLOCK_N, D]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                       # [BLOCK_M, BLOCK_N]
-
-        if HAS_REL:
-            # bias (log2 units) = rel_h[q, kh] + rel_w[q, kw]; the tables hold -inf past the group's edge and
-            # are padded to whole tiles, so only the row mask: the loads stay 16-byte vectors, and no tile
-            # coordinates stay live across the pipelined loop
-            bh = tl.load(relh_rows[:, None] + (kh0 + offs_kr)[None, :], mask=q_real[:, None], other=0.0)
-            bw = tl.load(relw_rows[:, None] + (kw0 + offs_kc)[None, :], mask=q_real[:, None], other=0.0)
-            bias = tl.reshape(bh[:, :, None] + bw[:, None, :], (BLOCK_M, BLOCK_N))   # [M, KH, KW] -> [M, N]
-            s = qk * qk_scale + bias
-        else:
-            s = qk * qk_scale + tl.where(k_in, 0.0, float("-inf"))[None, :]
+        s = _scores(qk, qk_scale, k_in, q_real, relh_rows, relw_rows, kh0, kw0, offs_kr, offs_kc,
+                    BLOCK_M, BLOCK_KH, BLOCK_KW, HAS_REL, False)
 
         # online softmax in base 2; every block has an in-group key, so m_new is finite
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -470,21 +290,36 @@ def _attend(
     out_ptrs = out_ptr + q_tok[:, None] * stride_out_t + head * stride_out_h + offs_d[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_real[:, None])
     if HAS_LSE:     # natural-log log-sum-exp of the scores, for the backward
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        lse = (m_i + tl.math.log2(l_i)) * (1 / LOG2E)
         tl.store(lse_ptr + head.to(tl.int64) * stride_lse_head + q_tok, lse, mask=q_real)
 
 
 @triton.jit
 def _attention_kernel(
-    qkv_ptr, kvpad_ptr, prog_ptr, relh_ptr, relw_ptr, out_ptr, lse_ptr,
-    qk_scale,
-    stride_qkv_t, stride_qkv_s, stride_qkv_h,
-    stride_prog,
-    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t,
-    stride_out_t, stride_out_h, stride_lse_head,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_KH: tl.constexpr,
-    BLOCK_KW: tl.constexpr, HAS_REL: tl.constexpr, HAS_LSE: tl.constexpr, ALIGNED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    qkv_ptr,                    # [T, 3, heads, HEAD_DIM] packed q, k, v (a view of the qkv linear's output)
+    kvpad_ptr,                  # one token row laid out like qkv's: the k, v of padded keys (the qkv bias)
+    prog_ptr,                   # int32 [P, PROG_COLS]: (group, query block) per program
+    relh_ptr,                   # [heads, T, >= max GH], fp32 (fp64): log2(e) q . Rh per query (HAS_REL)
+    relw_ptr,                   # [heads, T, >= max GW], fp32 (fp64): log2(e) q . Rw (HAS_REL)
+    out_ptr,                    # out [T, heads * HEAD_DIM]: real queries' rows written
+    lse_ptr,                    # out [heads, T], ACC: natural-log log-sum-exp per query (HAS_LSE)
+    qk_scale,                   # scale * log2(e)
+    stride_qkv_t, stride_qkv_s, stride_qkv_h,   # qkv's token, q/k/v and head strides (head_dim contiguous)
+    stride_prog,                                # PROG_COLS
+    stride_relh_head, stride_relh_t,            # relh's head and token strides (0 without rel-pos)
+    stride_relw_head, stride_relw_t,            # relw's
+    stride_out_t, stride_out_h,                 # out's token and head strides
+    stride_lse_head,                            # T
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,      # queries per program
+    TAIL_M: tl.constexpr,       # queries of a group's last program when they fit (< BLOCK_M), else BLOCK_M
+    BLOCK_KH: tl.constexpr,     # key tile: BLOCK_KH rows x BLOCK_KW columns of the group
+    BLOCK_KW: tl.constexpr,
+    HAS_REL: tl.constexpr,      # add the decomposed rel-pos bias
+    HAS_LSE: tl.constexpr,      # write the log-sum-exp (training)
+    ALIGNED: tl.constexpr,      # every K/V row 16-byte aligned: vectorised, pipelined loads
+    DOT_PRECISION: tl.constexpr,    # "ieee" for fp32 / fp64 inputs (exact dots), "tf32" (ignored) for 16-bit
+    ACC: tl.constexpr,          # accumulator dtype: tl.float32 (tl.float64 for fp64 inputs)
 ):
     # program = (group, query block) x head; a group's last block is a TAIL_M one when its queries fit
     prog = prog_ptr + tl.program_id(0) * stride_prog
@@ -514,7 +349,8 @@ def _attend_dq(
 ):
     """dQ of one query block of one group, one head, over the group's key tiles (the forward's loop, with P
     recomputed from the log-sum-exp); with rel-pos also dRel_h = sum over kw of dS (one tile's rows kh0.. at a
-    time) and dRel_w = sum over kh of dS (key tiles span whole group rows: accumulated in registers)."""
+    time) and dRel_w = sum over kh of dS (key tiles span whole group rows: accumulated in registers).
+    Arguments as _attention_bwd_dq_kernel's; prog: this program's table row."""
     tok0, H, W, R0, C0, GH, GW, q_gh, q_gw, q_real, q_tok = _block_queries(prog, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(qkv_ptr + q_tok[:, None] * stride_qkv_t + head * stride_qkv_h + offs_d[None, :],
@@ -523,16 +359,15 @@ def _attend_dq(
                  mask=q_real[:, None], other=0.0)
     # padded queries: lse = +inf gives P = 0, so they add nothing anywhere
     lse2 = tl.load(lse_ptr + head.to(tl.int64) * stride_lse_head + q_tok, mask=q_real,
-                   other=float("inf")) * 1.4426950408889634
+                   other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + head.to(tl.int64) * stride_lse_head + q_tok, mask=q_real, other=0.0)
+    relh_rows = relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t    # [BLOCK_M] (HAS_REL)
+    relw_rows = relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t
     if HAS_REL:
-        relh_rows = relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t    # [BLOCK_M]
-        relw_rows = relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t
         drelh_rows = drelh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t
         drelw_rows = drelw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t
         drel_w = tl.zeros([BLOCK_M, BLOCK_KW], dtype=ACC)
 
-    BLOCK_N: tl.constexpr = BLOCK_KH * BLOCK_KW
     offs_kr = tl.arange(0, BLOCK_KH)
     offs_kc = tl.arange(0, BLOCK_KW)
     k_view = qkv_ptr + tok0.to(tl.int64) * stride_qkv_t + 1 * stride_qkv_s + head * stride_qkv_h
@@ -548,12 +383,8 @@ def _attend_dq(
         k = tl.load(k_rows[:, None] + offs_d[None, :], mask=k_in[:, None], other=0.0)      # [BLOCK_N, D]
         v = tl.load((k_rows + stride_qkv_s)[:, None] + offs_d[None, :], mask=k_in[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                       # [BLOCK_M, BLOCK_N]
-        if HAS_REL:
-            bh = tl.load(relh_rows[:, None] + (kh0 + offs_kr)[None, :], mask=q_real[:, None], other=0.0)
-            bw = tl.load(relw_rows[:, None] + (kw0 + offs_kc)[None, :], mask=q_real[:, None], other=0.0)
-            s = qk * qk_scale + tl.reshape(bh[:, :, None] + bw[:, None, :], (BLOCK_M, BLOCK_N))
-        else:
-            s = qk * qk_scale + tl.where(k_in, 0.0, float("-inf"))[None, :]
+        s = _scores(qk, qk_scale, k_in, q_real, relh_rows, relw_rows, kh0, kw0, offs_kr, offs_kc,
+                    BLOCK_M, BLOCK_KH, BLOCK_KW, HAS_REL, False)
         p = tl.math.exp2(s - lse2[:, None])                                               # softmax probabilities
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])                                                   # d loss / d score
@@ -572,15 +403,33 @@ def _attend_dq(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    qkv_ptr, kvpad_ptr, prog_ptr, relh_ptr, relw_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, drelh_ptr, drelw_ptr,
-    qk_scale, scale,
-    stride_qkv_t, stride_qkv_s, stride_qkv_h,
-    stride_prog,
-    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t,
-    stride_do_t, stride_do_h, stride_lse_head, stride_dq_t, stride_dq_h,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_KH: tl.constexpr,
-    BLOCK_KW: tl.constexpr, HAS_REL: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    qkv_ptr,                    # [T, 3, heads, HEAD_DIM] packed q, k, v, as the forward's
+    kvpad_ptr,                  # the k, v of padded keys (the qkv bias), as the forward's
+    prog_ptr,                   # int32 [P, PROG_COLS]: the forward's (group, query block) programs
+    relh_ptr, relw_ptr,         # [heads, T, >= max GH / GW], ACC: the forward's per-token rel-pos tables
+    do_ptr,                     # [T, heads * HEAD_DIM] gradient of out
+    lse_ptr,                    # [heads, T], ACC: the forward's log-sum-exp
+    delta_ptr,                  # [heads, T], ACC: rowsum(dO * O) per (head, query)
+    dq_ptr,                     # out [T, heads, HEAD_DIM]: dq of the q.k part (ACC scratch with rel-pos)
+    drelh_ptr, drelw_ptr,       # out, shaped and strided like relh / relw: dRel_h, dRel_w of the scores
+    qk_scale,                   # scale * log2(e)
+    scale,                      # the logit scale
+    stride_qkv_t, stride_qkv_s, stride_qkv_h,   # qkv's token, q/k/v and head strides
+    stride_prog,                                # PROG_COLS
+    stride_relh_head, stride_relh_t,            # relh's (and drelh's) head and token strides (0 without rel-pos)
+    stride_relw_head, stride_relw_t,            # relw's (and drelw's)
+    stride_do_t, stride_do_h,                   # dO's token and head strides
+    stride_lse_head,                            # T (lse and delta)
+    stride_dq_t, stride_dq_h,                   # dq's token and head strides
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,      # queries per program
+    TAIL_M: tl.constexpr,       # queries of a group's last program when they fit (< BLOCK_M), else BLOCK_M
+    BLOCK_KH: tl.constexpr,     # key tile rows; with rel-pos BLOCK_KW spans whole group rows
+    BLOCK_KW: tl.constexpr,
+    HAS_REL: tl.constexpr,
+    ALIGNED: tl.constexpr,      # every K/V row 16-byte aligned
+    DOT_PRECISION: tl.constexpr,    # "ieee" for fp32 / fp64 inputs (exact dots), "tf32" (ignored) for 16-bit
+    ACC: tl.constexpr,          # accumulator dtype: tl.float32 (tl.float64 for fp64 inputs)
 ):
     # program = (group, query block) x head, the forward's program table
     prog = prog_ptr + tl.program_id(0) * stride_prog
@@ -600,14 +449,32 @@ def _attention_bwd_dq_kernel(
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    qkv_ptr, kvpad_ptr, prog_ptr, relh_ptr, relw_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, dpad_ptr,
-    qk_scale, scale,
-    stride_qkv_t, stride_qkv_s, stride_qkv_h,
-    stride_prog,
-    stride_relh_head, stride_relh_t, stride_relw_head, stride_relw_t,
-    stride_do_t, stride_do_h, stride_lse_head, stride_dqkv_t, stride_dqkv_s, stride_dqkv_h,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_KW: tl.constexpr,
-    HAS_REL: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    qkv_ptr,                    # [T, 3, heads, HEAD_DIM] packed q, k, v, as the forward's
+    kvpad_ptr,                  # the k, v of padded keys (the qkv bias), as the forward's
+    prog_ptr,                   # int32 [P, PROG_COLS]: (group, key tile index in PROG_Q0) per program
+    relh_ptr, relw_ptr,         # [heads, T, >= max GH / GW], ACC: the forward's per-token rel-pos tables
+    do_ptr,                     # [T, heads * HEAD_DIM] gradient of out
+    lse_ptr,                    # [heads, T], ACC: the forward's log-sum-exp
+    delta_ptr,                  # [heads, T], ACC: rowsum(dO * O) per (head, query)
+    dqkv_ptr,                   # out [T, 3, heads, HEAD_DIM]: token keys' dk, dv rows
+    dpad_ptr,                   # out [P, heads, 2, HEAD_DIM], ACC: this program's padded keys' dk, dv sums
+    qk_scale,                   # scale * log2(e)
+    scale,                      # the logit scale
+    stride_qkv_t, stride_qkv_s, stride_qkv_h,   # qkv's token, q/k/v and head strides
+    stride_prog,                                # PROG_COLS
+    stride_relh_head, stride_relh_t,            # relh's head and token strides (0 without rel-pos)
+    stride_relw_head, stride_relw_t,            # relw's
+    stride_do_t, stride_do_h,                   # dO's token and head strides
+    stride_lse_head,                            # T (lse and delta)
+    stride_dqkv_t, stride_dqkv_s, stride_dqkv_h,    # dqkv's token, q/k/v and head strides
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,      # queries per step of the loop over the group's queries
+    BLOCK_KH: tl.constexpr,     # key tile: BLOCK_KH rows x BLOCK_KW columns of the group
+    BLOCK_KW: tl.constexpr,
+    HAS_REL: tl.constexpr,
+    ALIGNED: tl.constexpr,      # every K/V row 16-byte aligned
+    DOT_PRECISION: tl.constexpr,    # "ieee" for fp32 / fp64 inputs (exact dots), "tf32" (ignored) for 16-bit
+    ACC: tl.constexpr,          # accumulator dtype: tl.float32 (tl.float64 for fp64 inputs)
 ):
     # program = (group, key tile) x head, looping over the group's queries in flat runs of BLOCK_M.
     # Transposed like the scores: s^T [keys, queries], so dV += P^T dO and dK += dS^T Q need no transposes
@@ -625,7 +492,6 @@ def _attention_bwd_dkdv_kernel(
                                                k_view, pad_k_ptr, stride_qkv_t, BLOCK_KH, BLOCK_KW, ALIGNED)
     k = tl.load(k_rows[:, None] + offs_d[None, :], mask=k_in[:, None], other=0.0)          # [BLOCK_N, D]
     v = tl.load((k_rows + stride_qkv_s)[:, None] + offs_d[None, :], mask=k_in[:, None], other=0.0)
-    k_add = tl.where(k_in, 0.0, float("-inf"))       # out-of-group keys (no rel-pos: the tables do it otherwise)
 
     n_q = GH * GW
     tl.assume(n_q > 0)
@@ -638,17 +504,13 @@ def _attention_bwd_dkdv_kernel(
         do = tl.load(do_ptr + q_tok[:, None] * stride_do_t + head * stride_do_h + offs_d[None, :],
                      mask=q_real[:, None], other=0.0)                                  # [BLOCK_M, D]
         lse2 = tl.load(lse_ptr + head.to(tl.int64) * stride_lse_head + q_tok, mask=q_real,
-                       other=float("inf")) * 1.4426950408889634
+                       other=float("inf")) * LOG2E
         delta = tl.load(delta_ptr + head.to(tl.int64) * stride_lse_head + q_tok, mask=q_real, other=0.0)
         qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)                                # [BLOCK_N, BLOCK_M]
-        if HAS_REL:
-            relh_rows = relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t
-            relw_rows = relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t
-            bhT = tl.load(relh_rows[None, :] + (kh0 + offs_kr)[:, None], mask=q_real[None, :], other=0.0)
-            bwT = tl.load(relw_rows[None, :] + (kw0 + offs_kc)[:, None], mask=q_real[None, :], other=0.0)
-            sT = qkT * qk_scale + tl.reshape(bhT[:, None, :] + bwT[None, :, :], (BLOCK_N, BLOCK_M))
-        else:
-            sT = qkT * qk_scale + k_add[:, None]
+        relh_rows = relh_ptr + head.to(tl.int64) * stride_relh_head + q_tok * stride_relh_t   # (HAS_REL)
+        relw_rows = relw_ptr + head.to(tl.int64) * stride_relw_head + q_tok * stride_relw_t
+        sT = _scores(qkT, qk_scale, k_in, q_real, relh_rows, relw_rows, kh0, kw0, offs_kr, offs_kc,
+                     BLOCK_M, BLOCK_KH, BLOCK_KW, HAS_REL, True)
         pT = tl.math.exp2(sT - lse2[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)                     # [BLOCK_N, BLOCK_M]
@@ -669,12 +531,26 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _relpos_bwd_kernel(
-    qkv_ptr, prog_ptr, rp_ptr, drel_ptr, dq_in_ptr, dq_out_ptr, part_ptr,
-    stride_qkv_t, stride_qkv_h,
-    stride_prog, stride_rp, stride_drel_head, stride_drel_t,
-    stride_dq_in_t, stride_dq_in_h, stride_dq_out_t, stride_dq_out_h,
-    AXIS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_BLOCKS: tl.constexpr,
-    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    qkv_ptr,                    # [T, 3, heads, HEAD_DIM] packed q, k, v: q is read
+    prog_ptr,                   # int32 [P, PROG_COLS]: (group, first query) per program, groups sorted by shape
+    rp_ptr,                     # this axis's packed rel-pos table, [sum of 2*G-1, HEAD_DIM]
+    drel_ptr,                   # [heads, T, >= max G], ACC: dRel_h (AXIS 0) or dRel_w (AXIS 1)
+    dq_in_ptr,                  # [T, heads, HEAD_DIM] dq so far
+    dq_out_ptr,                 # out [T, heads, HEAD_DIM]: dq_in + G R (may be dq_in: in place)
+    part_ptr,                   # out [P, heads, BLOCK_R, HEAD_DIM], ACC: this program's partial dR = G^T q
+    stride_qkv_t, stride_qkv_h,                 # qkv's token and head strides
+    stride_prog,                                # PROG_COLS
+    stride_rp,                                  # table row stride
+    stride_drel_head, stride_drel_t,            # drel's head and token strides
+    stride_dq_in_t, stride_dq_in_h,             # dq_in's token and head strides
+    stride_dq_out_t, stride_dq_out_h,           # dq_out's
+    AXIS: tl.constexpr,         # 0: rows (Rh, GH), 1: columns (Rw, GW)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,      # queries per step (RELPOS_BLOCK_M)
+    SUB_BLOCKS: tl.constexpr,   # steps per program (RELPOS_BWD_SUB_BLOCKS)
+    BLOCK_R: tl.constexpr,      # power of two >= 2 * max G - 1
+    DOT_PRECISION: tl.constexpr,    # "ieee" for fp32 / fp64 inputs (exact dots), "tf32" (ignored) for 16-bit
+    ACC: tl.constexpr,          # accumulator dtype: tl.float32 (tl.float64 for fp64 inputs)
 ):
     # The backward of _relpos_kernel for one axis (AXIS 0: rows, Rh; 1: columns, Rw), program = (group,
     # SUB_BLOCKS query blocks of BLOCK_M) x head. dRel is gathered back to table rows (the inverse of the
@@ -716,125 +592,6 @@ def _relpos_bwd_kernel(
     part = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + head) * BLOCK_R * HEAD_DIM
     tl.store(part_ptr + part + offs_r[:, None] * HEAD_DIM + offs_d[None, :], acc)
 
-
-# ---------------------------------------------------------------------------------------------- heuristic
-
-def mma_work(group_shapes, block_m, tail_m, block_kh, block_kw):
-    """(issued, useful) query x key products of one head of a launch; issued / useful is its padding ratio.
-
-    Both tensor-core products of a program (q.k and p.v, each x head_dim) scale with its query rows x key
-    slots: a group of n = GH * GW queries is issued sum(query_blocks sizes) rows x (GH rounded up to
-    BLOCK_KH) * (GW rounded up to BLOCK_KW) key slots, of which n x n are the attention itself (padded window
-    keys are real keys, the qkv bias)."""
-    issued = useful = 0
-    for (gh, gw), count in group_shapes:
-        n = gh * gw
-        rows = sum(size for _, size in query_blocks(n, block_m, tail_m))
-        issued += count * rows * _round_up(gh, block_kh) * _round_up(gw, block_kw)
-        useful += count * n * n
-    return issued, useful
-
-
-def _pick_key_tile(shapes, block_n):
-    """(BLOCK_KH, BLOCK_KW) with BLOCK_KH * BLOCK_KW = block_n that wastes the fewest key slots.
-
-    shapes: ((GH, GW), number of groups) pairs. Waste is weighted by the queries that see it; ties go to the
-    squarest tile (fewest bias loads per block: BLOCK_KH + BLOCK_KW), then to the wider one.
-    """
-    best = None
-    kw = 1
-    while kw <= block_n:
-        kh = block_n // kw
-        slots = sum(cnt * gh * gw * _round_up(gh, kh) * _round_up(gw, kw) for (gh, gw), cnt in shapes)
-        key = (slots, abs(math.log2(kw) - math.log2(kh)), -kw)
-        if best is None or key < best[0]:
-            best = (key, kh, kw)
-        kw *= 2
-    return best[1], best[2]
-
-
-def _fewest_slots(shapes, block_m, tail_m, sizes, block_kw=None):
-    """(BLOCK_KH, BLOCK_KW) of the key tile, among tiles of `sizes` keys, that issues the fewest key slots
-    (mma_work); ties to the larger tile. block_kw: a fixed tile width (then BLOCK_KH = max(1, size // width))."""
-    best = None
-    for n in sizes:
-        if block_kw:
-            kh, kw = max(1, n // block_kw), block_kw
-        else:
-            kh, kw = _pick_key_tile(shapes, n) if shapes else (1, n)
-        issued = mma_work(shapes, block_m, tail_m, kh, kw)[0]
-        if best is None or issued < best[0]:
-            best = (issued, kh, kw)
-    return best[1], best[2]
-
-
-def choose_config(segments, head_dim, dtype, *, block_m=None, block_n=None, num_warps=None, num_stages=None):
-    """Block sizes for a launch: dict(BLOCK_M, TAIL_M, BLOCK_KH, BLOCK_KW, num_warps, num_stages).
-
-    sm_90's wgmma multiplies 64 query rows per warpgroup (M = 64), with key tiles whose count is a multiple
-    of 16 (the K of the p.v product); the rel-pos bias stays an outer sum of two thin tiles only for key
-    tiles that are BLOCK_KH x BLOCK_KW sub-rectangles of the group with power-of-two sides.
-    - Large groups (SAM global: 1600 or 4096 tokens): 128 x 64 tiles, 8 warps (two warpgroups of 64 query
-      rows), 3 stages of K/V in shared memory, 8 x 8 key tiles (no waste on 64 x 64 and 40 x 40 views).
-      On sm_90 it needs 125 registers and 80 KB: 2 CTAs (16 warps) per SM, so one CTA's softmax can
-      overlap the other's wgmma.
-    - Small groups (14 x 14 windows, CLIP's 101 / 257 tokens): 64-row query blocks, 4 warps, and a 16-row
-      tail block (mma.sync) when a group's last block has at most 16 queries: a 196-query window is issued
-      64 + 64 + 64 + 16 = 208 query rows instead of 256.
-    - The key tile is the one with the fewest issued slots (mma_work) among 64 and 32 keys per block, ties
-      to the larger: 2 x 16 for 14 x 14 windows (224 key slots, not 256), 1 x 32 for 257-token CLIP groups.
-      Windows issue 208 x 224 / 196^2 = 1.21x their useful work (was 256 x 256 / 196^2 = 1.71x).
-    - head_dim 128 and fp32 halve the key block to stay inside registers and shared memory.
-    These compile for sm_80 and sm_90 without spills or ptxas performance warnings (tests/test_compile.py,
-    bench/compile_report.py). Keyword overrides fix BLOCK_M / BLOCK_N (= BLOCK_KH * BLOCK_KW) / warps /
-    stages and keep the tile choice (bench/attention.py --sweep tries a few on a GPU).
-    """
-    shapes = segments.group_shapes
-    big = segments.max_group_tokens >= 1024
-    block_m = block_m or default_blocking(shapes)[0]
-    tail_m = default_tail(shapes, block_m)
-    sizes = [block_n] if block_n else [64, 32]
-    if head_dim > 64 or dtype in (torch.float32, torch.float64):
-        sizes = [max(16, n // 2) for n in sizes] if not block_n else sizes
-    kh, kw = _fewest_slots(shapes, block_m, tail_m, sizes)
-    return dict(BLOCK_M=block_m, TAIL_M=tail_m, BLOCK_KH=kh, BLOCK_KW=kw,
-                num_warps=num_warps or (8 if big else 4), num_stages=num_stages or 3)
-
-
-def choose_backward_config(segments, head_dim, dtype):
-    """Block sizes of the backward kernels (keys of `attention`'s config=, next to choose_config's):
-
-    - dQ kernel (program per query block, the forward's program table): BWD_BLOCK_M / BWD_TAIL_M as the
-      forward's, key tiles BWD_BLOCK_KH x BWD_BLOCK_KW of 64 or 32 keys, whichever issues fewer key slots. With
-      rel-pos a tile spans whole group rows (BWD_BLOCK_KW >= every GW), so dRel_w accumulates in registers and
-      each dRel_h entry has one writer (nothing written to global memory is read back inside a kernel): 1 x 64
-      for 64-wide views (40-wide ones issue 64 slots per row: 1.6x on their products), 2 x 16 for 14 x 14
-      windows (224 key slots, as the forward); CLIP (no rel-pos): the forward's choice. 8 warps for large
-      groups, 4 otherwise: 253 registers, no spills on sm_90 for the global config.
-    - dK/dV kernel (program per key tile, looping over the group's queries): KV_BLOCK_KH x KV_BLOCK_KW = 64
-      keys (the M of its dK, dV products: one wgmma warpgroup) with the fewest wasted slots, KV_BLOCK_M = 32
-      queries per step, 4 warps: 64-query steps spill (dK, dV, K, V and four [keys, queries] fp32 tiles).
-    - head_dim 128 and fp32 halve the key tiles (registers and shared memory).
-    These compile for sm_80 and sm_90 without spills or ptxas warnings (tests/test_compile.py).
-    """
-    shapes = segments.group_shapes
-    block_m, tail_m = default_blocking(shapes)
-    sizes = [64, 32] if head_dim <= 64 and dtype not in (torch.float32, torch.float64) else [32, 16]
-    full_rows = None if segments.class_token or not shapes else triton.next_power_of_2(segments.max_gw)
-    kh, kw = _fewest_slots(shapes, block_m, tail_m, sizes, full_rows)
-    kv_kh, kv_kw = _pick_key_tile(shapes, sizes[0]) if shapes else (1, sizes[0])
-    return dict(BWD_BLOCK_M=block_m, BWD_TAIL_M=tail_m, BWD_BLOCK_KH=kh, BWD_BLOCK_KW=kw,
-                bwd_num_warps=8 if segments.max_group_tokens >= 1024 else 4, KV_BLOCK_M=32, KV_BLOCK_KH=kv_kh,
-                KV_BLOCK_KW=kv_kw, kv_num_warps=4, bwd_num_stages=2)
-
-
-def _round_up(x, m):
-    return -(-x // m) * m
-
-
-def _relpos_warps(block_rh, block_rw):
-    # the scattered store holds a 64-bit address per element: 8 warps for the 127-row tables of 64-wide views
-    return 8 if max(block_rh, block_rw) >= 128 else 4
 
 
 # ----------------------------------------------------------------------------------------------- launcher
@@ -908,8 +665,8 @@ def _resolve(fn, segments, head_dim, dtype, has_rel, config):
 
 def _rel_lens(segments, kh_tiles, kw_tiles):
     """Row lengths of the per-token rel-pos tables: whole key tiles of every kernel that reads them, 16-aligned."""
-    rh_len = _round_up(max(_round_up(segments.max_gh, kh) for kh in kh_tiles), 16)
-    rw_len = _round_up(max(_round_up(segments.max_gw, kw) for kw in kw_tiles), 16)
+    rh_len = round_up(max(round_up(segments.max_gh, kh) for kh in kh_tiles), 16)
+    rw_len = round_up(max(round_up(segments.max_gw, kw) for kw in kw_tiles), 16)
     return rh_len, rw_len
 
 
@@ -936,16 +693,18 @@ def _rel_tables(qkv, segments, rel_pos_h, rel_pos_w, rh_len, rw_len):
     acc = acc_dtype(qkv.dtype)
     relh = torch.empty(heads, T, rh_len, device=qkv.device, dtype=acc)
     relw = torch.empty(heads, T, rw_len, device=qkv.device, dtype=acc)
-    block_rh = max(16, triton.next_power_of_2(max(2 * segments.max_gh - 1, rh_len)))
-    block_rw = max(16, triton.next_power_of_2(max(2 * segments.max_gw - 1, rw_len)))
+    block_rh = relpos_block(max(2 * segments.max_gh - 1, rh_len))
+    block_rw = relpos_block(max(2 * segments.max_gw - 1, rw_len))
     progs = segments.program_table(RELPOS_BLOCK_M, RELPOS_BLOCK_M)
     _relpos_kernel[(progs.shape[0], heads)](
-        qkv, progs, rel_pos_h, rel_pos_w, relh, relw,
-        qkv.stride(0), qkv.stride(2),
-        progs.stride(0), rel_pos_h.stride(0), rel_pos_w.stride(0),
-        relh.stride(0), relh.stride(1), relw.stride(0), relw.stride(1), rh_len, rw_len,
+        qkv_ptr=qkv, prog_ptr=progs, rph_ptr=rel_pos_h, rpw_ptr=rel_pos_w, relh_ptr=relh, relw_ptr=relw,
+        stride_qkv_t=qkv.stride(0), stride_qkv_h=qkv.stride(2),
+        stride_prog=progs.stride(0), stride_rph=rel_pos_h.stride(0), stride_rpw=rel_pos_w.stride(0),
+        stride_relh_head=relh.stride(0), stride_relh_t=relh.stride(1),
+        stride_relw_head=relw.stride(0), stride_relw_t=relw.stride(1),
+        len_relh=rh_len, len_relw=rw_len,
         HEAD_DIM=head_dim, BLOCK_M=RELPOS_BLOCK_M, BLOCK_RH=block_rh, BLOCK_RW=block_rw,
-        DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=_relpos_warps(block_rh, block_rw),
+        DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=relpos_warps(block_rh, block_rw),
     )
     return relh, relw
 
@@ -954,6 +713,12 @@ def _aligned(qkv):
     """Every K/V row start (token rows and the bias row) 16-byte aligned -> vectorised, pipelined K/V loads."""
     esize = qkv.element_size()
     return qkv.data_ptr() % 16 == 0 and all(st * esize % 16 == 0 for st in qkv.stride()[:3])
+
+
+def _rel_strides(relh, relw, has_rel):
+    """The per-token rel-pos tables' stride arguments (0 when there are none: the kernels never read them)."""
+    strides = (relh.stride(0), relh.stride(1), relw.stride(0), relw.stride(1)) if has_rel else (0, 0, 0, 0)
+    return dict(zip(("stride_relh_head", "stride_relh_t", "stride_relw_head", "stride_relw_t"), strides))
 
 
 def _forward(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale, cfg, with_lse):
@@ -980,13 +745,12 @@ def _forward(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale, cfg, wit
 
     progs = segments.program_table(cfg["BLOCK_M"], cfg["TAIL_M"])
     _attention_kernel[(progs.shape[0], heads)](
-        qkv, kvpad, progs, relh, relw, out, lse if with_lse else out,
-        scale * LOG2E,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2),
-        progs.stride(0),
-        relh.stride(0) if has_rel else 0, relh.stride(1) if has_rel else 0,
-        relw.stride(0) if has_rel else 0, relw.stride(1) if has_rel else 0,
-        out.stride(0), head_dim, T,
+        qkv_ptr=qkv, kvpad_ptr=kvpad, prog_ptr=progs, relh_ptr=relh, relw_ptr=relw, out_ptr=out,
+        lse_ptr=lse if with_lse else out,
+        qk_scale=scale * LOG2E.value,
+        stride_qkv_t=qkv.stride(0), stride_qkv_s=qkv.stride(1), stride_qkv_h=qkv.stride(2),
+        stride_prog=progs.stride(0), **_rel_strides(relh, relw, has_rel),
+        stride_out_t=out.stride(0), stride_out_h=head_dim, stride_lse_head=T,
         HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], TAIL_M=cfg["TAIL_M"], BLOCK_KH=cfg["BLOCK_KH"],
         BLOCK_KW=cfg["BLOCK_KW"], HAS_REL=has_rel, HAS_LSE=with_lse, ALIGNED=_aligned(qkv),
         DOT_PRECISION=_dot_precision(qkv.dtype), ACC=tl_acc_dtype(qkv.dtype),
@@ -1020,16 +784,19 @@ def _backward(dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_bias, segments, sca
     else:
         relh = relw = drelh = drelw = torch.empty(1, device=dev, dtype=acc)
         dq = dqkv[:, 0]
-    rel_strides = (relh.stride(0), relh.stride(1), relw.stride(0), relw.stride(1)) if has_rel else (0, 0, 0, 0)
-    common = dict(HEAD_DIM=head_dim, HAS_REL=has_rel, ALIGNED=_aligned(qkv), DOT_PRECISION=_dot_precision(qkv.dtype),
-                  ACC=tl_acc_dtype(qkv.dtype), num_stages=cfg["bwd_num_stages"])
+    # arguments both backward kernels take
+    common = dict(qkv_ptr=qkv, kvpad_ptr=kvpad, relh_ptr=relh, relw_ptr=relw, do_ptr=dout, lse_ptr=lse,
+                  delta_ptr=delta, qk_scale=scale * LOG2E.value, scale=scale,
+                  stride_qkv_t=qkv.stride(0), stride_qkv_s=qkv.stride(1), stride_qkv_h=qkv.stride(2),
+                  **_rel_strides(relh, relw, has_rel), stride_do_t=dout.stride(0), stride_do_h=head_dim,
+                  stride_lse_head=T, HEAD_DIM=head_dim, HAS_REL=has_rel, ALIGNED=_aligned(qkv),
+                  DOT_PRECISION=_dot_precision(qkv.dtype), ACC=tl_acc_dtype(qkv.dtype),
+                  num_stages=cfg["bwd_num_stages"])
 
     progs = segments.program_table(cfg["BWD_BLOCK_M"], cfg["BWD_TAIL_M"])
     _attention_bwd_dq_kernel[(progs.shape[0], heads)](
-        qkv, kvpad, progs, relh, relw, dout, lse, delta, dq, drelh, drelw,
-        scale * LOG2E, scale,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2), progs.stride(0), *rel_strides,
-        dout.stride(0), head_dim, T, dq.stride(0), dq.stride(1),
+        prog_ptr=progs, dq_ptr=dq, drelh_ptr=drelh, drelw_ptr=drelw,
+        stride_prog=progs.stride(0), stride_dq_t=dq.stride(0), stride_dq_h=dq.stride(1),
         BLOCK_M=cfg["BWD_BLOCK_M"], TAIL_M=cfg["BWD_TAIL_M"], BLOCK_KH=cfg["BWD_BLOCK_KH"],
         BLOCK_KW=cfg["BWD_BLOCK_KW"], num_warps=cfg["bwd_num_warps"], **common,
     )
@@ -1037,10 +804,9 @@ def _backward(dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_bias, segments, sca
     progs = segments.key_tile_table(cfg["KV_BLOCK_KH"], cfg["KV_BLOCK_KW"])
     dpad = torch.empty(progs.shape[0], heads, 2, head_dim, device=dev, dtype=acc)    # padded keys' dK, dV sums
     _attention_bwd_dkdv_kernel[(progs.shape[0], heads)](
-        qkv, kvpad, progs, relh, relw, dout, lse, delta, dqkv, dpad,
-        scale * LOG2E, scale,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2), progs.stride(0), *rel_strides,
-        dout.stride(0), head_dim, T, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
+        prog_ptr=progs, dqkv_ptr=dqkv, dpad_ptr=dpad,
+        stride_prog=progs.stride(0),
+        stride_dqkv_t=dqkv.stride(0), stride_dqkv_s=dqkv.stride(1), stride_dqkv_h=dqkv.stride(2),
         BLOCK_M=cfg["KV_BLOCK_M"], BLOCK_KH=cfg["KV_BLOCK_KH"], BLOCK_KW=cfg["KV_BLOCK_KW"],
         num_warps=cfg["kv_num_warps"], **common,
     )
@@ -1051,22 +817,26 @@ def _backward(dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_bias, segments, sca
         q_out = dqkv[:, 0]
         for axis, table, drel, dtable, size in ((0, rel_pos_h, drelh, drh, segments.max_gh),
                                                 (1, rel_pos_w, drelw, drw, segments.max_gw)):
-            block_r = max(16, triton.next_power_of_2(2 * size - 1))
+            block_r = relpos_block(2 * size - 1)
             part = torch.empty(progs.shape[0], heads, block_r, head_dim, device=dev, dtype=acc)
             dq_out = dq if axis == 0 else q_out           # rows pass: dq += G_h Rh in place; columns: -> dqkv
             _relpos_bwd_kernel[(progs.shape[0], heads)](
-                qkv, progs, table, drel, dq, dq_out, part,
-                qkv.stride(0), qkv.stride(2), progs.stride(0), table.stride(0), drel.stride(0), drel.stride(1),
-                dq.stride(0), dq.stride(1), dq_out.stride(0), dq_out.stride(1),
+                qkv_ptr=qkv, prog_ptr=progs, rp_ptr=table, drel_ptr=drel, dq_in_ptr=dq, dq_out_ptr=dq_out,
+                part_ptr=part,
+                stride_qkv_t=qkv.stride(0), stride_qkv_h=qkv.stride(2), stride_prog=progs.stride(0),
+                stride_rp=table.stride(0), stride_drel_head=drel.stride(0), stride_drel_t=drel.stride(1),
+                stride_dq_in_t=dq.stride(0), stride_dq_in_h=dq.stride(1),
+                stride_dq_out_t=dq_out.stride(0), stride_dq_out_h=dq_out.stride(1),
                 AXIS=axis, HEAD_DIM=head_dim, BLOCK_M=RELPOS_BLOCK_M, SUB_BLOCKS=RELPOS_BWD_SUB_BLOCKS,
                 BLOCK_R=block_r, DOT_PRECISION=_dot_precision(qkv.dtype), ACC=tl_acc_dtype(qkv.dtype),
-                num_warps=_relpos_warps(block_r, block_r),
+                num_warps=relpos_warps(block_r, block_r),
             )
             # every shape's programs are one contiguous run: sum over its programs and the heads (shared tables)
             for gh, gw, rh_off, rw_off, a, b in runs:
                 off, n = (rh_off, 2 * gh - 1) if axis == 0 else (rw_off, 2 * gw - 1)
                 dtable[off:off + n] += part[a:b].sum((0, 1))[:n]
     return dqkv, drh, drw, dkv_pad
+
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -1165,107 +935,3 @@ def attention_reference(qkv, segments, *, rel_pos_h=None, rel_pos_w=None, qkv_bi
         o = o.transpose(0, 1).reshape(GH * GW, heads * head_dim)         # [n, heads * hd]
         out[tok[real]] = o[real].to(out.dtype)
     return out
-
-
-
-
-# ------------------------------------------------------------------------------------------ compile check
-
-def _signature(kernel, dtype, acc_ptrs):
-    """Compile signature: *dtype for data pointers, *fp32 for the fp32 scratch named in acc_ptrs, *i32 for the
-    program table, fp32 for the scales, i32 for strides and lengths, constexpr for the constexprs."""
-    sig = {}
-    for n, prm in inspect.signature(kernel.fn).parameters.items():
-        sig[n] = ("constexpr" if prm.annotation is tl.constexpr else "*i32" if n == "prog_ptr" else "*fp32" if n in acc_ptrs
-                  else f"*{dtype}" if n.endswith("_ptr") else "fp32" if n.endswith("scale") else "i32")
-    return sig
-
-
-def _aligned_args(kernel, unaligned=()):
-    """Args that are multiples of 16 in the real launches (Triton's divisibility specialisation): pointers and
-    strides, except the program table's row stride (10) and those named."""
-    args = [n for n, t in _signature(kernel, "bf16", ()).items() if t != "constexpr"]
-    return [n for n in args if (n.endswith("_ptr") or n.startswith(("stride_", "len_")))
-            and n not in ("stride_prog", *unaligned)]
-
-
-PRODUCTION_CASES = [   # name, views, window, class_token: the launches of the real model (head_dim 64)
-    ("sam-global-1024", [(0, 64, 64)], None, False),
-    ("sam-global-640", [(0, 40, 40)], None, False),
-    ("sam-global-mixed", [(0, 64, 64), (4096, 40, 40)], None, False),
-    ("sam-window-14", [(0, 64, 64), (4096, 40, 40)], 14, False),
-    ("clip-1024", [(0, 16, 16)], None, True),
-    ("clip-640", [(0, 10, 10)], None, True),
-]
-
-
-def _production_configs():
-    """What choose_config / choose_backward_config pick for the real launches, per dtype: the inference
-    forward, the training forward (HAS_LSE), the dQ and dK/dV kernels and both rel-pos kernels."""
-    entries = []
-    acc = ("relh_ptr", "relw_ptr", "lse_ptr", "delta_ptr", "drelh_ptr", "drelw_ptr", "dpad_ptr", "drel_ptr", "part_ptr")
-    for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-        for name, views, window, cls in PRODUCTION_CASES:
-            seg = build_segments(views, window, class_token=cls)
-            c = {**choose_config(seg, 64, dtype), **choose_backward_config(seg, 64, dtype)}
-            has_rel = not cls
-            # stride_lse_head is T (any); without rel-pos the rel strides are 0 and dQ goes straight to dqkv
-            unaligned = ["stride_lse_head"] + ([] if has_rel else ["stride_relh_head", "stride_relh_t",
-                                                                    "stride_relw_head", "stride_relw_t"])
-            flags = dict(HEAD_DIM=64, HAS_REL=has_rel, ALIGNED=True, DOT_PRECISION="tf32", ACC=tl.float32)
-            big = {90: 2} if c["BLOCK_M"] >= 128 else {}
-            tile = f"M{c['BLOCK_M']}" + (f"+{c['TAIL_M']}" if c["TAIL_M"] < c["BLOCK_M"] else "")
-            for lse in (False, True):
-                entries.append(dict(
-                    name=f"attention{'-lse' if lse else ''}/{name}/{tname}", kernel=_attention_kernel,
-                    signature=_signature(_attention_kernel, tname, acc),
-                    constexprs=dict(flags, BLOCK_M=c["BLOCK_M"], TAIL_M=c["TAIL_M"], BLOCK_KH=c["BLOCK_KH"],
-                                    BLOCK_KW=c["BLOCK_KW"], HAS_LSE=lse),
-                    aligned=_aligned_args(_attention_kernel, unaligned),
-                    num_warps=c["num_warps"], num_stages=c["num_stages"],
-                    expect_mma=True, min_ctas_per_sm=big, note=f"{tile} N{c['BLOCK_KH']}x{c['BLOCK_KW']}",
-                ))
-            tile = f"M{c['BWD_BLOCK_M']}" + (f"+{c['BWD_TAIL_M']}" if c["BWD_TAIL_M"] < c["BWD_BLOCK_M"] else "")
-            entries.append(dict(
-                name=f"attention-bwd-dq/{name}/{tname}", kernel=_attention_bwd_dq_kernel,
-                signature=_signature(_attention_bwd_dq_kernel, tname, acc + (("dq_ptr",) if has_rel else ())),
-                constexprs=dict(flags, BLOCK_M=c["BWD_BLOCK_M"], TAIL_M=c["BWD_TAIL_M"], BLOCK_KH=c["BWD_BLOCK_KH"],
-                                BLOCK_KW=c["BWD_BLOCK_KW"]),
-                aligned=_aligned_args(_attention_bwd_dq_kernel, unaligned),
-                num_warps=c["bwd_num_warps"], num_stages=c["bwd_num_stages"], expect_mma=True,
-                note=f"{tile} N{c['BWD_BLOCK_KH']}x{c['BWD_BLOCK_KW']}",
-            ))
-            entries.append(dict(
-                name=f"attention-bwd-dkdv/{name}/{tname}", kernel=_attention_bwd_dkdv_kernel,
-                signature=_signature(_attention_bwd_dkdv_kernel, tname, acc),
-                constexprs=dict(flags, BLOCK_M=c["KV_BLOCK_M"], BLOCK_KH=c["KV_BLOCK_KH"], BLOCK_KW=c["KV_BLOCK_KW"]),
-                aligned=_aligned_args(_attention_bwd_dkdv_kernel, unaligned),
-                num_warps=c["kv_num_warps"], num_stages=c["bwd_num_stages"], expect_mma=True,
-                note=f"N{c['KV_BLOCK_KH']}x{c['KV_BLOCK_KW']} M{c['KV_BLOCK_M']}",
-            ))
-        for name, size in (("relpos-global-1024", 64), ("relpos-window-14", 14)):
-            block_r = max(16, triton.next_power_of_2(2 * size - 1))
-            entries.append(dict(
-                name=f"attention/{name}/{tname}", kernel=_relpos_kernel, signature=_signature(_relpos_kernel, tname, acc),
-                constexprs=dict(HEAD_DIM=64, BLOCK_M=RELPOS_BLOCK_M, BLOCK_RH=block_r, BLOCK_RW=block_r,
-                                DOT_PRECISION="tf32"),
-                aligned=_aligned_args(_relpos_kernel),     # table rows padded to 16s
-                num_warps=_relpos_warps(block_r, block_r), num_stages=3, expect_mma=True,
-                note=f"M{RELPOS_BLOCK_M} R{block_r}",
-            ))
-            for axis, last in ((0, False), (1, True)):    # rows: fp32 dq in place; columns: into dqkv
-                entries.append(dict(
-                    name=f"attention-bwd-{name}-{'hw'[axis]}/{tname}", kernel=_relpos_bwd_kernel,
-                    signature=_signature(_relpos_bwd_kernel, tname, acc + ("dq_in_ptr",) + (() if last else
-                                                                                            ("dq_out_ptr",))),
-                    constexprs=dict(AXIS=axis, HEAD_DIM=64, BLOCK_M=RELPOS_BLOCK_M, SUB_BLOCKS=RELPOS_BWD_SUB_BLOCKS,
-                                    BLOCK_R=block_r, DOT_PRECISION="tf32", ACC=tl.float32),
-                    aligned=_aligned_args(_relpos_bwd_kernel),
-                    num_warps=_relpos_warps(block_r, block_r), num_stages=3, expect_mma=True,
-                    note=f"M{RELPOS_BLOCK_M}x{RELPOS_BWD_SUB_BLOCKS} R{block_r}",
-                ))
-    return entries
-
-
-# Entries for gundam.kernels.compile_check: compile without a GPU at the production block sizes.
-COMPILE_CONFIGS = _production_configs()

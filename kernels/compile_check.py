@@ -11,30 +11,39 @@ launch runs, registers, spills) and with the wheel's ptxas-blackwell and no flag
 anyone re-assembling the PTX sees). A warning from either (e.g. "(C7515) Potential Performance Loss:
 wgmma.mma_async instructions are serialized") or a spill in either is a problem (`problems`).
 
-Registering a kernel: give its module in `gundam.kernels` a `COMPILE_CONFIGS` list of dicts with
-  name, kernel, signature (arg -> "*bf16" / "i32" / "fp32" / "constexpr"), constexprs   (required)
-  aligned: arg names that are 16-divisible in real launches (pointers, strides), as Triton's launcher
-      would specialise them; or attrs: the raw ASTSource attrs {(index,): [["tt.divisibility", 16]]}
-  num_warps (default 4), num_stages (default 3), expect_mma (default False),
-  min_ctas_per_sm ({arch: CTAs}: the occupancy it must reach), note (free text)
-`registered_configs()` finds them all; `compile_registered(archs)` compiles them all (in a subprocess when
-the Triton interpreter is on), `compile_kernel` / `compile_entry` compile one.
+The registry is one builder, `production_entries()`: every kernel at the block sizes the heuristics pick for
+the real model's launches (bf16; fp16 builds the same code with other MMA types, so one fp16 entry per kernel
+shows that it builds). An entry is a dict with
+  name, kernel, signature (arg -> "*bf16" / "i32" / "fp32" / "constexpr", from the kernel's own argument
+  list: `kernel_signature`), constexprs
+  divisible: the args that are multiples of 16 in real launches (16-byte aligned pointers, strides), which
+      Triton's launcher would specialise (`pointers_and_strides` gives the usual list)
+  num_warps, num_stages, expect_mma, min_ctas_per_sm ({arch: CTAs}: the occupancy it must reach), note
+`registered_configs()` returns them; `compile_registered(archs)` compiles them all (in a subprocess when the
+Triton interpreter is on), `compile_kernel` / `compile_entry` compile one.
 """
 import importlib
+import inspect
 import json
 import os
-import pkgutil
 import re
 import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
+import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
+
+from gundam.kernels import activation, attention, layernorm, layout
+from gundam.kernels.segments import RELPOS_BLOCK_M, RELPOS_BWD_SUB_BLOCKS, build_segments
+from gundam.kernels.tiling import (choose_backward_config, choose_config, layer_norm_config, next_power_of_2,
+                                   project_layout_config, quick_gelu_config, relpos_block, relpos_warps)
 
 ARCHS = (80, 90)
 
@@ -180,15 +189,14 @@ def _interpreting():
     return bool(triton.knobs.runtime.interpret)
 
 
-def _compile_here(kernel, signature, constexprs, arch, num_warps, num_stages, aligned, attrs, name, note):
+def _compile_here(kernel, signature, constexprs, arch, num_warps, num_stages, divisible, name, note):
     if not isinstance(kernel, JITFunction):
         kernel = JITFunction(kernel.fn)
     names = list(signature)
-    for a in aligned:
+    for a in divisible:
         if a not in signature:
-            raise ValueError(f"aligned arg {a!r} is not in the signature of {kernel.__name__}")
-    attrs = dict(attrs or {})
-    attrs.update({(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+            raise ValueError(f"divisible arg {a!r} is not in the signature of {kernel.__name__}")
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True))
@@ -225,47 +233,37 @@ def _worker():
         stats = compile_registered(job["archs"], job["names"], jobs=1)
     else:
         kernel = getattr(importlib.import_module(job["module"]), job["qualname"])
-        attrs = {tuple(k): v for k, v in job["attrs"]}
         stats = [_compile_here(kernel, job["signature"], job["constexprs"], job["arch"], job["num_warps"],
-                               job["num_stages"], job["aligned"], attrs, job["name"], job["note"])]
+                               job["num_stages"], job["divisible"], job["name"], job["note"])]
     print(json.dumps([asdict(s) for s in stats]))
 
 
-def compile_kernel(kernel, signature, constexprs, arch, *, num_warps=4, num_stages=3, aligned=(), attrs=None,
-                   name=None, note=""):
+def compile_kernel(kernel, signature, constexprs, arch, *, num_warps=4, num_stages=3, divisible=(), name=None,
+                   note=""):
     """Compile `kernel` for sm_<arch> and return its CompileStats. Raises if Triton or ptxas fails.
 
-    aligned: arg names to specialise as 16-divisible (what Triton's launcher does for aligned pointers and
-    strides that are multiples of 16); attrs: raw ASTSource attrs, merged with those.
+    divisible: arg names to specialise as multiples of 16 (what Triton's launcher does for 16-byte aligned
+    pointers and for integers that are multiples of 16).
     Under TRITON_INTERPRET=1 the compile runs in a subprocess (the kernel must be a module-level name)."""
     if _interpreting():
         fn = kernel.fn
         job = dict(kind="kernel", module=fn.__module__, qualname=fn.__qualname__, signature=signature,
                    constexprs=constexprs, arch=arch, num_warps=num_warps, num_stages=num_stages,
-                   aligned=list(aligned), attrs=[[list(k), v] for k, v in (attrs or {}).items()], name=name,
-                   note=note)
+                   divisible=list(divisible), name=name, note=note)
         return _run_workers([job])[0][0]
-    return _compile_here(kernel, signature, constexprs, arch, num_warps, num_stages, aligned, attrs, name, note)
+    return _compile_here(kernel, signature, constexprs, arch, num_warps, num_stages, divisible, name, note)
 
 
 def registered_configs():
-    """All COMPILE_CONFIGS entries of the kernel modules in gundam.kernels."""
-    import gundam.kernels as pkg
-    entries = []
-    for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
-        if f"gundam.kernels.{mod}" == __name__:
-            continue  # this tool, not a kernel
-        module = importlib.import_module(f"gundam.kernels.{mod}")
-        entries.extend(getattr(module, "COMPILE_CONFIGS", []))
-    return entries
+    """Every kernel's production entries (production_entries)."""
+    return production_entries()
 
 
 def compile_entry(entry, arch):
-    """Compile one COMPILE_CONFIGS entry for sm_<arch>."""
+    """Compile one registered entry for sm_<arch>."""
     return compile_kernel(entry["kernel"], entry["signature"], entry["constexprs"], arch,
-                          num_warps=entry.get("num_warps", 4), num_stages=entry.get("num_stages", 3),
-                          aligned=entry.get("aligned", ()), attrs=entry.get("attrs"), name=entry["name"],
-                          note=entry.get("note", ""))
+                          num_warps=entry["num_warps"], num_stages=entry["num_stages"],
+                          divisible=entry["divisible"], name=entry["name"], note=entry["note"])
 
 
 def compile_registered(archs=ARCHS, names=None, jobs=None):
@@ -291,8 +289,8 @@ def compile_registered(archs=ARCHS, names=None, jobs=None):
                 msg = f"{type(e).__name__}: {e}"
                 stats.append(CompileStats(name=entry["name"], arch=arch, regs=0, spill_stores=0, spill_loads=0,
                                           shared_bytes=0, smem_limit=0, has_mma=False, mma_kind="",
-                                          num_warps=entry.get("num_warps", 4),
-                                          num_stages=entry.get("num_stages", 3), error=msg[-2000:]))
+                                          num_warps=entry["num_warps"], num_stages=entry["num_stages"],
+                                          error=msg[-2000:]))
     return stats
 
 
@@ -312,3 +310,146 @@ def format_table(stats):
     lines.append("CTAs/SM: min of the register, shared-memory and thread limits "
                  "(64K registers, 164 KB (sm_80) / 228 KB (sm_90) shared memory, 2048 threads, 32 CTAs per SM).")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+PRODUCTION_CASES = [   # name, views, window, class_token: the attention launches of the real model (head_dim 64)
+    ("sam-global-1024", [(0, 64, 64)], None, False),
+    ("sam-global-640", [(0, 40, 40)], None, False),
+    ("sam-global-mixed", [(0, 64, 64), (4096, 40, 40)], None, False),
+    ("sam-window-14", [(0, 64, 64), (4096, 40, 40)], 14, False),
+    ("clip-1024", [(0, 16, 16)], None, True),
+    ("clip-640", [(0, 10, 10)], None, True),
+]
+_INT_TABLES = ("prog_ptr", "map_ptr")        # int32 tables built on the host
+_FLOAT_SCALARS = ("qk_scale", "scale", "eps")
+
+
+def kernel_signature(kernel, dtype, fp32=()):
+    """Compile signature from the kernel's argument list: constexpr for its constexprs; pointers *dtype, *fp32
+    for the fp32 scratch named in `fp32`, *i32 for the int32 tables; fp32 for the float scalars, i32 for the
+    other scalars (sizes, strides)."""
+    sig = {}
+    for n, prm in inspect.signature(kernel.fn).parameters.items():
+        if prm.annotation is tl.constexpr:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            sig[n] = "*i32" if n in _INT_TABLES else "*fp32" if n in fp32 else f"*{dtype}"
+        else:
+            sig[n] = "fp32" if n in _FLOAT_SCALARS else "i32"
+    return sig
+
+
+def pointers_and_strides(kernel, *but):
+    """The kernel's pointer and stride_* args, except those named: what is 16-divisible when every tensor is
+    16-byte aligned with rows of a multiple of 16 elements."""
+    return [n for n in inspect.signature(kernel.fn).parameters
+            if (n.endswith("_ptr") or n.startswith("stride_")) and n not in but]
+
+
+def _entry(name, kernel, dtype, constexprs, divisible, *, fp32=(), num_warps=4, num_stages=3, expect_mma=False,
+           min_ctas_per_sm=None, note=""):
+    return dict(name=name, kernel=kernel, signature=kernel_signature(kernel, dtype, fp32), constexprs=constexprs,
+                divisible=divisible, num_warps=num_warps, num_stages=num_stages, expect_mma=expect_mma,
+                min_ctas_per_sm=min_ctas_per_sm or {}, note=note)
+
+
+def production_entries():
+    """Every kernel at what the heuristics pick for the real model's launches (_entries), in bf16; fp16 builds
+    the same code with other MMA types (the same registers and shared memory), so one fp16 entry per kernel,
+    its first variant, shows that it builds."""
+    fp16, kernels = [], set()
+    for e in _entries("fp16"):
+        if e["kernel"] not in kernels:
+            kernels.add(e["kernel"])
+            fp16.append(e)
+    return _entries("bf16") + fp16
+
+
+def _entries(dt):
+    """The production entries in dtype dt: the attention forward (inference and training: HAS_LSE), its dQ and
+    dK/dV kernels and both rel-pos kernels for the PRODUCTION_CASES; SAM's (C=768) and CLIP's (C=1024)
+    LayerNorm with and without the fused residual, forward and backward; the real projector (2048 -> 1280)
+    at both row tiles of its heuristic; quick_gelu. Each kernel's heaviest variant comes first."""
+    entries = []
+    # fp32 scratch of the attention kernels (the rel-pos tables, the LSE and the backward's partials)
+    acc = ("relh_ptr", "relw_ptr", "lse_ptr", "delta_ptr", "drelh_ptr", "drelw_ptr", "dpad_ptr", "drel_ptr",
+           "part_ptr")
+    for case, views, window, cls in PRODUCTION_CASES:
+        seg = build_segments(views, window, class_token=cls)
+        c = {**choose_config(seg, 64, torch.bfloat16), **choose_backward_config(seg, 64, torch.bfloat16)}
+        has_rel = not cls
+        # the LSE's head stride is T (any); without rel-pos the rel strides are 0 and dQ goes straight to dqkv
+        but = ("stride_prog", "stride_lse_head") + (() if has_rel else ("stride_relh_head", "stride_relh_t",
+                                                                        "stride_relw_head", "stride_relw_t"))
+        flags = dict(HEAD_DIM=64, HAS_REL=has_rel, ALIGNED=True, DOT_PRECISION="tf32", ACC=tl.float32)
+        tile = f"M{c['BLOCK_M']}" + (f"+{c['TAIL_M']}" if c["TAIL_M"] < c["BLOCK_M"] else "")
+        for lse in (False, True):
+            k = attention._attention_kernel
+            entries.append(_entry(
+                f"attention{'-lse' if lse else ''}/{case}/{dt}", k, dt,
+                dict(flags, BLOCK_M=c["BLOCK_M"], TAIL_M=c["TAIL_M"], BLOCK_KH=c["BLOCK_KH"], BLOCK_KW=c["BLOCK_KW"],
+                     HAS_LSE=lse),
+                pointers_and_strides(k, *but), fp32=acc, num_warps=c["num_warps"], num_stages=c["num_stages"],
+                expect_mma=True, min_ctas_per_sm={90: 2} if c["BLOCK_M"] >= 128 else {},
+                note=f"{tile} N{c['BLOCK_KH']}x{c['BLOCK_KW']}"))
+        k = attention._attention_bwd_dq_kernel
+        tile = f"M{c['BWD_BLOCK_M']}" + (f"+{c['BWD_TAIL_M']}" if c["BWD_TAIL_M"] < c["BWD_BLOCK_M"] else "")
+        entries.append(_entry(
+            f"attention-bwd-dq/{case}/{dt}", k, dt,
+            dict(flags, BLOCK_M=c["BWD_BLOCK_M"], TAIL_M=c["BWD_TAIL_M"], BLOCK_KH=c["BWD_BLOCK_KH"],
+                 BLOCK_KW=c["BWD_BLOCK_KW"]),
+            pointers_and_strides(k, *but), fp32=acc + (("dq_ptr",) if has_rel else ()),
+            num_warps=c["bwd_num_warps"], num_stages=c["bwd_num_stages"], expect_mma=True,
+            note=f"{tile} N{c['BWD_BLOCK_KH']}x{c['BWD_BLOCK_KW']}"))
+        k = attention._attention_bwd_dkdv_kernel
+        entries.append(_entry(
+            f"attention-bwd-dkdv/{case}/{dt}", k, dt,
+            dict(flags, BLOCK_M=c["KV_BLOCK_M"], BLOCK_KH=c["KV_BLOCK_KH"], BLOCK_KW=c["KV_BLOCK_KW"]),
+            pointers_and_strides(k, *but), fp32=acc, num_warps=c["kv_num_warps"], num_stages=c["bwd_num_stages"],
+            expect_mma=True, note=f"N{c['KV_BLOCK_KH']}x{c['KV_BLOCK_KW']} M{c['KV_BLOCK_M']}"))
+    for case, size in (("relpos-global-1024", 64), ("relpos-window-14", 14)):
+        block_r = relpos_block(2 * size - 1)
+        k = attention._relpos_kernel
+        entries.append(_entry(   # the per-token tables' rows are padded to 16s
+            f"attention/{case}/{dt}", k, dt,
+            dict(HEAD_DIM=64, BLOCK_M=RELPOS_BLOCK_M, BLOCK_RH=block_r, BLOCK_RW=block_r, DOT_PRECISION="tf32"),
+            pointers_and_strides(k, "stride_prog") + ["len_relh", "len_relw"], fp32=acc,
+            num_warps=relpos_warps(block_r, block_r), expect_mma=True, note=f"M{RELPOS_BLOCK_M} R{block_r}"))
+        k = attention._relpos_bwd_kernel
+        for axis in (0, 1):     # rows: fp32 dq in place; columns: into dqkv
+            entries.append(_entry(
+                f"attention-bwd-{case}-{'hw'[axis]}/{dt}", k, dt,
+                dict(AXIS=axis, HEAD_DIM=64, BLOCK_M=RELPOS_BLOCK_M, SUB_BLOCKS=RELPOS_BWD_SUB_BLOCKS,
+                     BLOCK_R=block_r, DOT_PRECISION="tf32", ACC=tl.float32),
+                pointers_and_strides(k, "stride_prog"),
+                fp32=acc + ("dq_in_ptr",) + (("dq_out_ptr",) if axis == 0 else ()),
+                num_warps=relpos_warps(block_r, block_r), expect_mma=True,
+                note=f"M{RELPOS_BLOCK_M}x{RELPOS_BWD_SUB_BLOCKS} R{block_r}"))
+
+    # C and the row strides are multiples of 16 for SAM's and CLIP's widths; extra: the fused residual (forward),
+    # the gradient arriving on it (backward)
+    for C, extra in ((1024, True), (1024, False), (768, True), (768, False)):
+        block, num_warps = dict(BLOCK_N=next_power_of_2(C), ACC=tl.float32), layer_norm_config(C)["num_warps"]
+        k = layernorm._layer_norm_kernel
+        entries.append(_entry(f"layer_norm_{dt}_C{C}{'_residual' if extra else ''}", k, dt,
+                              dict(block, HAS_RESIDUAL=extra), pointers_and_strides(k) + ["C"], num_warps=num_warps))
+        k = layernorm._layer_norm_bwd_kernel
+        entries.append(_entry(f"layer_norm_bwd_{dt}_C{C}{'_dh' if extra else ''}", k, dt,
+                              dict(block, HAS_DH=extra), pointers_and_strides(k) + ["C"], fp32=("dw_ptr", "db_ptr"),
+                              num_warps=num_warps))
+
+    for T_out in (8192, 893):
+        cfg = project_layout_config(T_out)
+        k = layout._project_layout_kernel
+        entries.append(_entry(f"project_and_layout_{dt}_M{cfg['BLOCK_M']}", k, dt,
+                              dict(N=1280, K_CLIP=1024, K_SAM=1024, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                   BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="tf32", ACC=tl.float32),
+                              pointers_and_strides(k), num_warps=cfg["num_warps"]))
+
+    cfg = quick_gelu_config()
+    k = activation._quick_gelu_kernel
+    entries.append(_entry(f"quick_gelu/{dt}", k, dt, dict(BLOCK=cfg["BLOCK"]), pointers_and_strides(k) + ["n"],
+                          num_warps=cfg["num_warps"]))
+    return entries

@@ -6,7 +6,6 @@ Convention, for every launcher:
 - `config=` (a dict) overrides the launcher's heuristic block sizes / warps; unknown keys are an error.
 """
 import torch
-import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GRAD_DTYPES = (*FLOAT_DTYPES, torch.float64)   # kernels with a backward also take fp64: gradient checks
@@ -19,6 +18,7 @@ def acc_dtype(dtype):
 
 
 def tl_acc_dtype(dtype):
+    import triton.language as tl    # here, not at the top: the planning modules use this file without Triton
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 

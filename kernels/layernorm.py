@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from gundam.kernels.launch import GRAD_DTYPES, acc_dtype, check_tensor, resolve_config, tl_acc_dtype
+from gundam.kernels.tiling import layer_norm_config
 
 
 @triton.jit
@@ -24,9 +25,12 @@ def _layer_norm_kernel(
     w_ptr, b_ptr,   # [C]
     y_ptr,          # [T, C] out: LN(h) * w + b
     h_ptr,          # [T, C] out: h = x + r (HAS_RESIDUAL)
-    C, eps,
-    stride_xm, stride_rm, stride_ym, stride_hm,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+    C,              # channels
+    eps,
+    stride_xm, stride_rm, stride_ym, stride_hm,     # row strides of x, r, y, h
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,      # power of two >= C: a whole row per program
+    ACC: tl.constexpr,          # statistics dtype: tl.float32 (tl.float64 for fp64 inputs)
 ):
     # One program per row: T is thousands to tens of thousands of rows, so this already fills the GPU, and a
     # whole row (C <= 1024) fits in registers, so x and r are read once and y and h written once.
@@ -60,9 +64,13 @@ def _layer_norm_bwd_kernel(
     w_ptr,              # [C]
     dx_ptr,             # [T, C] out: gradient of x (= of the residual)
     dw_ptr, db_ptr,     # [programs, C] out, ACC dtype: this program's partial sums of dW, dB
-    T, C, eps, rows_per_program,
-    stride_dym, stride_dhm, stride_hm, stride_dxm,
-    HAS_DH: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+    T, C,               # rows, channels
+    eps,
+    rows_per_program,   # consecutive rows of each program
+    stride_dym, stride_dhm, stride_hm, stride_dxm,  # row strides of dy, dh, h, dx
+    HAS_DH: tl.constexpr,
+    BLOCK_N: tl.constexpr,      # power of two >= C: a whole row per step
+    ACC: tl.constexpr,          # statistics and partials dtype: tl.float32 (tl.float64 for fp64 inputs)
 ):
     pid = tl.program_id(0)
     offs_n = tl.arange(0, BLOCK_N)
@@ -94,11 +102,6 @@ def _layer_norm_bwd_kernel(
     tl.store(db_ptr + pid * C + offs_n, db, mask=mask_n)
 
 
-def default_config(C):
-    # ~8 elements per thread: 16-byte vector loads for 16-bit dtypes and no register pressure.
-    return dict(num_warps=min(max(triton.next_power_of_2(C) // 256, 1), 8))
-
-
 def _check(fn, x, weight, bias, eps, residual):
     check_tensor(fn, "x", x, ndim=2, dtypes=GRAD_DTYPES, unit_stride=True)
     T, C = x.shape
@@ -123,9 +126,9 @@ def _forward(x, weight, bias, eps, residual, num_warps):
     r = residual if residual is not None else x
     if T > 0:
         _layer_norm_kernel[(T,)](
-            x, r, weight, bias, y, h,
-            C, float(eps),
-            x.stride(0), r.stride(0), y.stride(0), h.stride(0),
+            x_ptr=x, r_ptr=r, w_ptr=weight, b_ptr=bias, y_ptr=y, h_ptr=h,
+            C=C, eps=float(eps),
+            stride_xm=x.stride(0), stride_rm=r.stride(0), stride_ym=y.stride(0), stride_hm=h.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK_N=triton.next_power_of_2(C), ACC=tl_acc_dtype(x.dtype),
             num_warps=num_warps,
         )
@@ -144,9 +147,11 @@ def _backward(dy, dh, h, weight, eps, num_warps):
     db = torch.zeros(programs, C, dtype=acc, device=h.device)
     if T > 0:
         _layer_norm_bwd_kernel[(programs,)](
-            dy, dh if dh is not None else dy, h, weight.contiguous(), dx, dw, db,
-            T, C, float(eps), triton.cdiv(T, programs),
-            dy.stride(0), dh.stride(0) if dh is not None else 0, h.stride(0), dx.stride(0),
+            dy_ptr=dy, dh_ptr=dh if dh is not None else dy, h_ptr=h, w_ptr=weight.contiguous(), dx_ptr=dx,
+            dw_ptr=dw, db_ptr=db,
+            T=T, C=C, eps=float(eps), rows_per_program=triton.cdiv(T, programs),
+            stride_dym=dy.stride(0), stride_dhm=dh.stride(0) if dh is not None else 0, stride_hm=h.stride(0),
+            stride_dxm=dx.stride(0),
             HAS_DH=dh is not None, BLOCK_N=triton.next_power_of_2(C), ACC=tl_acc_dtype(h.dtype), num_warps=num_warps,
         )
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
@@ -176,11 +181,11 @@ def layer_norm(x, weight, bias, eps, residual=None, *, config=None):
     With residual [T, C]: h = x + residual, returns (LN(h) * weight + bias, h).
     Rows may be strided (e.g. a column slice of a wider buffer); C must be contiguous. Differentiable (in x,
     weight, bias and residual) when autograd records.
-    config: overrides of default_config (num_warps).
+    config: overrides of tiling.layer_norm_config (num_warps).
     """
     fn = "layer_norm"
     _check(fn, x, weight, bias, eps, residual)
-    num_warps = resolve_config(fn, default_config(x.shape[1]), config, pow2=("num_warps",))["num_warps"]
+    num_warps = resolve_config(fn, layer_norm_config(x.shape[1]), config, pow2=("num_warps",))["num_warps"]
     inputs = (x, weight, bias) if residual is None else (x, weight, bias, residual)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return LayerNormFunction.apply(x, weight, bias, eps, residual, num_warps)
@@ -194,43 +199,3 @@ def layer_norm_reference(x, weight, bias, eps, residual=None):
         return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     h = x + residual
     return torch.nn.functional.layer_norm(h, (h.shape[-1],), weight, bias, eps), h
-
-
-def _divisible(kernel, extra=()):
-    # What the JIT specializes for 16-byte aligned tensors with C and row strides multiples of 16.
-    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-            if name.endswith("_ptr") or name.startswith("stride_") or name in ("C", *extra)}
-
-
-def _config(dtype, C, has_residual):
-    p = f"*{dtype}"
-    return dict(
-        kernel=_layer_norm_kernel,
-        signature=dict(x_ptr=p, r_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, h_ptr=p, C="i32", eps="fp32",
-                       stride_xm="i32", stride_rm="i32", stride_ym="i32", stride_hm="i32",
-                       HAS_RESIDUAL="constexpr", BLOCK_N="constexpr", ACC="constexpr"),
-        constexprs=dict(HAS_RESIDUAL=has_residual, BLOCK_N=triton.next_power_of_2(C), ACC=tl.float32),
-        attrs=_divisible(_layer_norm_kernel),
-        num_warps=default_config(C)["num_warps"],
-        name=f"layer_norm_{dtype}_C{C}{'_residual' if has_residual else ''}",
-    )
-
-
-def _bwd_config(dtype, C, has_dh):
-    p = f"*{dtype}"
-    return dict(
-        kernel=_layer_norm_bwd_kernel,
-        signature=dict(dy_ptr=p, dh_ptr=p, h_ptr=p, w_ptr=p, dx_ptr=p, dw_ptr="*fp32", db_ptr="*fp32",
-                       T="i32", C="i32", eps="fp32", rows_per_program="i32",
-                       stride_dym="i32", stride_dhm="i32", stride_hm="i32", stride_dxm="i32",
-                       HAS_DH="constexpr", BLOCK_N="constexpr", ACC="constexpr"),
-        constexprs=dict(HAS_DH=has_dh, BLOCK_N=triton.next_power_of_2(C), ACC=tl.float32),
-        attrs=_divisible(_layer_norm_bwd_kernel),
-        num_warps=default_config(C)["num_warps"],
-        name=f"layer_norm_bwd_{dtype}_C{C}{'_dh' if has_dh else ''}",
-    )
-
-
-# Production configs: SAM (C=768) and CLIP (C=1024), with and without the fused residual, forward and backward.
-COMPILE_CONFIGS = ([_config(dt, C, res) for dt in ("bf16", "fp16") for C in (768, 1024) for res in (False, True)]
-                   + [_bwd_config(dt, C, dh) for dt in ("bf16", "fp16") for C in (768, 1024) for dh in (False, True)])

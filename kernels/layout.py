@@ -3,64 +3,38 @@
 An output row is either a projected token, y = cat(clip_token, sam_token) @ W^T + b (read from the two
 halves directly, no concatenated copy), or the `image_newline` / `view_seperator` embedding. Which one, and
 from which source rows, is given by a host-built `RowMap`: the kernel knows nothing of images (the encoder
-builds the map from the image layout, `gundam.layout`).
+builds the map from the image layout, `gundam.layout`; RowMap lives in `segments`, with the other host-built
+tables).
 """
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from gundam.kernels.launch import GRAD_DTYPES, check_tensor, resolve_config, tl_acc_dtype
+from gundam.kernels.segments import NEWLINE, SEPARATOR, RowMap
+from gundam.kernels.tiling import project_layout_config
 
-NEWLINE = -1    # row-map code in the CLIP column: write image_newline
-SEPARATOR = -2  # row-map code in the CLIP column: write view_seperator
-_NEWLINE, _SEPARATOR = tl.constexpr(NEWLINE), tl.constexpr(SEPARATOR)  # the same codes, visible to the kernel
-
-
-@dataclass(frozen=True)
-class RowMap:
-    """Where each output row comes from: rows[r] = (CLIP row, SAM row) of a projected token, or
-    (NEWLINE | SEPARATOR, -1). The bounds and the backward's index lists are made on the host, so neither
-    the launcher nor the backward waits for the device."""
-    rows: torch.Tensor            # int32 [T_out, 2], contiguous
-    clip_rows: int                # 1 + largest CLIP row read
-    sam_rows: int                 # 1 + largest SAM row read
-    token_rows: torch.Tensor      # int64 [n_tok]: output rows that are projected tokens
-    token_clip: torch.Tensor      # int64 [n_tok]: their CLIP rows
-    token_sam: torch.Tensor       # int64 [n_tok]: their SAM rows
-    newline_rows: torch.Tensor    # int64 [n_newline]
-    separator_rows: torch.Tensor  # int64 [n_images]
-
-    @staticmethod
-    def from_host(rows: torch.Tensor, device=None) -> "RowMap":
-        """From an integer CPU tensor [T_out, 2] (e.g. built with the codes above)."""
-        check_tensor("RowMap", "rows", rows, ndim=2, shape=(None, 2), device=torch.device("cpu"))
-        if rows.is_floating_point():
-            raise TypeError(f"RowMap: rows has dtype {rows.dtype}, expected an integer dtype")
-        top = int(rows.max()) if rows.numel() else -1
-        if top >= 2**31:
-            raise ValueError(f"RowMap: source row {top} does not fit int32")
-        rows = rows.long()
-        token = (rows[:, 0] >= 0).nonzero().flatten()
-        on = lambda t: t.contiguous().to(device)   # noqa: E731
-        return RowMap(
-            rows=on(rows.to(torch.int32)),
-            clip_rows=int(rows[:, 0].max()) + 1 if rows.numel() else 0,
-            sam_rows=int(rows[:, 1].max()) + 1 if rows.numel() else 0,
-            token_rows=on(token), token_clip=on(rows[token, 0]), token_sam=on(rows[token, 1]),
-            newline_rows=on((rows[:, 0] == NEWLINE).nonzero().flatten()),
-            separator_rows=on((rows[:, 0] == SEPARATOR).nonzero().flatten()),
-        )
+_NEWLINE, _SEPARATOR = tl.constexpr(NEWLINE), tl.constexpr(SEPARATOR)  # the row-map codes, visible to the kernel
 
 
 @triton.jit
 def _project_layout_kernel(
-    sam_ptr, clip_ptr, w_ptr, b_ptr, newline_ptr, sep_ptr, map_ptr, out_ptr,
-    T_out, stride_sm, stride_cm, stride_wn, stride_om,
-    N: tl.constexpr, K_CLIP: tl.constexpr, K_SAM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    sam_ptr,            # [T_sam, K_SAM] SAM tokens (rows may be strided)
+    clip_ptr,           # [T_clip, K_CLIP] CLIP tokens (rows may be strided)
+    w_ptr,              # [N, K_CLIP + K_SAM] projector weight (nn.Linear: CLIP columns first)
+    b_ptr,              # [N] projector bias
+    newline_ptr,        # [N] image_newline
+    sep_ptr,            # [N] view_seperator
+    map_ptr,            # int32 [T_out, 2] row map: (CLIP row, SAM row), or (NEWLINE | SEPARATOR, -1)
+    out_ptr,            # out [T_out, N] (rows may be strided)
+    T_out,              # output rows
+    stride_sm, stride_cm, stride_wn, stride_om,     # row strides of sam, clip, w, out
+    N: tl.constexpr,            # output features
+    K_CLIP: tl.constexpr,       # CLIP features
+    K_SAM: tl.constexpr,        # SAM features
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # output rows x features, K step
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 / fp64 inputs (exact dots), "tf32" (ignored) for 16-bit
+    ACC: tl.constexpr,          # accumulator dtype: tl.float32 (tl.float64 for fp64 inputs)
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -101,14 +75,6 @@ def _project_layout_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def default_config(T_out):
-    # N = 1280 gives only 10 column tiles and a batch has hundreds to a few thousand output rows, so small
-    # row tiles keep the SMs busy; big batches take 128-row tiles for twice the reuse of each weight tile.
-    # BLOCK_K = 64 keeps the 3-stage pipeline's smem at 48-96 KB (fits sm_80 and sm_90); 8 warps keep the
-    # gathered-row pointers and the fp32 accumulator under ~210 registers (4 warps spill at 128 rows).
-    return dict(BLOCK_M=128 if T_out >= 4096 else 64, BLOCK_N=128, BLOCK_K=64, num_warps=8)
-
-
 def _check(fn, sam, clip, weight, bias, newline, separator, row_map, out):
     if not isinstance(row_map, RowMap):
         raise TypeError(f"{fn}: row_map is a {type(row_map).__name__}, expected a RowMap")
@@ -141,8 +107,10 @@ def _forward(sam, clip, weight, bias, newline, separator, row_map, out, cfg):
     bias, newline, separator = bias.contiguous(), newline.contiguous(), separator.contiguous()
     grid = (triton.cdiv(T_out, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     _project_layout_kernel[grid](
-        sam, clip, weight, bias, newline, separator, row_map.rows, out,
-        T_out, sam.stride(0), clip.stride(0), weight.stride(0), out.stride(0),
+        sam_ptr=sam, clip_ptr=clip, w_ptr=weight, b_ptr=bias, newline_ptr=newline, sep_ptr=separator,
+        map_ptr=row_map.rows, out_ptr=out,
+        T_out=T_out, stride_sm=sam.stride(0), stride_cm=clip.stride(0), stride_wn=weight.stride(0),
+        stride_om=out.stride(0),
         N=N, K_CLIP=clip.shape[1], K_SAM=sam.shape[1],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         # fp32/fp64 inputs: exact products, not TF32 (fp16/bf16 ignore it).
@@ -181,40 +149,16 @@ def project_and_layout(sam, clip, weight, bias, newline, separator, row_map, *, 
     sam [T_sam, K_sam], clip [T_clip, K_clip] (packed token-major, rows may be strided), weight [N, K_clip+K_sam]
     (nn.Linear weight: CLIP columns first), bias / newline / separator [N]; all one dtype and device.
     out: optional preallocated [T_out, N] output (rows may be strided; not with autograd).
-    config: overrides of default_config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), e.g. small blocks for the
-    interpreter. Differentiable in every tensor argument when autograd records.
+    config: overrides of tiling.project_layout_config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), e.g. small blocks
+    for the interpreter. Differentiable in every tensor argument when autograd records.
     """
     fn = "project_and_layout"
     _check(fn, sam, clip, weight, bias, newline, separator, row_map, out)
-    cfg = resolve_config(fn, default_config(row_map.rows.shape[0]), config, pow2=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-                         minimum=16)
+    cfg = resolve_config(fn, project_layout_config(row_map.rows.shape[0]), config,
+                         pow2=("BLOCK_M", "BLOCK_N", "BLOCK_K"), minimum=16)
     inputs = (sam, clip, weight, bias, newline, separator)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         if out is not None:
             raise ValueError(f"{fn}: out= given while autograd records, expected out=None (a new output)")
         return ProjectLayoutFunction.apply(*inputs, row_map, cfg)
     return _forward(*inputs, row_map, out, cfg)
-
-
-def _config(dtype, T_out):
-    cfg = default_config(T_out)
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
-    p = f"*{dtype}"
-    return dict(
-        kernel=_project_layout_kernel,
-        signature=dict(sam_ptr=p, clip_ptr=p, w_ptr=p, b_ptr=p, newline_ptr=p, sep_ptr=p, map_ptr="*i32", out_ptr=p,
-                       T_out="i32", stride_sm="i32", stride_cm="i32", stride_wn="i32", stride_om="i32",
-                       N="constexpr", K_CLIP="constexpr", K_SAM="constexpr", BLOCK_M="constexpr",
-                       BLOCK_N="constexpr", BLOCK_K="constexpr", INPUT_PRECISION="constexpr", ACC="constexpr"),
-        constexprs=dict(N=1280, K_CLIP=1024, K_SAM=1024, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                        INPUT_PRECISION="tf32", ACC=tl.float32),
-        # What the JIT specializes for 16-byte aligned tensors with row strides that are multiples of 16.
-        attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(_project_layout_kernel.arg_names)
-               if name.endswith("_ptr") or name.startswith("stride_")},
-        num_warps=num_warps,
-        name=f"project_and_layout_{dtype}_M{BLOCK_M}",
-    )
-
-
-# Production configs: the real projector (2048 -> 1280) at both row-tile sizes of the heuristic.
-COMPILE_CONFIGS = [_config(dt, T_out) for dt in ("bf16", "fp16") for T_out in (893, 8192)]

@@ -1,42 +1,24 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
-
-import json
-import math
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gundam.kernels.attention as attn_mod
-from gundam.kernels.attention import (PROG_Q0, SEG_GH, SEG_GW, SEG_RH_OFF, SEG_RW_OFF, attention,
-                                      attention_reference, build_segments, choose_config, mma_work, pack_rel_pos)
+from gundam.kernels.attention import attention, attention_reference
+from gundam.kernels.segments import PROG_Q0, SEG_GH, SEG_GW, SEG_RH_OFF, SEG_RW_OFF, build_segments, pack_rel_pos
+from gundam.kernels.tiling import choose_config, mma_work
 
-from testutils import DTYPES, assert_close, log_launches
+from testutils import DTYPES, assert_close, attention_inputs, log_launches, vendor_block_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _packed(views, heads, head_dim, dtype, seed, *, window=None, class_token=False, rel=True, bias=True,
-            tokens=None):
-    """Random packed qkv, segments, packed rel-pos tables and qkv bias for `views` [(offset, H, W)]."""
-    g = torch.Generator().manual_seed(seed)
-    seg = build_segments(views, window, class_token=class_token)
-    T = tokens if tokens is not None else seg.end_token
-    qkv = torch.randn(T, 3, heads, head_dim, generator=g).to(dtype)
-    rh = rw = None
-    if rel:
-        rh = pack_rel_pos([(torch.randn(2 * s - 1, head_dim, generator=g) * 0.15).to(dtype)
-                           for s in seg.rel_sizes_h], seg.rel_sizes_h)
-        rw = pack_rel_pos([(torch.randn(2 * s - 1, head_dim, generator=g) * 0.15).to(dtype)
-                           for s in seg.rel_sizes_w], seg.rel_sizes_w)
-    qkv_bias = (torch.randn(3 * heads * head_dim, generator=g) * 0.5).to(dtype) if bias else None
-    return qkv, seg, rh, rw, qkv_bias
-
-
 def _check(views, heads, head_dim, dtype, atol, rtol, seed, what, *, config=None, **kw):
-    qkv, seg, rh, rw, b = _packed(views, heads, head_dim, dtype, seed, **kw)
+    seg, (qkv, rh, rw, b), _ = attention_inputs(views, heads, head_dim, seed, dtype=dtype, **kw)
     got = attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b, config=config)
     want = attention_reference(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b)   # float64 compute
     assert got.dtype == dtype and got.shape == (qkv.shape[0], heads * head_dim)
@@ -127,13 +109,13 @@ class Allocations(TorchDispatchMode):
 
 def test_out_default_is_filled_only_where_no_group_writes():
     # groups covering every token: the output is allocated, not zero-filled
-    qkv, seg, rh, rw, b = _packed([(0, 7, 7), (49, 5, 6)], 2, 16, torch.float32, 15, window=4)
+    seg, (qkv, rh, rw, b), _ = attention_inputs([(0, 7, 7), (49, 5, 6)], 2, 16, 15, window=4)
     with Allocations() as allocs:
         got = attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b)
     assert (79, 32) not in allocs.filled, allocs.filled
     assert_close(got, attention_reference(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b), 1e-5, 1e-5, "covered")
     # tokens 0..4 and 54..59 in no group: zeros there
-    qkv, seg, rh, rw, b = _packed([(5, 7, 7)], 2, 16, torch.float32, 16, window=4, tokens=60)
+    seg, (qkv, rh, rw, b), _ = attention_inputs([(5, 7, 7)], 2, 16, 16, window=4, tokens=60)
     got = attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b)
     assert torch.equal(got[:5], torch.zeros(5, 32)) and torch.equal(got[54:], torch.zeros(6, 32))
 
@@ -141,7 +123,7 @@ def test_out_default_is_filled_only_where_no_group_writes():
 def test_out_in_place_leaves_other_tokens_untouched():
     # tokens 0..4 and 54..59 belong to no group: a written `out` keeps them
     views = [(5, 7, 7)]
-    qkv, seg, rh, rw, b = _packed(views, 2, 16, torch.float32, 10, window=4, tokens=60)
+    seg, (qkv, rh, rw, b), _ = attention_inputs(views, 2, 16, 10, window=4, tokens=60)
     out = torch.full((60, 32), 7.0)
     res = attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=b, out=out)
     assert res.data_ptr() == out.data_ptr()
@@ -184,35 +166,6 @@ def test_one_launch_for_a_mixed_batch(monkeypatch):
 
 # ---------------------------------------------------------------- the reference against the vendor's computation
 
-def _vendor_block_attention(x, w_qkv, b_qkv, rel_pos_h, rel_pos_w, heads, window):
-    """SAM's attention the vendor's way (float64): pad + partition windows, qkv linear on the padded grid,
-    decomposed rel-pos with the full bias materialised, softmax, unpartition, crop. x: [B, H, W, C]."""
-    B, H, W, C = x.shape
-    hd = C // heads
-    if window:
-        ph, pw = -H % window, -W % window
-        x = torch.nn.functional.pad(x, (0, 0, 0, pw, 0, ph))
-        Hp, Wp = H + ph, W + pw
-        x = x.view(B, Hp // window, window, Wp // window, window, C).permute(0, 1, 3, 2, 4, 5)
-        x = x.reshape(-1, window, window, C)                                   # [B * nw, S, S, C]
-    Bw, S1, S2, _ = x.shape
-    N = S1 * S2
-    qkv = (x.reshape(Bw, N, C) @ w_qkv.T + b_qkv).reshape(Bw, N, 3, heads, hd).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)                                                    # [Bw, heads, N, hd]
-    Rh = rel_pos_h[torch.arange(S1)[:, None] - torch.arange(S1)[None, :] + S1 - 1]   # [S1, S1, hd]
-    Rw = rel_pos_w[torch.arange(S2)[:, None] - torch.arange(S2)[None, :] + S2 - 1]
-    r_q = q.reshape(Bw, heads, S1, S2, hd)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
-    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(Bw, heads, N, N)
-    o = torch.softmax(q @ k.transpose(-1, -2) * hd ** -0.5 + bias, dim=-1) @ v   # [Bw, heads, N, hd]
-    o = o.transpose(1, 2).reshape(Bw, S1, S2, C)
-    if window:
-        o = o.view(B, Hp // window, Wp // window, window, window, C).permute(0, 1, 3, 2, 4, 5)
-        o = o.reshape(B, Hp, Wp, C)[:, :H, :W]
-    return o
-
-
 @pytest.mark.parametrize("window", [5, None])
 def test_reference_and_kernel_match_the_vendor_computation(window):
     g = torch.Generator().manual_seed(13)
@@ -231,7 +184,7 @@ def test_reference_and_kernel_match_the_vendor_computation(window):
     want = []
     for x, (h, w) in zip(xs, sizes):
         rh, rw = tables[window or h]
-        want.append(_vendor_block_attention(x[None], w_qkv, b_qkv, rh, rw, heads, window)[0].reshape(h * w, C))
+        want.append(vendor_block_attention(x[None], w_qkv, b_qkv, rh, rw, heads, window)[0].reshape(h * w, C))
     want = torch.cat(want)
     # packed: the qkv linear on real tokens only, padding supplied by the bias
     views, off = [], 0
@@ -281,6 +234,20 @@ def test_build_segments_clip():
     assert seg.end_token == 358 and seg.class_token
 
 
+def test_planning_modules_import_without_triton():
+    # segment, program and row-map tables and the tiling heuristics are host code: torch alone imports them
+    code = ("import sys\n"
+            "sys.modules['triton'] = None\n"        # any import of triton now raises ImportError
+            "import gundam.kernels.segments, gundam.kernels.tiling\n"
+            "try:\n"
+            "    import gundam.kernels.attention\n"
+            "except ImportError:\n"
+            "    print('kernels need triton')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "kernels need triton", res.stdout    # the block works: the kernels do not import
+
+
 def _tile(cfg):
     return cfg["BLOCK_M"], cfg["TAIL_M"], cfg["BLOCK_KH"], cfg["BLOCK_KW"]
 
@@ -295,26 +262,11 @@ def test_choose_config_production_tiles():
     assert _tile(choose_config(build_segments([(0, 10, 10)], class_token=True), 64, torch.bfloat16)) == (64, 64, 1, 64)
 
 
-def _issued_by_programs(seg, block_m, tail_m, block_kh, block_kw):
-    """Query rows x key slots the kernel runs, program by program, from the program table it is launched with."""
-    issued, covered = 0, {}
-    for row in seg.program_table(block_m, tail_m).tolist():
-        gh, gw, q0 = row[SEG_GH], row[SEG_GW], row[PROG_Q0]
-        size = tail_m if gh * gw - q0 <= tail_m else block_m           # the kernel's choice of path
-        tiles = math.ceil(gh / block_kh) * math.ceil(gw / block_kw)     # its key loop
-        issued += size * tiles * block_kh * block_kw
-        covered.setdefault(tuple(row[:PROG_Q0]), []).extend(range(q0, q0 + size))
-    for group, qs in covered.items():       # every query of every group in exactly one block
-        n = group[SEG_GH] * group[SEG_GW]
-        assert sorted(q for q in qs if q < n) == list(range(n)), group
-    return issued
-
-
 def test_window_padding_ratio():
     # A 14 x 14 window is 196 queries x 196 keys of useful work (padded keys are real keys: the qkv bias).
     # Before: 4 query blocks of 64 x 4 key tiles of 8 x 8 = 256 x 256 = 1.71x. Now: 64 + 64 + 64 + 16 query
-    # rows x 7 key tiles of 2 x 16 = 208 x 224 = 1.21x. Counted from the group shapes (mma_work) and, program by
-    # program, from the program table the kernel runs.
+    # rows x 7 key tiles of 2 x 16 = 208 x 224 = 1.21x. Counted from the group shapes (mma_work); the program
+    # table the kernel runs has those query blocks.
     seg = build_segments([(0, 64, 64), (4096, 40, 40)], 14)        # 25 + 9 windows
     assert dict(seg.group_shapes) == {(14, 14): 34}
     before = mma_work(seg.group_shapes, 64, 64, 8, 8)
@@ -322,8 +274,10 @@ def test_window_padding_ratio():
     cfg = choose_config(seg, 64, torch.bfloat16)
     after = mma_work(seg.group_shapes, *_tile(cfg))
     assert after == (34 * 208 * 224, 34 * 196 * 196) and round(after[0] / after[1], 2) == 1.21
-    assert _issued_by_programs(seg, 64, 64, 8, 8) == before[0]
-    assert _issued_by_programs(seg, *_tile(cfg)) == after[0]
+    # 4 programs per window, first queries 0, 64, 128, 192; the last holds 196 - 192 = 4 <= TAIL_M = 16 queries,
+    # so the kernel runs it as a 16-row block
+    progs = seg.program_table(cfg["BLOCK_M"], cfg["TAIL_M"])[:, PROG_Q0].tolist()
+    assert progs == [0, 64, 128, 192] * 34 and cfg["TAIL_M"] == 16
     # other production shapes: global blocks pad only the 640 view's last query block (1600 = 12.5 x 128),
     # CLIP-1024 is 272 x 288 / 257^2 = 1.19x (was 320 x 320: 1.55x)
     glob = build_segments([(0, 64, 64), (4096, 40, 40)])
@@ -332,11 +286,12 @@ def test_window_padding_ratio():
     clip = build_segments([(0, 16, 16)], class_token=True)
     issued, useful = mma_work(clip.group_shapes, *_tile(choose_config(clip, 64, torch.bfloat16)))
     assert (issued, useful) == (272 * 288, 257 * 257)
-    assert _issued_by_programs(clip, *_tile(choose_config(clip, 64, torch.bfloat16))) == issued
+    # 257 queries: first queries 0, 64, 128, 192 and a 16-row block for query 256: 4 * 64 + 16 = 272 rows
+    assert clip.program_table(64, 16)[:, PROG_Q0].tolist() == [0, 64, 128, 192, 256]
 
 
 def test_errors_are_clear():
-    qkv, seg, rh, rw, b = _packed([(0, 6, 6)], 2, 16, torch.float32, 14, window=4)
+    seg, (qkv, rh, rw, b), _ = attention_inputs([(0, 6, 6)], 2, 16, 14, window=4)
     with pytest.raises(ValueError, match=r"attention: qkv has shape \(36, 96\), expected 4 dims"):
         attention(qkv.view(36, 3 * 2 * 16), seg)
     with pytest.raises(TypeError, match=r"attention: qkv has dtype torch.int32, expected one of"):

@@ -5,29 +5,19 @@ import pytest
 import torch
 
 import gundam.kernels.attention as attn_mod
-from gundam.kernels.attention import attention, attention_reference, build_segments, pack_rel_pos
+from gundam.kernels.attention import attention, attention_reference
+from gundam.kernels.compile_check import PRODUCTION_CASES, registered_configs
+from gundam.kernels.segments import build_segments, pack_rel_pos
+from gundam.kernels.tiling import choose_backward_config
 
-from test_attention import _vendor_block_attention
-from testutils import assert_close, log_launches
+from testutils import assert_close, attention_inputs, log_launches, vendor_block_attention
 
 F64 = torch.float64
 
 
-def _inputs(views, heads, head_dim, seed, *, window=None, class_token=False, rel=True, bias=True, tokens=None):
+def _inputs(views, heads, head_dim, seed, **kw):
     """fp64 packed qkv, packed rel-pos tables, qkv bias and an output gradient for `views`."""
-    g = torch.Generator().manual_seed(seed)
-    seg = build_segments(views, window, class_token=class_token)
-    T = tokens if tokens is not None else seg.end_token
-    qkv = torch.randn(T, 3, heads, head_dim, generator=g, dtype=F64)
-    rh = rw = None
-    if rel:
-        rh = pack_rel_pos([torch.randn(2 * s - 1, head_dim, generator=g, dtype=F64) * 0.3 for s in seg.rel_sizes_h],
-                          seg.rel_sizes_h)
-        rw = pack_rel_pos([torch.randn(2 * s - 1, head_dim, generator=g, dtype=F64) * 0.3 for s in seg.rel_sizes_w],
-                          seg.rel_sizes_w)
-    b = torch.randn(3 * heads * head_dim, generator=g, dtype=F64) * 0.5 if bias else None
-    dout = torch.randn(T, heads * head_dim, generator=g, dtype=F64)
-    return seg, [qkv, rh, rw, b], dout
+    return attention_inputs(views, heads, head_dim, seed, dtype=F64, rel_scale=0.3, **kw)
 
 
 def _grads(fn, seg, tensors, dout, dtype=F64, **kw):
@@ -136,7 +126,7 @@ def test_gradients_match_the_vendor_computation():
         return [t.clone().requires_grad_() for t in (*xs, w_qkv, b_qkv, rel_h, rel_w)]
 
     vend = leaves()
-    loss = sum((_vendor_block_attention(x[None], vend[2], vend[3], vend[4], vend[5], heads, window)[0] * d).sum()
+    loss = sum((vendor_block_attention(x[None], vend[2], vend[3], vend[4], vend[5], heads, window)[0] * d).sum()
                for x, d in zip(vend[:2], douts))
     loss.backward()
 
@@ -220,7 +210,7 @@ def test_backward_launches(monkeypatch):
                                      "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel", "_relpos_bwd_kernel",
                                      "_relpos_bwd_kernel"], calls
     # 5 windows of 6 x 6 = 36 queries: one query block (dQ, rel-pos backward) and its key tiles (dK/dV) each
-    cfg = attn_mod.choose_backward_config(seg, 16, torch.float32)
+    cfg = choose_backward_config(seg, 16, torch.float32)
     tiles = -(-6 // cfg["KV_BLOCK_KH"]) * -(-6 // cfg["KV_BLOCK_KW"])
     assert calls[3][1] == (5, 2) and calls[4][1] == (5 * tiles, 2) and calls[5][1] == (5, 2), calls
 
@@ -249,11 +239,14 @@ def test_errors():
 
 def test_backward_kernels_are_registered_for_the_compile_check():
     # tests/test_compile.py builds every registered entry for sm_80 and sm_90 (spills, ptxas warnings, MMA)
-    names = {e["name"] for e in attn_mod.COMPILE_CONFIGS}
-    for dt in ("bf16", "fp16"):
-        for case, *_ in attn_mod.PRODUCTION_CASES:
-            for kind in ("attention-lse", "attention-bwd-dq", "attention-bwd-dkdv"):
-                assert f"{kind}/{case}/{dt}" in names, (kind, case, dt)
-        for case in ("global-1024", "window-14"):
-            for axis in "hw":
-                assert f"attention-bwd-relpos-{case}-{axis}/{dt}" in names
+    names = {e["name"] for e in registered_configs()}
+    for case, *_ in PRODUCTION_CASES:
+        for kind in ("attention-lse", "attention-bwd-dq", "attention-bwd-dkdv"):
+            assert f"{kind}/{case}/bf16" in names, (kind, case)
+    for case in ("global-1024", "window-14"):
+        for axis in "hw":
+            assert f"attention-bwd-relpos-{case}-{axis}/bf16" in names, (case, axis)
+    # fp16 builds the same code with other MMA types: one entry per backward kernel
+    for name in ("attention-bwd-dq/sam-global-1024", "attention-bwd-dkdv/sam-global-1024",
+                 "attention-bwd-relpos-global-1024-h"):
+        assert f"{name}/fp16" in names, name

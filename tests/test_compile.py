@@ -4,6 +4,7 @@ serialized wgmma), reaches its minimum occupancy, and uses tensor-core MMA where
 (gundam.kernels.compile_check)."""
 import pytest
 
+from gundam.kernels import activation, attention, layernorm, layout
 from gundam.kernels.compile_check import (ARCHS, CompileStats, format_table, occupancy, problems, compile_registered,
                                           registered_configs)
 
@@ -17,11 +18,18 @@ def stats():
 
 def test_production_kernels_are_registered():
     names = [e["name"] for e in ENTRIES]
+    assert len(set(names)) == len(names), names
     for case in ("sam-global-1024", "sam-global-640", "sam-global-mixed", "sam-window-14", "clip-1024", "clip-640",
                  "relpos-global-1024", "relpos-window-14"):
-        for dt in ("bf16", "fp16"):
-            assert f"attention/{case}/{dt}" in names, names
+        assert f"attention/{case}/bf16" in names, names
+    assert "attention/sam-global-1024/fp16" in names and "attention/relpos-global-1024/fp16" in names, names
     assert any(n.startswith("quick_gelu/") for n in names) and any(n.startswith("layer_norm") for n in names)
+    # every kernel of the package is registered, and each has one fp16 entry (fp16 builds the same code as bf16
+    # with other MMA types)
+    kernels = sorted(n for m in (activation, attention, layernorm, layout) for n in dir(m)
+                     if n.startswith("_") and n.endswith("_kernel"))
+    assert sorted({e["kernel"].fn.__name__ for e in ENTRIES}) == kernels
+    assert sorted(e["kernel"].fn.__name__ for e in ENTRIES if "*fp16" in e["signature"].values()) == kernels
     # the SAM global blocks must keep two CTAs per SM on sm_90
     glob = [e for e in ENTRIES if e["name"].startswith("attention/sam-global")]
     assert glob and all(e["min_ctas_per_sm"] == {90: 2} for e in glob)

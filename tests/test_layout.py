@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from gundam.config import Mode
-from gundam.kernels.layout import NEWLINE, SEPARATOR, RowMap, project_and_layout
+from gundam.kernels.layout import project_and_layout
+from gundam.kernels.segments import NEWLINE, SEPARATOR, RowMap
 from gundam.layout import grid_layout, layout_tokens
 from testutils import DTYPES, assert_close
 

@@ -106,3 +106,58 @@ def in_mode(img: Image.Image, pil_mode: str, seed: int) -> Image.Image:
         out.putalpha(Image.fromarray(np.random.default_rng(seed).integers(0, 256, img.size[::-1], dtype=np.uint8)))
         return out
     return img.convert(pil_mode)
+
+
+def attention_inputs(views, heads, head_dim, seed, *, dtype=torch.float32, rel_scale=0.15, window=None,
+                     class_token=False, rel=True, bias=True, tokens=None):
+    """Random packed attention inputs for `views` [(offset, H, W)]: (segments, [qkv, rel_pos_h, rel_pos_w,
+    qkv_bias], dout). Drawn in fp32 (fp64 for fp64) and cast to dtype; rel-pos tables scaled by rel_scale; rel /
+    bias False give None tables / bias; tokens: the buffer's length (default: the last group's end)."""
+    from gundam.kernels.segments import build_segments, pack_rel_pos
+    g = torch.Generator().manual_seed(seed)
+    draw = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=draw)
+
+    seg = build_segments(views, window, class_token=class_token)
+    T = tokens if tokens is not None else seg.end_token
+    qkv = randn(T, 3, heads, head_dim).to(dtype)
+    rh = rw = None
+    if rel:
+        rh = pack_rel_pos([(randn(2 * s - 1, head_dim) * rel_scale).to(dtype) for s in seg.rel_sizes_h],
+                          seg.rel_sizes_h)
+        rw = pack_rel_pos([(randn(2 * s - 1, head_dim) * rel_scale).to(dtype) for s in seg.rel_sizes_w],
+                          seg.rel_sizes_w)
+    qkv_bias = (randn(3 * heads * head_dim) * 0.5).to(dtype) if bias else None
+    dout = randn(T, heads * head_dim).to(dtype)
+    return seg, [qkv, rh, rw, qkv_bias], dout
+
+
+def vendor_block_attention(x, w_qkv, b_qkv, rel_pos_h, rel_pos_w, heads, window):
+    """SAM's attention the vendor's way (float64): pad + partition windows, qkv linear on the padded grid,
+    decomposed rel-pos with the full bias materialised, softmax, unpartition, crop. x: [B, H, W, C]."""
+    B, H, W, C = x.shape
+    hd = C // heads
+    if window:
+        ph, pw = -H % window, -W % window
+        x = torch.nn.functional.pad(x, (0, 0, 0, pw, 0, ph))
+        Hp, Wp = H + ph, W + pw
+        x = x.view(B, Hp // window, window, Wp // window, window, C).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(-1, window, window, C)                                   # [B * nw, S, S, C]
+    Bw, S1, S2, _ = x.shape
+    N = S1 * S2
+    qkv = (x.reshape(Bw, N, C) @ w_qkv.T + b_qkv).reshape(Bw, N, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)                                                    # [Bw, heads, N, hd]
+    Rh = rel_pos_h[torch.arange(S1)[:, None] - torch.arange(S1)[None, :] + S1 - 1]   # [S1, S1, hd]
+    Rw = rel_pos_w[torch.arange(S2)[:, None] - torch.arange(S2)[None, :] + S2 - 1]
+    r_q = q.reshape(Bw, heads, S1, S2, hd)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(Bw, heads, N, N)
+    o = torch.softmax(q @ k.transpose(-1, -2) * hd ** -0.5 + bias, dim=-1) @ v   # [Bw, heads, N, hd]
+    o = o.transpose(1, 2).reshape(Bw, S1, S2, C)
+    if window:
+        o = o.view(B, Hp // window, Wp // window, window, window, C).permute(0, 1, 3, 2, 4, 5)
+        o = o.reshape(B, Hp, Wp, C)[:, :H, :W]
+    return o
