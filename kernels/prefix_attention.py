@@ -203,12 +203,15 @@ def _prefix_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
-    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q1, q2, k_view, v_view, cos_ptr, sin_ptr, qk_scale, offs_r, m,
-                                0, full, stride_k_t, stride_v_t, stride_cos, stride_sin, offs_h, offs_d,
-                                BLOCK_N, HALF, BLOCK_H, False, DOT_PRECISION, ACC)
+    # the masked stage first: it always runs (a visible key in every row of its first block, so m_i is finite
+    # after it), and the unmasked stage's zero-trip path then leaves the accumulator as the last wgmma wrote it
+    # (zero-initialised accumulators on a zero-trip path serialize the wgmmas: C7515)
     acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q1, q2, k_view, v_view, cos_ptr, sin_ptr, qk_scale, offs_r, m,
                                 full, kv_end, stride_k_t, stride_v_t, stride_cos, stride_sin, offs_h, offs_d,
                                 BLOCK_N, HALF, BLOCK_H, True, DOT_PRECISION, ACC)
+    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q1, q2, k_view, v_view, cos_ptr, sin_ptr, qk_scale, offs_r, m,
+                                0, full, stride_k_t, stride_v_t, stride_cos, stride_sin, offs_h, offs_d,
+                                BLOCK_N, HALF, BLOCK_H, False, DOT_PRECISION, ACC)
 
     acc = acc / l_i[:, None]
     out_ptrs = out_ptr + q_tok[:, None] * stride_out_t + head * HEAD_DIM + offs_d[None, :]
@@ -298,6 +301,8 @@ def _prefix_attention_bwd_dq_kernel(
     dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse2, delta, k_view, v_view, cos_ptr, sin_ptr, qk_scale, offs_r, m,
                          full, kv_end, stride_k_t, stride_v_t, stride_cos, stride_sin, offs_h, offs_d,
                          BLOCK_N, HALF, BLOCK_H, True, DOT_PRECISION, ACC)
+    # the tables again rather than live across the key loop (registers)
+    c, s = _rope_tables(cos_ptr, sin_ptr, offs_r, r_ok, offs_h, stride_cos, stride_sin, HALF, BLOCK_H, ACC)
     dq1, dq2 = _rope_bwd(dq1 * scale, dq2 * scale, c, s)
     _store_halves(dq_ptr + head * stride_dq_h, q_tok * stride_dq_t, r_ok, offs_h, dq1, dq2, HALF, BLOCK_H)
 
@@ -393,6 +398,7 @@ def _prefix_attention_bwd_dkdv_kernel(
         dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_head, do_head, lse_head, delta_head, cos_ptr, sin_ptr,
                                    qk_scale, offs_c, m, tok0, mid, 2 * m, stride_q_t, stride_do_t, stride_cos,
                                    stride_sin, offs_h, offs_d, BLOCK_M, HALF, BLOCK_H, False, DOT_PRECISION, ACC)
+    c, s = _rope_tables(cos_ptr, sin_ptr, offs_c, c_ok, offs_h, stride_cos, stride_sin, HALF, BLOCK_H, ACC)
     dk1, dk2 = _rope_bwd(dk1 * scale, dk2 * scale, c, s)
     _store_halves(dk_ptr + kv_head * stride_dk_h, k_tok * stride_dk_t, c_ok, offs_h, dk1, dk2, HALF, BLOCK_H)
     tl.store(dv_ptr + (k_tok * stride_dv_t)[:, None] + kv_head * stride_dv_h + offs_d[None, :],
