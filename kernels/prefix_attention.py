@@ -31,6 +31,9 @@ delta = rowsum(dO * O) in torch, then
 - `_prefix_attention_bwd_dq_kernel`: program per (view, query block) x head, the forward's key stages with
   P = exp2(s - lse) recomputed: dQ_rot = scale dS K_rot (two halves), then RoPE's backward (the transposed
   rotation, sin -> -sin) gives dQ.
+- `_prefix_rope_kernel` writes rope(q) once ([T, H, D], q's dtype, the forward's rotation by the same helpers),
+  and `_prefix_attention_bwd_dkdv_kernel` reads it: rotating every query block again for every key block (the
+  tables, the fp32 halves) pushed that kernel past 255 registers on sm_80 at any useful tile.
 - `_prefix_attention_bwd_dkdv_kernel`: program per (view, key block) x kv head, looping over the kv head's
   H / KV query heads and over the rows that see the block (all 2m rows for a visual key block; rows from the
   block's first key on for a query key block, the first BLOCK_N of them masked): dV = sum P^T dO,
@@ -51,6 +54,7 @@ __all__ = ["prefix_attention", "prefix_attention_reference", "PrefixAttentionFun
            "PrefixSegments", "choose_config"]
 
 LOG2E = 1.4426950408889634
+ROPE_BLOCK_M = 32       # rows per program of _prefix_rope_kernel
 _LOG2E = tl.constexpr(LOG2E)                 # the same, for the kernels
 _LN2 = tl.constexpr(0.6931471805599453)
 _TOKEN, _M, _START, _END = map(tl.constexpr, (PSEG_TOKEN, PSEG_M, PSEG_START, PSEG_END))
@@ -308,8 +312,32 @@ def _prefix_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_head, do_head, lse_head, delta_head, cos_ptr, sin_ptr, qk_scale,
-                offs_c, m, tok0, lo, hi, stride_q_t, stride_do_t, stride_cos, stride_sin, offs_h, offs_d,
+def _prefix_rope_kernel(
+    x_ptr,          # [T, heads, D] q (before RoPE)
+    cos_ptr,        # [L, D] fp32
+    sin_ptr,        # [L, D]
+    prog_ptr,       # int32 [P, PSEG_COLS] program table (blocks of BLOCK_M rows)
+    y_ptr,          # [T, heads, D] rope(x), x's dtype (out)
+    stride_x_t, stride_x_h, stride_cos, stride_sin, stride_prog, stride_y_t, stride_y_h,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
+):
+    # program = (view, block of rows) x head; the forward's rotation (same helpers, so the same values), for the
+    # dK/dV kernel: rotating each query block there for each key block costs registers it does not have
+    prog = prog_ptr + tl.program_id(0) * stride_prog
+    head = tl.program_id(1)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    tok0, m, r0, end, offs_r, r_ok = _view_block(prog, BLOCK_M)
+    offs_h = tl.arange(0, BLOCK_H)
+    tok = (tok0 + offs_r).to(tl.int64)
+    x1, x2 = _load_halves(x_ptr + head * stride_x_h, tok * stride_x_t, r_ok, offs_h, HALF, BLOCK_H)
+    c, s = _rope_tables(cos_ptr, sin_ptr, offs_r, r_ok, offs_h, stride_cos, stride_sin, HALF, BLOCK_H, ACC)
+    x1, x2 = _rope(x1, x2, c, s, ACC)
+    _store_halves(y_ptr + head * stride_y_h, tok * stride_y_t, r_ok, offs_h, x1, x2, HALF, BLOCK_H)
+
+
+@triton.jit
+def _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_head, do_head, lse_head, delta_head, qk_scale,
+                offs_c, m, tok0, lo, hi, stride_q_t, stride_do_t, offs_h, offs_d,
                 BLOCK_M: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, MASKED: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
     """dK_rot (two halves) and dV of one key block over row blocks lo .. hi of one query head, transposed like
@@ -319,11 +347,7 @@ def _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_head, do_head, lse_head, delta_head, 
         offs_r = r0 + tl.arange(0, BLOCK_M)
         r_ok = offs_r < n_rows
         q_tok = (tok0 + offs_r).to(tl.int64)
-        q1, q2 = _load_halves(q_head, q_tok * stride_q_t, r_ok, offs_h, HALF, BLOCK_H)    # [BLOCK_M, BLOCK_H]
-        c, s = _rope_tables(cos_ptr, sin_ptr, offs_r, r_ok, offs_h, stride_cos, stride_sin, HALF, BLOCK_H, ACC)
-        q1, q2 = _rope(q1, q2, c, s, ACC)
-        q1 = q1.to(k1.dtype)
-        q2 = q2.to(k2.dtype)
+        q1, q2 = _load_halves(q_head, q_tok * stride_q_t, r_ok, offs_h, HALF, BLOCK_H)    # rope(q) [BLOCK_M, BLOCK_H]
         do = tl.load(do_head + (q_tok * stride_do_t)[:, None] + offs_d[None, :], mask=r_ok[:, None], other=0.0)
         lse2 = tl.load(lse_head + q_tok, mask=r_ok, other=float("inf")) * _LOG2E       # past the view: P = 0
         delta = tl.load(delta_head + q_tok, mask=r_ok, other=0.0)
@@ -343,8 +367,8 @@ def _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_head, do_head, lse_head, delta_head, 
 
 @triton.jit
 def _prefix_attention_bwd_dkdv_kernel(
-    q_ptr,          # [T, H, D] queries (before RoPE)
-    k_ptr,          # [T, KV, D]
+    q_ptr,          # [T, H, D] rope(q): _prefix_rope_kernel's output
+    k_ptr,          # [T, KV, D] keys (before RoPE)
     v_ptr,          # [T, KV, D]
     cos_ptr,        # [L, D] fp32
     sin_ptr,        # [L, D]
@@ -392,12 +416,12 @@ def _prefix_attention_bwd_dkdv_kernel(
         do_head = do_ptr + head * HEAD_DIM
         lse_head = lse_ptr + head.to(tl.int64) * stride_lse_h
         delta_head = delta_ptr + head.to(tl.int64) * stride_lse_h
-        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_head, do_head, lse_head, delta_head, cos_ptr, sin_ptr,
-                                   qk_scale, offs_c, m, tok0, lo, mid, stride_q_t, stride_do_t, stride_cos,
-                                   stride_sin, offs_h, offs_d, BLOCK_M, HALF, BLOCK_H, True, DOT_PRECISION, ACC)
-        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_head, do_head, lse_head, delta_head, cos_ptr, sin_ptr,
-                                   qk_scale, offs_c, m, tok0, mid, 2 * m, stride_q_t, stride_do_t, stride_cos,
-                                   stride_sin, offs_h, offs_d, BLOCK_M, HALF, BLOCK_H, False, DOT_PRECISION, ACC)
+        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_head, do_head, lse_head, delta_head,
+                                   qk_scale, offs_c, m, tok0, lo, mid, stride_q_t, stride_do_t, offs_h, offs_d,
+                                   BLOCK_M, HALF, BLOCK_H, True, DOT_PRECISION, ACC)
+        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_head, do_head, lse_head, delta_head,
+                                   qk_scale, offs_c, m, tok0, mid, 2 * m, stride_q_t, stride_do_t, offs_h, offs_d,
+                                   BLOCK_M, HALF, BLOCK_H, False, DOT_PRECISION, ACC)
     c, s = _rope_tables(cos_ptr, sin_ptr, offs_c, c_ok, offs_h, stride_cos, stride_sin, HALF, BLOCK_H, ACC)
     dk1, dk2 = _rope_bwd(dk1 * scale, dk2 * scale, c, s)
     _store_halves(dk_ptr + kv_head * stride_dk_h, k_tok * stride_dk_t, c_ok, offs_h, dk1, dk2, HALF, BLOCK_H)
@@ -408,14 +432,20 @@ def _prefix_attention_bwd_dkdv_kernel(
 # ---------------------------------------------------------------------------------------------- heuristic
 
 def choose_config(head_dim, dtype):
-    """Block sizes: forward BLOCK_M x BLOCK_N, dQ BWD_BLOCK_M x BWD_BLOCK_N, dK/dV KV_BLOCK_N keys x KV_BLOCK_M
-    rows per step. 64-row blocks: one wgmma warpgroup on sm_90, and m = 144 / 256 views waste little (a part's
-    last block of 144 rows is 16 of 64). fp32 / fp64 and head_dim 128 halve the key blocks (registers)."""
+    """Block sizes of the three kernels (keys of `config=`), for bf16 / fp16 at head_dim 64:
+    - forward: BLOCK_M = 64 query rows (one wgmma warpgroup on sm_90; a 144-row part ends in a 16-row block)
+      x BLOCK_N = 64 keys, 4 warps, 3 stages;
+    - dQ: BWD_BLOCK_M = 64 x BWD_BLOCK_N = 32 (64 keys spill on sm_80: dQ's two halves, dO and the tables stay
+      live);
+    - dK/dV: KV_BLOCK_N = 64 keys (the M of its wgmmas) x KV_BLOCK_M = 16 rows per step, over pre-rotated q
+      (32 rows spill on sm_80: dK's halves, dV, K and V stay live across the loops).
+    All compile for sm_80 and sm_90 without spills or ptxas warnings (COMPILE_CONFIGS). fp32 / fp64 and
+    head_dim 128 halve the key blocks (registers)."""
     small = head_dim > 64 or dtype in (torch.float32, torch.float64)
     n = 32 if small else 64
     return dict(BLOCK_M=64, BLOCK_N=n, num_warps=4, num_stages=3,
-                BWD_BLOCK_M=64, BWD_BLOCK_N=n, bwd_num_warps=4,
-                KV_BLOCK_N=64, KV_BLOCK_M=32 if not small else 16, kv_num_warps=4, bwd_num_stages=2)
+                BWD_BLOCK_M=64, BWD_BLOCK_N=n // 2, bwd_num_warps=4,
+                KV_BLOCK_N=n, KV_BLOCK_M=16, kv_num_warps=4, bwd_num_stages=2)
 
 
 _POW2 = ("BLOCK_M", "BLOCK_N", "num_warps", "BWD_BLOCK_M", "BWD_BLOCK_N", "bwd_num_warps", "KV_BLOCK_N", "KV_BLOCK_M",
@@ -426,7 +456,8 @@ def _resolve(fn, head_dim, dtype, config):
     cfg = resolve_config(fn, choose_config(head_dim, dtype), config, pow2=_POW2)
     small = [k for k in _POW2 if "warps" not in k and cfg[k] < 16]
     if small:
-        raise ValueError(f"{fn}: config {', '.join(f'{k}={cfg[k]}' for k in small)}, expected >= 16 (tensor-core tiles)")
+        got = ", ".join(f"{k}={cfg[k]}" for k in small)
+        raise ValueError(f"{fn}: config {got}, expected >= 16 (tensor-core tiles)")
     return cfg
 
 
@@ -509,7 +540,7 @@ def _backward(dout, q, k, v, cos, sin, out, lse, segments, scale, cfg):
     delta = torch.einsum("thd,thd->ht", dout.view(T, H, D).to(acc), out.view(T, H, D).to(acc)).contiguous()  # [H, T]
     common = dict(
         qk_scale=scale * LOG2E, scale=scale,
-        stride_q_t=q.stride(0), stride_q_h=q.stride(1), stride_k_t=k.stride(0), stride_k_h=k.stride(1),
+        stride_k_t=k.stride(0), stride_k_h=k.stride(1),
         stride_v_t=v.stride(0), stride_v_h=v.stride(1), stride_cos=cos.stride(0), stride_sin=sin.stride(0),
         GROUP=H // KV, HEAD_DIM=D, BLOCK_H=max(16, D // 2), DOT_PRECISION=_dot_precision(q.dtype),
         ACC=tl_acc_dtype(q.dtype), num_stages=cfg["bwd_num_stages"],
@@ -517,14 +548,24 @@ def _backward(dout, q, k, v, cos, sin, out, lse, segments, scale, cfg):
     progs = segments.program_table(cfg["BWD_BLOCK_M"])
     _prefix_attention_bwd_dq_kernel[(progs.shape[0], H)](
         q, k, v, cos, sin, progs, dout, lse, delta, dq,
-        stride_prog=progs.stride(0), stride_do_t=dout.stride(0), stride_lse_h=T,
+        stride_q_t=q.stride(0), stride_q_h=q.stride(1), stride_prog=progs.stride(0), stride_do_t=dout.stride(0),
+        stride_lse_h=T,
         stride_dq_t=dq.stride(0), stride_dq_h=dq.stride(1),
         BLOCK_M=cfg["BWD_BLOCK_M"], BLOCK_N=cfg["BWD_BLOCK_N"], num_warps=cfg["bwd_num_warps"], **common,
     )
+    q_rot = torch.empty_like(q, memory_format=torch.contiguous_format)      # rope(q) for the dK/dV kernel
+    progs = segments.program_table(ROPE_BLOCK_M)
+    _prefix_rope_kernel[(progs.shape[0], H)](
+        q, cos, sin, progs, q_rot,
+        stride_x_t=q.stride(0), stride_x_h=q.stride(1), stride_cos=cos.stride(0), stride_sin=sin.stride(0),
+        stride_prog=progs.stride(0), stride_y_t=q_rot.stride(0), stride_y_h=q_rot.stride(1),
+        HEAD_DIM=D, BLOCK_H=max(16, D // 2), BLOCK_M=ROPE_BLOCK_M, ACC=tl_acc_dtype(q.dtype), num_warps=4,
+    )
     progs = segments.program_table(cfg["KV_BLOCK_N"])
     _prefix_attention_bwd_dkdv_kernel[(progs.shape[0], KV)](
-        q, k, v, cos, sin, progs, dout, lse, delta, dk, dv,
-        stride_prog=progs.stride(0), stride_do_t=dout.stride(0), stride_lse_h=T,
+        q_rot, k, v, cos, sin, progs, dout, lse, delta, dk, dv,
+        stride_q_t=q_rot.stride(0), stride_q_h=q_rot.stride(1), stride_prog=progs.stride(0),
+        stride_do_t=dout.stride(0), stride_lse_h=T,
         stride_dk_t=dk.stride(0), stride_dk_h=dk.stride(1), stride_dv_t=dv.stride(0), stride_dv_h=dv.stride(1),
         BLOCK_M=cfg["KV_BLOCK_M"], BLOCK_N=cfg["KV_BLOCK_N"], num_warps=cfg["kv_num_warps"], **common,
     )
@@ -654,6 +695,12 @@ def _production_configs(H=14, KV=2, D=64):
             constexprs=dict(flags, BLOCK_M=c["KV_BLOCK_M"], BLOCK_N=c["KV_BLOCK_N"]),
             aligned=_aligned_args(_prefix_attention_bwd_dkdv_kernel), num_warps=c["kv_num_warps"],
             num_stages=c["bwd_num_stages"], expect_mma=True, note=f"N{c['KV_BLOCK_N']} M{c['KV_BLOCK_M']}",
+        ))
+        entries.append(dict(
+            name=f"prefix-attention-rope/{tname}", kernel=_prefix_rope_kernel,
+            signature=_signature(_prefix_rope_kernel, tname, tables),
+            constexprs=dict(HEAD_DIM=D, BLOCK_H=max(16, D // 2), BLOCK_M=ROPE_BLOCK_M, ACC=tl.float32),
+            aligned=_aligned_args(_prefix_rope_kernel), num_warps=4, num_stages=1, note=f"M{ROPE_BLOCK_M}",
         ))
     return entries
 
