@@ -124,7 +124,7 @@ def _grads(fn, q, k, v, seg, cos, sin, dout, **kw):
     return torch.autograd.grad(out, (q, k, v), dout)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("D", [16, 32])
 @pytest.mark.parametrize("config", CONFIGS)
 def test_backward(dtype, tol, D, config):
@@ -141,7 +141,7 @@ def test_backward(dtype, tol, D, config):
 def test_backward_fused_strides_deterministic():
     """Gradients through row-strided views of one fused output (7 query heads per kv head) in fp64, and two
     backwards are bit-identical (no atomics)."""
-    q, k, v, seg, cos, sin = _inputs([11, 20], 14, 2, 16, torch.float64, seed=3, fused=True)
+    q, k, v, seg, cos, sin = _inputs([11, 6], 14, 2, 16, torch.float64, seed=3, fused=True)
     dout = torch.randn(q.shape[0], 14 * 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BWD_BLOCK_M=16, BWD_BLOCK_N=16, KV_BLOCK_M=16, KV_BLOCK_N=16)
     got = _grads(prefix_attention, q, k, v, seg, cos, sin, dout, config=cfg)
