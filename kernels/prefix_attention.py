@@ -14,9 +14,10 @@ Design:
 - Program table (host-built, `PrefixSegments.program_table`): one row per (view, block of rows) that never
   straddles the visual / query boundary, grid (programs, heads): no idle programs whatever the mix of m. A
   block's visible keys are a prefix of the view: m keys for a visual block, r0 + BLOCK_M for a query block
-  starting at row r0. The key loop runs in two stages (as Triton's fused-attention tutorial): key blocks
-  every row of the block sees, without a mask, then the rest up to the prefix's end with the mask. Work per
-  view and head is ~2m^2 + m^2/2 query x key products instead of (2m)^2.
+  starting at row r0. The key loop runs in two stages (as Triton's fused-attention tutorial): the masked one
+  (the prefix's end: the keys not every row of the block sees; never empty, so it runs first and the
+  other's zero-trip path does not serialize the wgmmas, C7515), then the key blocks every row sees, without a
+  mask. Work per view and head is ~2m^2 + m^2/2 query x key products instead of (2m)^2.
 - RoPE on load: q and k are loaded as their two halves of the head dim (x1 = x[:D/2], x2 = x[D/2:]) and
   rotated in fp32, [x1 c - x2 s, x2 c + x1 s], then cast back to the input dtype for the tensor cores; the
   scores are the sum of two dots over the halves (no register shuffles to rebuild rotate_half). The tables'
@@ -33,7 +34,7 @@ delta = rowsum(dO * O) in torch, then
   rotation, sin -> -sin) gives dQ.
 - `_prefix_rope_kernel` writes rope(q) once ([T, H, D], q's dtype, the forward's rotation by the same helpers),
   and `_prefix_attention_bwd_dkdv_kernel` reads it: rotating every query block again for every key block (the
-  tables, the fp32 halves) pushed that kernel past 255 registers on sm_80 at any useful tile.
+  tables, the fp32 halves) made that kernel spill on sm_80 at every tile above 16 keys x 16 rows.
 - `_prefix_attention_bwd_dkdv_kernel`: program per (view, key block) x kv head, looping over the kv head's
   H / KV query heads and over the rows that see the block (all 2m rows for a visual key block; rows from the
   block's first key on for a query key block, the first BLOCK_N of them masked): dV = sum P^T dO,
@@ -50,8 +51,8 @@ from gundam.kernels.launch import GRAD_DTYPES, acc_dtype, check_tensor, resolve_
 from gundam.kernels.prefix_segments import (PSEG_END, PSEG_M, PSEG_START, PSEG_TOKEN, PrefixSegments,
                                             build_prefix_segments)
 
-__all__ = ["prefix_attention", "prefix_attention_reference", "PrefixAttentionFunction", "build_prefix_segments",
-           "PrefixSegments", "choose_config"]
+__all__ = ["prefix_attention", "prefix_attention_lse", "prefix_attention_reference", "PrefixAttentionFunction",
+           "build_prefix_segments", "PrefixSegments", "choose_config"]
 
 LOG2E = 1.4426950408889634
 ROPE_BLOCK_M = 32       # rows per program of _prefix_rope_kernel
