@@ -200,11 +200,13 @@ def test_errors():
 # ------------------------------------------------------------------------------------------- compile check
 
 def test_compiles_clean():
-    """The production configs (bf16 and fp16, head_dim 64, 14 heads, 2 kv heads): forward with and without the
-    LSE, dQ and dK/dV, for sm_80 and sm_90: no spills, smem fits, tensor-core MMA, no ptxas warnings."""
+    """The bf16 production configs (head_dim 64, 14 heads, 2 kv heads): forward with and without the LSE, the
+    q rotation, dQ and dK/dV, for sm_80 and sm_90: no spills, smem fits, tensor-core MMA, no ptxas warnings.
+    (tests/test_compile.py builds every registered entry, fp16 ones too.)"""
     from gundam.kernels.compile_check import compile_registered, format_table, problems
     from gundam.kernels.prefix_attention import COMPILE_CONFIGS
-    entries = {e["name"]: e for e in COMPILE_CONFIGS}
+    entries = {e["name"]: e for e in COMPILE_CONFIGS if e["name"].endswith("/bf16")}
+    assert len(entries) == 5
     stats = compile_registered((80, 90), list(entries))
     print("\n" + format_table(stats))
     assert len(stats) == 2 * len(entries)
