@@ -40,10 +40,11 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from gundam.kernels import activation, attention, layernorm, layout
+from gundam.kernels import activation, attention, layernorm, layout, prefix_attention
 from gundam.kernels.segments import RELPOS_BLOCK_M, RELPOS_BWD_SUB_BLOCKS, build_segments
 from gundam.kernels.tiling import (choose_backward_config, choose_config, layer_norm_config, next_power_of_2,
-                                   project_layout_config, quick_gelu_config, relpos_block, relpos_warps)
+                                   prefix_attention_config, project_layout_config, quick_gelu_config, relpos_block,
+                                   relpos_warps)
 
 ARCHS = (80, 90)
 
@@ -452,4 +453,35 @@ def _entries(dt):
     k = activation._quick_gelu_kernel
     entries.append(_entry(f"quick_gelu/{dt}", k, dt, dict(BLOCK=cfg["BLOCK"]), pointers_and_strides(k) + ["n"],
                           num_warps=cfg["num_warps"]))
+
+    # DeepSeek-OCR 2's Qwen2 attention (14 heads, 2 kv heads, head_dim 64): the inference and training forwards,
+    # the dQ and dK/dV kernels and the backward's q rotation; the RoPE tables, LSE and delta are fp32
+    c, D = prefix_attention_config(64, torch.bfloat16), 64
+    tables = ("cos_ptr", "sin_ptr", "lse_ptr", "delta_ptr")
+    but = ("stride_prog", "stride_lse_h")     # the program table's rows are 4 ints; T (the LSE's stride) is any
+    flags = dict(GROUP=7, HEAD_DIM=D, BLOCK_H=max(16, D // 2), DOT_PRECISION="tf32", ACC=tl.float32)
+    for lse in (True, False):
+        k = prefix_attention._prefix_attention_kernel
+        entries.append(_entry(f"prefix-attention{'-lse' if lse else ''}/{dt}", k, dt,
+                              dict(flags, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], HAS_LSE=lse),
+                              pointers_and_strides(k, *but), fp32=tables, num_warps=c["num_warps"],
+                              num_stages=c["num_stages"], expect_mma=True, note=f"M{c['BLOCK_M']} N{c['BLOCK_N']}"))
+    k = prefix_attention._prefix_attention_bwd_dq_kernel
+    entries.append(_entry(f"prefix-attention-bwd-dq/{dt}", k, dt,
+                          dict(flags, BLOCK_M=c["BWD_BLOCK_M"], BLOCK_N=c["BWD_BLOCK_N"]),
+                          pointers_and_strides(k, *but), fp32=tables, num_warps=c["bwd_num_warps"],
+                          num_stages=c["bwd_num_stages"], expect_mma=True,
+                          note=f"M{c['BWD_BLOCK_M']} N{c['BWD_BLOCK_N']}"))
+    k = prefix_attention._prefix_attention_bwd_dkdv_kernel
+    entries.append(_entry(f"prefix-attention-bwd-dkdv/{dt}", k, dt,
+                          dict(flags, BLOCK_M=c["KV_BLOCK_M"], BLOCK_N=c["KV_BLOCK_N"]),
+                          pointers_and_strides(k, *but), fp32=tables, num_warps=c["kv_num_warps"],
+                          num_stages=c["bwd_num_stages"], expect_mma=True,
+                          note=f"N{c['KV_BLOCK_N']} M{c['KV_BLOCK_M']}"))
+    k = prefix_attention._prefix_rope_kernel
+    entries.append(_entry(f"prefix-attention-rope/{dt}", k, dt,
+                          dict(HEAD_DIM=D, BLOCK_H=max(16, D // 2), BLOCK_M=prefix_attention.ROPE_BLOCK_M,
+                               ACC=tl.float32),
+                          pointers_and_strides(k, "stride_prog"), fp32=tables, num_stages=1,
+                          note=f"M{prefix_attention.ROPE_BLOCK_M}"))
     return entries

@@ -41,18 +41,18 @@ delta = rowsum(dO * O) in torch, then
   dK_rot = scale sum dS^T Q_rot, then the inverse rotation. The GQA sum runs inside the program: no atomics.
 Accumulators and the LSE follow the input: fp32, fp64 for fp64 inputs (gradient checks in the interpreter).
 """
-import inspect
 
 import torch
 import triton
 import triton.language as tl
 
 from gundam.kernels.launch import GRAD_DTYPES, acc_dtype, check_tensor, resolve_config, tl_acc_dtype
+from gundam.kernels.tiling import prefix_attention_config
 from gundam.kernels.prefix_segments import (PSEG_END, PSEG_M, PSEG_START, PSEG_TOKEN, PrefixSegments,
                                             build_prefix_segments)
 
 __all__ = ["prefix_attention", "prefix_attention_lse", "prefix_attention_reference", "PrefixAttentionFunction",
-           "build_prefix_segments", "PrefixSegments", "choose_config"]
+           "build_prefix_segments", "PrefixSegments"]
 
 LOG2E = 1.4426950408889634
 ROPE_BLOCK_M = 32       # rows per program of _prefix_rope_kernel
@@ -432,29 +432,12 @@ def _prefix_attention_bwd_dkdv_kernel(
 
 # ---------------------------------------------------------------------------------------------- heuristic
 
-def choose_config(head_dim, dtype):
-    """Block sizes of the three kernels (keys of `config=`), for bf16 / fp16 at head_dim 64:
-    - forward: BLOCK_M = 64 query rows (one wgmma warpgroup on sm_90; a 144-row part ends in a 16-row block)
-      x BLOCK_N = 64 keys, 4 warps, 3 stages;
-    - dQ: BWD_BLOCK_M = 64 x BWD_BLOCK_N = 32 (64 keys spill on sm_80: dQ's two halves, dO and the tables stay
-      live);
-    - dK/dV: KV_BLOCK_N = 64 keys (the M of its wgmmas) x KV_BLOCK_M = 16 rows per step, over pre-rotated q
-      (32 rows spill on sm_80: dK's halves, dV, K and V stay live across the loops).
-    All compile for sm_80 and sm_90 without spills or ptxas warnings (COMPILE_CONFIGS). fp32 / fp64 and
-    head_dim 128 halve the key blocks (registers)."""
-    small = head_dim > 64 or dtype in (torch.float32, torch.float64)
-    n = 32 if small else 64
-    return dict(BLOCK_M=64, BLOCK_N=n, num_warps=4, num_stages=3,
-                BWD_BLOCK_M=64, BWD_BLOCK_N=n // 2, bwd_num_warps=4,
-                KV_BLOCK_N=n, KV_BLOCK_M=16, kv_num_warps=4, bwd_num_stages=2)
-
-
 _POW2 = ("BLOCK_M", "BLOCK_N", "num_warps", "BWD_BLOCK_M", "BWD_BLOCK_N", "bwd_num_warps", "KV_BLOCK_N", "KV_BLOCK_M",
          "kv_num_warps")
 
 
 def _resolve(fn, head_dim, dtype, config):
-    cfg = resolve_config(fn, choose_config(head_dim, dtype), config, pow2=_POW2)
+    cfg = resolve_config(fn, prefix_attention_config(head_dim, dtype), config, pow2=_POW2)
     small = [k for k in _POW2 if "warps" not in k and cfg[k] < 16]
     if small:
         got = ", ".join(f"{k}={cfg[k]}" for k in small)
@@ -602,7 +585,7 @@ def prefix_attention(q, k, v, segments, cos, sin, *, scale=None, config=None):
     cos, sin: fp32 [L >= max 2m, D], gundam.model.rope_tables (positions 0 .. L-1; their halves are equal,
         as transformers' default RoPE builds them: only cos[:, :D/2], sin[:, :D/2] are read).
     scale: logit scale, default D ** -0.5.
-    config: overrides of choose_config (BLOCK_M, BLOCK_N, num_warps, num_stages, BWD_*, KV_*, ...).
+    config: overrides of tiling.prefix_attention_config (BLOCK_M, BLOCK_N, num_warps, num_stages, BWD_*, KV_*, ...).
     Tokens outside every view get zeros. Differentiable in q, k, v when autograd records
     (PrefixAttentionFunction).
     """
@@ -645,66 +628,3 @@ def prefix_attention_reference(q, k, v, segments, cos, sin, *, scale=None, confi
         o = torch.softmax(logits, dim=-1) @ vs                       # [H, n, D]
         out[off:off + n] = o.transpose(0, 1).reshape(n, H * D).to(out.dtype)
     return out
-
-
-# ------------------------------------------------------------------------------------------ compile check
-
-def _signature(kernel, dtype, acc_ptrs):
-    """*dtype for data pointers, *fp32 for the tables and the fp32 scratch named in acc_ptrs, *i32 for the
-    program table, fp32 for the scales, i32 for strides, constexpr for the constexprs."""
-    sig = {}
-    for n, prm in inspect.signature(kernel.fn).parameters.items():
-        sig[n] = ("constexpr" if prm.annotation is tl.constexpr else "*i32" if n == "prog_ptr"
-                  else "*fp32" if n in acc_ptrs else f"*{dtype}" if n.endswith("_ptr")
-                  else "fp32" if n.endswith("scale") else "i32")
-    return sig
-
-
-def _aligned_args(kernel, unaligned=("stride_prog", "stride_lse_h")):
-    """Pointers and strides that are multiples of 16 in the production launches (T, hence stride_lse_h, is any;
-    the program table's rows are 4 ints)."""
-    return [n for n, t in _signature(kernel, "bf16", ()).items()
-            if t != "constexpr" and (n.endswith("_ptr") or n.startswith("stride_")) and n not in unaligned]
-
-
-def _production_configs(H=14, KV=2, D=64):
-    """DeepSeek-OCR 2's launches (14 heads, 2 kv heads, head_dim 64) at choose_config's block sizes: the
-    inference and training forwards, the dQ and dK/dV kernels, bf16 and fp16."""
-    entries = []
-    tables = ("cos_ptr", "sin_ptr", "lse_ptr", "delta_ptr")
-    for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-        c = choose_config(D, dtype)
-        flags = dict(GROUP=H // KV, HEAD_DIM=D, BLOCK_H=max(16, D // 2), DOT_PRECISION="tf32", ACC=tl.float32)
-        for lse in (False, True):
-            entries.append(dict(
-                name=f"prefix-attention{'-lse' if lse else ''}/{tname}", kernel=_prefix_attention_kernel,
-                signature=_signature(_prefix_attention_kernel, tname, tables),
-                constexprs=dict(flags, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], HAS_LSE=lse),
-                aligned=_aligned_args(_prefix_attention_kernel), num_warps=c["num_warps"],
-                num_stages=c["num_stages"], expect_mma=True, note=f"M{c['BLOCK_M']} N{c['BLOCK_N']}",
-            ))
-        entries.append(dict(
-            name=f"prefix-attention-bwd-dq/{tname}", kernel=_prefix_attention_bwd_dq_kernel,
-            signature=_signature(_prefix_attention_bwd_dq_kernel, tname, tables),
-            constexprs=dict(flags, BLOCK_M=c["BWD_BLOCK_M"], BLOCK_N=c["BWD_BLOCK_N"]),
-            aligned=_aligned_args(_prefix_attention_bwd_dq_kernel), num_warps=c["bwd_num_warps"],
-            num_stages=c["bwd_num_stages"], expect_mma=True, note=f"M{c['BWD_BLOCK_M']} N{c['BWD_BLOCK_N']}",
-        ))
-        entries.append(dict(
-            name=f"prefix-attention-bwd-dkdv/{tname}", kernel=_prefix_attention_bwd_dkdv_kernel,
-            signature=_signature(_prefix_attention_bwd_dkdv_kernel, tname, tables),
-            constexprs=dict(flags, BLOCK_M=c["KV_BLOCK_M"], BLOCK_N=c["KV_BLOCK_N"]),
-            aligned=_aligned_args(_prefix_attention_bwd_dkdv_kernel), num_warps=c["kv_num_warps"],
-            num_stages=c["bwd_num_stages"], expect_mma=True, note=f"N{c['KV_BLOCK_N']} M{c['KV_BLOCK_M']}",
-        ))
-        entries.append(dict(
-            name=f"prefix-attention-rope/{tname}", kernel=_prefix_rope_kernel,
-            signature=_signature(_prefix_rope_kernel, tname, tables),
-            constexprs=dict(HEAD_DIM=D, BLOCK_H=max(16, D // 2), BLOCK_M=ROPE_BLOCK_M, ACC=tl.float32),
-            aligned=_aligned_args(_prefix_rope_kernel), num_warps=4, num_stages=1, note=f"M{ROPE_BLOCK_M}",
-        ))
-    return entries
-
-
-# Entries for gundam.kernels.compile_check: compile without a GPU at the production block sizes.
-COMPILE_CONFIGS = _production_configs()

@@ -10,15 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gundam.kernels.segments import device_of
+
 # Program table columns (int32 [P, PSEG_COLS]): token offset of the view, its m, the block's first row within
 # the view and the end of the block's part (m for the visual part, 2m for the queries).
 PSEG_TOKEN, PSEG_M, PSEG_START, PSEG_END = range(4)
 PSEG_COLS = 4
-
-
-def _device(device):
-    """torch.device as a tensor on it reports it ("cuda" -> "cuda:0"), to compare with q.device."""
-    return torch.empty(0, device=device).device
 
 
 def row_blocks(m, block):
@@ -51,7 +48,7 @@ class PrefixSegments:
         return self.programs[block]
 
     def to(self, device):
-        device = _device(device)
+        device = device_of(device)
         return dataclasses.replace(self, device=device, programs={k: p.to(device) for k, p in self.programs.items()})
 
 
@@ -66,5 +63,5 @@ def build_prefix_segments(view_lengths_m, device=None):
     for m in lengths:
         offsets.append(off)
         off += 2 * m
-    return PrefixSegments(view_lengths=tuple(lengths), offsets=tuple(offsets), device=_device(device),
+    return PrefixSegments(view_lengths=tuple(lengths), offsets=tuple(offsets), device=device_of(device),
                           end_token=off, max_len=2 * max(lengths, default=0))

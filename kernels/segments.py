@@ -113,12 +113,12 @@ class SegmentTable:
         return self.programs[key], runs
 
     def to(self, device):
-        device = _device(device)
+        device = device_of(device)
         return dataclasses.replace(self, device=device, programs={k: p.to(device) for k, p in self.programs.items()})
 
 
-def _device(device):
-    """torch.device as a tensor on it reports it ("cuda" -> "cuda:0"), to compare with qkv.device."""
+def device_of(device):
+    """torch.device as a tensor on it reports it ("cuda" -> "cuda:0"), to compare with a tensor's .device."""
     return torch.empty(0, device=device).device
 
 
@@ -198,7 +198,7 @@ def build_segments(views, window=None, *, class_token=False, device=None):
     shapes = tuple(sorted(Counter((r[SEG_GH], r[SEG_GW]) for r in rows).items()))
     table = SegmentTable(
         rows=torch.tensor(rows, dtype=torch.int32).reshape(-1, SEG_COLS),     # [G, 9]
-        device=_device(device),
+        device=device_of(device),
         max_group_tokens=max((r[SEG_GH] * r[SEG_GW] for r in rows), default=0),
         max_gh=max((r[SEG_GH] for r in rows), default=0),
         max_gw=max((r[SEG_GW] for r in rows), default=0),

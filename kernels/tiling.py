@@ -158,3 +158,20 @@ def project_layout_config(T_out):
 def quick_gelu_config():
     # 4096 elements per program, 8 per thread: 16-byte vector accesses for 16-bit dtypes.
     return dict(BLOCK=4096, num_warps=16)
+
+
+def prefix_attention_config(head_dim, dtype):
+    """Block sizes of the three kernels (keys of `config=`), for bf16 / fp16 at head_dim 64:
+    - forward: BLOCK_M = 64 query rows (one wgmma warpgroup on sm_90; a 144-row part ends in a 16-row block)
+      x BLOCK_N = 64 keys, 4 warps, 3 stages;
+    - dQ: BWD_BLOCK_M = 64 x BWD_BLOCK_N = 32 (64 keys spill on sm_80: dQ's two halves, dO and the tables stay
+      live);
+    - dK/dV: KV_BLOCK_N = 64 keys (the M of its wgmmas) x KV_BLOCK_M = 16 rows per step, over pre-rotated q
+      (32 rows spill on sm_80: dK's halves, dV, K and V stay live across the loops).
+    All compile for sm_80 and sm_90 without spills or ptxas warnings (compile_check). fp32 / fp64 and
+    head_dim 128 halve the key blocks (registers)."""
+    small = head_dim > 64 or dtype in (torch.float32, torch.float64)
+    n = 32 if small else 64
+    return dict(BLOCK_M=64, BLOCK_N=n, num_warps=4, num_stages=3,
+                BWD_BLOCK_M=64, BWD_BLOCK_N=n // 2, bwd_num_warps=4,
+                KV_BLOCK_N=n, KV_BLOCK_M=16, kv_num_warps=4, bwd_num_stages=2)

@@ -238,7 +238,7 @@ def test_planning_modules_import_without_triton():
     # segment, program and row-map tables and the tiling heuristics are host code: torch alone imports them
     code = ("import sys\n"
             "sys.modules['triton'] = None\n"        # any import of triton now raises ImportError
-            "import gundam.kernels.segments, gundam.kernels.tiling\n"
+            "import gundam.kernels.segments, gundam.kernels.tiling, gundam.kernels.prefix_segments, gundam.packed\n"
             "try:\n"
             "    import gundam.kernels.attention\n"
             "except ImportError:\n"

@@ -4,7 +4,7 @@ serialized wgmma), reaches its minimum occupancy, and uses tensor-core MMA where
 (gundam.kernels.compile_check)."""
 import pytest
 
-from gundam.kernels import activation, attention, layernorm, layout
+from gundam.kernels import activation, attention, layernorm, layout, prefix_attention
 from gundam.kernels.compile_check import (ARCHS, CompileStats, format_table, occupancy, problems, compile_registered,
                                           registered_configs)
 
@@ -26,7 +26,7 @@ def test_production_kernels_are_registered():
     assert any(n.startswith("quick_gelu/") for n in names) and any(n.startswith("layer_norm") for n in names)
     # every kernel of the package is registered, and each has one fp16 entry (fp16 builds the same code as bf16
     # with other MMA types)
-    kernels = sorted(n for m in (activation, attention, layernorm, layout) for n in dir(m)
+    kernels = sorted(n for m in (activation, attention, layernorm, layout, prefix_attention) for n in dir(m)
                      if n.startswith("_") and n.endswith("_kernel"))
     assert sorted({e["kernel"].fn.__name__ for e in ENTRIES}) == kernels
     assert sorted(e["kernel"].fn.__name__ for e in ENTRIES if "*fp16" in e["signature"].values()) == kernels
