@@ -76,7 +76,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gundam.kernels.launch import GRAD_DTYPES, acc_dtype, check_tensor, resolve_config, tl_acc_dtype
+from gundam.kernels.launch import (GRAD_DTYPES, acc_dtype, check_scale, check_tensor, dot_precision, resolve_config,
+                                   tl_acc_dtype)
 from gundam.kernels.segments import (PROG_Q0, RELPOS_BLOCK_M, RELPOS_BWD_SUB_BLOCKS, SEG_COL0, SEG_GH, SEG_GW, SEG_H,
                                      SEG_RH_OFF, SEG_ROW0, SEG_RW_OFF, SEG_TOKEN, SEG_W, SegmentTable, default_tail)
 from gundam.kernels.tiling import choose_backward_config, choose_config, relpos_block, relpos_warps, round_up
@@ -627,15 +628,9 @@ def _check_inputs(fn, qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale)
         check_tensor(fn, "qkv_bias", qkv_bias, shape=(3 * heads * head_dim,), **like)
     if out is not None:
         check_tensor(fn, "out", out, shape=(T, heads * head_dim), unit_stride=True, **like)
-    if scale is None:
-        scale = head_dim ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"{fn}: scale={scale!r}, expected a positive float")
-    return T, heads, head_dim, has_rel, float(scale)
+    scale = check_scale(fn, scale, head_dim)
+    return T, heads, head_dim, has_rel, scale
 
-
-def _dot_precision(dtype):
-    return "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"    # "tf32" is ignored for 16-bit inputs
 
 
 def _resolve(fn, segments, head_dim, dtype, has_rel, config):
@@ -704,7 +699,7 @@ def _rel_tables(qkv, segments, rel_pos_h, rel_pos_w, rh_len, rw_len):
         stride_relw_head=relw.stride(0), stride_relw_t=relw.stride(1),
         len_relh=rh_len, len_relw=rw_len,
         HEAD_DIM=head_dim, BLOCK_M=RELPOS_BLOCK_M, BLOCK_RH=block_rh, BLOCK_RW=block_rw,
-        DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=relpos_warps(block_rh, block_rw),
+        DOT_PRECISION=dot_precision(qkv.dtype), num_warps=relpos_warps(block_rh, block_rw),
     )
     return relh, relw
 
@@ -753,7 +748,7 @@ def _forward(qkv, segments, rel_pos_h, rel_pos_w, qkv_bias, out, scale, cfg, wit
         stride_out_t=out.stride(0), stride_out_h=head_dim, stride_lse_head=T,
         HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], TAIL_M=cfg["TAIL_M"], BLOCK_KH=cfg["BLOCK_KH"],
         BLOCK_KW=cfg["BLOCK_KW"], HAS_REL=has_rel, HAS_LSE=with_lse, ALIGNED=_aligned(qkv),
-        DOT_PRECISION=_dot_precision(qkv.dtype), ACC=tl_acc_dtype(qkv.dtype),
+        DOT_PRECISION=dot_precision(qkv.dtype), ACC=tl_acc_dtype(qkv.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
@@ -790,7 +785,7 @@ def _backward(dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_bias, segments, sca
                   stride_qkv_t=qkv.stride(0), stride_qkv_s=qkv.stride(1), stride_qkv_h=qkv.stride(2),
                   **_rel_strides(relh, relw, has_rel), stride_do_t=dout.stride(0), stride_do_h=head_dim,
                   stride_lse_head=T, HEAD_DIM=head_dim, HAS_REL=has_rel, ALIGNED=_aligned(qkv),
-                  DOT_PRECISION=_dot_precision(qkv.dtype), ACC=tl_acc_dtype(qkv.dtype),
+                  DOT_PRECISION=dot_precision(qkv.dtype), ACC=tl_acc_dtype(qkv.dtype),
                   num_stages=cfg["bwd_num_stages"])
 
     progs = segments.program_table(cfg["BWD_BLOCK_M"], cfg["BWD_TAIL_M"])
@@ -828,7 +823,7 @@ def _backward(dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_bias, segments, sca
                 stride_dq_in_t=dq.stride(0), stride_dq_in_h=dq.stride(1),
                 stride_dq_out_t=dq_out.stride(0), stride_dq_out_h=dq_out.stride(1),
                 AXIS=axis, HEAD_DIM=head_dim, BLOCK_M=RELPOS_BLOCK_M, SUB_BLOCKS=RELPOS_BWD_SUB_BLOCKS,
-                BLOCK_R=block_r, DOT_PRECISION=_dot_precision(qkv.dtype), ACC=tl_acc_dtype(qkv.dtype),
+                BLOCK_R=block_r, DOT_PRECISION=dot_precision(qkv.dtype), ACC=tl_acc_dtype(qkv.dtype),
                 num_warps=relpos_warps(block_r, block_r),
             )
             # every shape's programs are one contiguous run: sum over its programs and the heads (shared tables)

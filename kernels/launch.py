@@ -56,3 +56,18 @@ def resolve_config(fn, defaults: dict, config: dict | None, pow2=(), minimum=1) 
         if not isinstance(v, int) or v < minimum or v & (v - 1):
             raise ValueError(f"{fn}: config {k}={v!r}, expected a power of two >= {minimum}")
     return cfg
+
+
+def check_scale(fn, scale, head_dim) -> float:
+    """An attention launcher's logit scale: head_dim ** -0.5 by default, else a positive number."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"{fn}: scale={scale!r}, expected a positive float")
+    return float(scale)
+
+
+def dot_precision(dtype):
+    """tl.dot's input_precision for inputs of `dtype`: exact fp32 products for fp32/fp64 (checks against the
+    references); "tf32" is ignored for 16-bit inputs."""
+    return "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"

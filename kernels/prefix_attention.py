@@ -46,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gundam.kernels.launch import GRAD_DTYPES, acc_dtype, check_tensor, resolve_config, tl_acc_dtype
+from gundam.kernels.launch import (GRAD_DTYPES, acc_dtype, check_scale, check_tensor, dot_precision, resolve_config,
+                                   tl_acc_dtype)
 from gundam.kernels.tiling import prefix_attention_config
 from gundam.kernels.prefix_segments import (PSEG_END, PSEG_M, PSEG_START, PSEG_TOKEN, PrefixSegments,
                                             build_prefix_segments)
@@ -126,6 +127,21 @@ def _view_block(prog, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _block_rotated_queries(prog, head, q_ptr, cos_ptr, sin_ptr, stride_q_t, stride_q_h, stride_cos, stride_sin,
+                           BLOCK_M: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr):
+    """A program's view and block of rows (_view_block), their token indices, and their queries of `head`
+    rotated by RoPE, as two halves of the head dim in q's dtype (the forward's and the dQ kernel's prologue)."""
+    tok0, m, r0, end, offs_r, r_ok = _view_block(prog, BLOCK_M)
+    offs_h = tl.arange(0, BLOCK_H)
+    q_tok = (tok0 + offs_r).to(tl.int64)
+    q1, q2 = _load_halves(q_ptr + head * stride_q_h, q_tok * stride_q_t, r_ok, offs_h, HALF, BLOCK_H)
+    c, s = _rope_tables(cos_ptr, sin_ptr, offs_r, r_ok, offs_h, stride_cos, stride_sin, HALF, BLOCK_H, ACC)
+    q1, q2 = _rope(q1, q2, c, s, ACC)
+    return (tok0, m, r0, end, offs_r, r_ok, q_tok, offs_h, q1.to(q_ptr.dtype.element_ty),
+            q2.to(q_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _key_stages(m, r0, end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key ranges of a query block: [0, full) seen by every row of the block (no mask), [full, kv_end) masked.
     Visual blocks see keys < m; a query block from r0 sees keys <= r0 in every row and keys < r0 + BLOCK_M in
@@ -189,15 +205,10 @@ def _prefix_attention_kernel(
     head = tl.program_id(1)
     kv_head = head // GROUP
     HALF: tl.constexpr = HEAD_DIM // 2
-    tok0, m, r0, end, offs_r, r_ok = _view_block(prog, BLOCK_M)
-    offs_h = tl.arange(0, BLOCK_H)
+    tok0, m, r0, end, offs_r, r_ok, q_tok, offs_h, q1, q2 = _block_rotated_queries(
+        prog, head, q_ptr, cos_ptr, sin_ptr, stride_q_t, stride_q_h, stride_cos, stride_sin, BLOCK_M, HALF,
+        BLOCK_H, ACC)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_tok = (tok0 + offs_r).to(tl.int64)
-    q1, q2 = _load_halves(q_ptr + head * stride_q_h, q_tok * stride_q_t, r_ok, offs_h, HALF, BLOCK_H)
-    c, s = _rope_tables(cos_ptr, sin_ptr, offs_r, r_ok, offs_h, stride_cos, stride_sin, HALF, BLOCK_H, ACC)
-    q1, q2 = _rope(q1, q2, c, s, ACC)
-    q1 = q1.to(q_ptr.dtype.element_ty)
-    q2 = q2.to(q_ptr.dtype.element_ty)
 
     # keys of the view: 32-bit offsets from its first row (the launcher checks a view's span fits)
     k_view = k_ptr + tok0.to(tl.int64) * stride_k_t + kv_head * stride_k_h
@@ -278,15 +289,10 @@ def _prefix_attention_bwd_dq_kernel(
     head = tl.program_id(1)
     kv_head = head // GROUP
     HALF: tl.constexpr = HEAD_DIM // 2
-    tok0, m, r0, end, offs_r, r_ok = _view_block(prog, BLOCK_M)
-    offs_h = tl.arange(0, BLOCK_H)
+    tok0, m, r0, end, offs_r, r_ok, q_tok, offs_h, q1, q2 = _block_rotated_queries(
+        prog, head, q_ptr, cos_ptr, sin_ptr, stride_q_t, stride_q_h, stride_cos, stride_sin, BLOCK_M, HALF,
+        BLOCK_H, ACC)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_tok = (tok0 + offs_r).to(tl.int64)
-    q1, q2 = _load_halves(q_ptr + head * stride_q_h, q_tok * stride_q_t, r_ok, offs_h, HALF, BLOCK_H)
-    c, s = _rope_tables(cos_ptr, sin_ptr, offs_r, r_ok, offs_h, stride_cos, stride_sin, HALF, BLOCK_H, ACC)
-    q1, q2 = _rope(q1, q2, c, s, ACC)
-    q1 = q1.to(q_ptr.dtype.element_ty)
-    q2 = q2.to(q_ptr.dtype.element_ty)
     do = tl.load(do_ptr + q_tok[:, None] * stride_do_t + head * HEAD_DIM + offs_d[None, :],
                  mask=r_ok[:, None], other=0.0)
     # rows outside the block's part: lse = +inf gives P = 0
@@ -476,15 +482,9 @@ def _check_inputs(fn, q, k, v, segments, cos, sin, scale):
     if segments.max_len * max(q.stride(0), k.stride(0), v.stride(0)) >= 2**31:
         raise ValueError(f"{fn}: a view of {segments.max_len} tokens at row stride "
                          f"{max(q.stride(0), k.stride(0), v.stride(0))}, expected fewer than 2**31 elements per view")
-    if scale is None:
-        scale = D ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"{fn}: scale={scale!r}, expected a positive float")
-    return T, H, KV, D, float(scale)
+    scale = check_scale(fn, scale, D)
+    return T, H, KV, D, scale
 
-
-def _dot_precision(dtype):
-    return "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"    # "tf32" is ignored for 16-bit inputs
 
 
 def _forward(q, k, v, segments, cos, sin, scale, cfg, with_lse):
@@ -503,7 +503,7 @@ def _forward(q, k, v, segments, cos, sin, scale, cfg, with_lse):
         stride_v_t=v.stride(0), stride_v_h=v.stride(1), stride_cos=cos.stride(0), stride_sin=sin.stride(0),
         stride_prog=progs.stride(0), stride_out_t=out.stride(0), stride_lse_h=T,
         GROUP=H // k.shape[1], HEAD_DIM=D, BLOCK_H=max(16, D // 2), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HAS_LSE=with_lse, DOT_PRECISION=_dot_precision(q.dtype), ACC=tl_acc_dtype(q.dtype),
+        HAS_LSE=with_lse, DOT_PRECISION=dot_precision(q.dtype), ACC=tl_acc_dtype(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
@@ -526,7 +526,7 @@ def _backward(dout, q, k, v, cos, sin, out, lse, segments, scale, cfg):
         qk_scale=scale * LOG2E, scale=scale,
         stride_k_t=k.stride(0), stride_k_h=k.stride(1),
         stride_v_t=v.stride(0), stride_v_h=v.stride(1), stride_cos=cos.stride(0), stride_sin=sin.stride(0),
-        GROUP=H // KV, HEAD_DIM=D, BLOCK_H=max(16, D // 2), DOT_PRECISION=_dot_precision(q.dtype),
+        GROUP=H // KV, HEAD_DIM=D, BLOCK_H=max(16, D // 2), DOT_PRECISION=dot_precision(q.dtype),
         ACC=tl_acc_dtype(q.dtype), num_stages=cfg["bwd_num_stages"],
     )
     progs = segments.program_table(cfg["BWD_BLOCK_M"])

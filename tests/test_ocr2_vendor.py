@@ -40,7 +40,8 @@ from safetensors.torch import save_file
 from gundam import MODES, GundamEncoder, Ocr2Config, count_image_tokens, crop_grid, preprocess
 from gundam.config import Qwen2Config, SamConfig
 from gundam.images import image_views
-from testutils import EDGE_SIZES, assert_close, in_mode, midpoint_sizes, page, randomize
+from testutils import (EDGE_SIZES, Float32ForBfloat16, assert_close, empty_module, in_mode, midpoint_sizes, page,
+                       randomize)
 
 REPO = os.environ.get("GUNDAM_DEEPSEEK_OCR2_REPO")
 pytestmark = pytest.mark.slow
@@ -50,18 +51,6 @@ CONFIG = Ocr2Config(sam=SamConfig(depth=3, global_attn_indexes=(1,), net_3_chans
                     qwen2=Qwen2Config(num_hidden_layers=2))
 
 
-def empty_module(name, **attrs):
-    module = types.ModuleType(name)
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    module.__dict__.update(attrs)
-    return module
-
-
-class Float32ForBfloat16(types.ModuleType):
-    """`torch` for the vendor's function source, with `torch.bfloat16` reading float32."""
-
-    def __getattr__(self, name):
-        return torch.float32 if name == "bfloat16" else getattr(torch, name)
 
 
 class ToUint8:

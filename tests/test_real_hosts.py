@@ -16,10 +16,8 @@ GUNDAM_DEEPSEEK_OCR_HF: the HF repository deepseek-ai/DeepSeek-OCR (its .py file
     same tokens.
 """
 import ast
-import importlib.machinery
 import os
 import sys
-import types
 from functools import partial
 
 import pytest
@@ -30,18 +28,12 @@ import gundam
 from gundam import GundamEncoder, preprocess
 from gundam.hosts import patched_encoder
 from gundam.hosts.hf import CudaCallsTo
-from testutils import TINY, TINY_MODE, assert_close, page, randomize
+from testutils import TINY, TINY_MODE, Float32ForBfloat16, assert_close, empty_module, page, randomize
 
 REPO = os.environ.get("GUNDAM_DEEPSEEK_OCR_REPO")
 HF = os.environ.get("GUNDAM_DEEPSEEK_OCR_HF")
 pytestmark = pytest.mark.slow
 
-
-def empty_module(name, **attrs):
-    module = types.ModuleType(name)
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    module.__dict__.update(attrs)
-    return module
 
 
 class LiftNoGrad(ast.NodeTransformer):
@@ -51,12 +43,6 @@ class LiftNoGrad(ast.NodeTransformer):
         self.generic_visit(node)
         return node.body if ast.unparse(node.items[0].context_expr) == "torch.no_grad()" else node
 
-
-class Float32ForBfloat16(types.ModuleType):
-    """`torch` for the vendor's function source, with `torch.bfloat16` reading float32."""
-
-    def __getattr__(self, name):
-        return torch.float32 if name == "bfloat16" else getattr(torch, name)
 
 
 @pytest.fixture
