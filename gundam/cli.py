@@ -32,12 +32,24 @@ def report_failures(failed: list[tuple[str, str]], total: int, what: str = "imag
     return 2
 
 
+MAX_SIZE_DIGITS = 4000   # below Python's limit on converting digit strings (4300): any more is refused by name
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'2000x3000' -> (2000, 3000)."""
+    from gundam.config import short_repr
+
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m or int(m[1]) <= 0 or int(m[2]) <= 0:
-        raise ValueError(f"image size {text!r}: expected WIDTHxHEIGHT in pixels, positive integers, e.g. 2000x3000")
-    return int(m[1]), int(m[2])
+    if m:
+        for side, digits in (("width", m[1]), ("height", m[2])):
+            if len(digits.lstrip("0")) > MAX_SIZE_DIGITS:
+                raise ValueError(f"image size {short_repr(text)}: the {side} has {len(digits.lstrip('0'))} digits, "
+                                 f"too large: expected at most {MAX_SIZE_DIGITS}")
+    w, h = (int(m[1].lstrip("0") or "0"), int(m[2].lstrip("0") or "0")) if m else (0, 0)
+    if w <= 0 or h <= 0:
+        raise ValueError(f"image size {short_repr(text)}: expected WIDTHxHEIGHT in pixels, positive integers, "
+                         f"e.g. 2000x3000")
+    return w, h
 
 
 def cmd_encode(args) -> int:
@@ -48,7 +60,7 @@ def cmd_encode(args) -> int:
     from tqdm import tqdm
 
     from gundam.config import check_int
-    from gundam.encoder import GundamEncoder
+    from gundam.encoder import GundamEncoder, resolve_backend
     from gundam.images import Batch, check_image_file, image_views
     from gundam.weights import resolve_device, resolve_dtype, resolve_encoder, weights_line
 
@@ -57,6 +69,10 @@ def cmd_encode(args) -> int:
     batch_size = check_int(args.batch_size, "--batch-size")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    try:
+        resolve_backend(args.backend, device)
+    except RuntimeError as e:   # triton on a CPU without the interpreter: every image would fail
+        raise ValueError(str(e)) from None
     if args.out:
         check_out_path(args.out)
     failed = []
@@ -166,13 +182,15 @@ def cmd_tokens(args) -> int:
 def _item_size(item: str) -> tuple[int, int]:
     from gundam.images import load_image
 
+    from gundam.config import short_repr
+
     if os.path.lexists(item):  # a file named like a size is still a file
         return load_image(item).size
-    try:
-        return parse_size(item)
-    except ValueError:
-        raise ValueError(f"{item!r}: no such file, and not an image size: expected an image path or WIDTHxHEIGHT "
-                         f"(e.g. 2000x3000)") from None
+    if re.fullmatch(r"\s*\d+\s*[xX]\s*\d+\s*", item):
+        return parse_size(item)   # a size: its own error (zero, too many digits)
+    name = repr(item) if len(item) <= 1000 else short_repr(item)   # a path in full; a 5000-character item not
+    raise ValueError(f"{name}: no such file, and not an image size: expected an image path or WIDTHxHEIGHT "
+                     f"(e.g. 2000x3000)")
 
 
 def cmd_cost(args) -> int:

@@ -12,18 +12,33 @@ import os
 
 def jsonl_lines(path):
     """Yield (where, object, error) per non-blank line of a JSONL file: where is "path:line"; a line that is not
-    JSON gives object None and the error message."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{os.fspath(path)}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, None, f"{where}: not JSON ({e})"
-                continue
-            yield where, obj, None
+    UTF-8 or not JSON gives object None and the error message (the other lines are still read). A UTF-8 byte
+    order mark before the first line is skipped. The file is opened before the first line is yielded, so an
+    unreadable file is an OSError at once."""
+    name = os.fspath(path)
+    f = open(name, "rb")   # bytes: a bad line is that line's error, not a UnicodeDecodeError for the whole file
+
+    def lines():
+        with f:
+            for n, raw in enumerate(f, 1):
+                where = f"{name}:{n}"
+                if n == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad = raw[e.start:e.start + 1]
+                    yield where, None, f"{where}: not UTF-8 (byte {e.start + 1} of the line is {bad!r})"
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield where, None, f"{where}: not JSON ({e})"
+                    continue
+                yield where, obj, None
+    return lines()
 
 
 def view_budget_batches(views: list[int], budget: int, order=None) -> list[list[int]]:

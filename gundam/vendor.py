@@ -5,13 +5,18 @@ Two layouts reach `_pixel_values_to_embedding` in the programs that serve DeepSe
 - per image (the vendor's own vLLM and HF code, SGLang; read at deepseek-ai/DeepSeek-OCR e4ac34e,
   sgl-project/sglang b4ea46f): pixel_values [n, 1, 3, B, B], images_crop [n, 1, N, 3, S, S],
   images_spatial_crop [n, 1, 2], each a tensor or a list of per-image entries (lists when crop counts
-  differ). An image without crops carries zero crops (the vendor's processor writes one all-zero crop), so
-  the vendor decides "crops or not" by `sum(crops) != 0`, and so does this layout here: that test is its
-  contract. The image's crops are then the first w*h rows (rows past them are padding).
+  differ). An image without crops carries a zero placeholder (the vendor's processor writes one all-zero
+  crop) and the grid 1x1; an image with crops carries its w x h grid, and its crops are the first w*h rows
+  (rows past them are padding).
 - flat (vLLM's upstream `DeepseekOCRForCausalLM`, read at vllm-project/vllm 029329a): pixel_values
   [n, 3, B, B], images_crop [sum of crops, 3, S, S] with no rows for an image without crops (possibly
-  [0, 3, S, S]), images_spatial_crop [n, 2]. The layout says how many crops an image has (w*h when the grid
-  is not 1x1, else none), so that count is used and no pixels are summed.
+  [0, 3, S, S]), images_spatial_crop [n, 2].
+
+In both layouts the grid decides (the vendor's processor writes a grid other than 1x1 exactly when it cuts
+crops): an image has w*h crops when its grid is not 1x1, none when it is 1x1, and no pixels are summed. The
+vendor's own test, `sum(crops) != 0`, would drop the crops of a page whose normalised crops sum to exactly 0
+(half black, half white, say). A 1x1 grid with crop rows that are not all zeros is refused: the vendor would
+encode them as one crop, a layout this encoder does not have.
 
 Pixels are normalised floats (what the vendor passes) or uint8 (normalised on the encoder's device).
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from gundam.config import Mode, check_int
+from gundam.config import Mode, check_int, short_repr
 from gundam.images import Batch
 from gundam.layout import grid_layout
 
@@ -82,14 +87,15 @@ def _per_image(pixel_values, images_crop, images_spatial_crop, n):
         patches = _check_pixels(images_crop[j], f"images_crop[{j}]", (1, None, 3, None, None))[0]
         w, h = _grid(_numbers(images_spatial_crop[j], f"images_spatial_crop[{j}]").reshape(-1).tolist(),
                      f"images_spatial_crop[{j}]")
-        if patches.shape[0] and bool(patches.sum() != 0):          # the vendor's test: all zeros = no crops
-            if (w, h) == (1, 1) or patches.shape[0] < w * h:
-                raise ValueError(f"forward_vendor: images_crop[{j}] holds {patches.shape[0]} non-zero crops for a "
-                                 f"{w}x{h} grid, expected w*h crops for a grid of more than one tile, or all "
-                                 f"zeros for no crops")
+        if (w, h) != (1, 1):                                        # the grid decides: w*h crops
+            if patches.shape[0] < w * h:
+                raise ValueError(f"forward_vendor: images_crop[{j}] holds {patches.shape[0]} crops for a {w}x{h} "
+                                 f"grid, expected at least w*h = {w * h}")
             crops.append(patches[:w * h])
-        else:
-            w = h = 1
+        elif patches.shape[0] and bool(patches.ne(0).any()):
+            raise ValueError(f"forward_vendor: images_crop[{j}] holds {patches.shape[0]} crops that are not all "
+                             f"zeros for a 1x1 grid, expected the all-zero placeholder (no crops) or a grid of "
+                             f"more than one tile")
         grids.append((w, h))
     return _join(globals_, "pixel_values", torch.stack), _join(crops, "images_crop", torch.cat) if crops else None, grids
 
@@ -143,7 +149,11 @@ def _view_size(views, name, config) -> int:
 
 def _numbers(x, name) -> torch.Tensor:
     """Tile counts as a CPU tensor: integers, or floats holding integers (SGLang casts them to the vision dtype)."""
-    x = torch.as_tensor(x)
+    try:
+        x = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:   # e.g. a Python int past int64
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"forward_vendor: {name} = {short_repr(x)}: expected integer tile counts ({why})") from None
     if x.is_meta:
         raise ValueError(f"forward_vendor: {name} is a meta tensor (no data), expected tile counts")
     if x.dtype == torch.bool or x.is_complex():

@@ -1,9 +1,12 @@
 """Bulk encoding (gundam.bulk, `gundam encode-dataset`): a small corpus of images, a three-page PDF, a corrupt
 file, a missing file and a JSONL manifest, encoded by a tiny encoder."""
-import fcntl
 import filecmp
 import json
+import multiprocessing
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import pypdfium2 as pdfium
@@ -15,7 +18,7 @@ import gundam
 from gundam.bulk import encode_dataset, read_manifest
 from gundam.bulk.engines import Group, RayEncoder, encode_group
 from gundam.bulk.planning import Settings
-from gundam.bulk.shards import shard_name, shard_number
+from gundam.bulk.shards import locked, shard_name, shard_number
 from gundam.bulk.sources import expand_inputs
 from gundam.cli import main
 from gundam.layout import image_layout
@@ -143,11 +146,50 @@ def test_interrupted_run_resumed_equals_uninterrupted(corpus, full_run, tmp_path
     with pytest.raises(ValueError, match="dtype"):   # other settings would mix incomparable embeddings
         encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", **{**SETTINGS, "dtype": "float16"})
 
-    # a run writing the folder (here: its lock held by another open file) keeps a second one out
-    with open(tmp_path / ".lock") as other:
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(ValueError, match=r"another run is writing it, expected one run per folder"):
-            encode_dataset(inputs, tmp_path, weights=root / "weights.safetensors", workers=0, **SETTINGS)
+
+
+def hold_lock(folder):
+    """Another process holding the folder's lock as a run does (a POSIX lock on .lock); stop it with .kill()."""
+    code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder / ".lock")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "locked\n"
+    return proc
+
+
+def test_one_run_per_folder(corpus, tmp_path):
+    root, inputs, _ = corpus
+    run = dict(weights=root / "weights.safetensors", workers=0, **SETTINGS)
+    # a run in another process keeps a second one out, with one line; once it is gone the folder is free
+    other = hold_lock(tmp_path)
+    try:
+        with pytest.raises(ValueError, match=r"another run is writing it, expected one run per folder") as e:
+            encode_dataset(inputs, tmp_path, **run)
+        assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+    finally:
+        other.kill()
+        other.wait()
+    assert not (tmp_path / "run.json").exists()          # the refused run wrote nothing
+    # a run in this process too (POSIX locks do not conflict within one process: the held set does)
+    with locked(str(tmp_path)):
+        with pytest.raises(ValueError, match="another run is writing it"):
+            encode_dataset(inputs, tmp_path, **run)
+        with pytest.raises(ValueError, match="another run is writing it"):
+            with locked(str(tmp_path / "." )):             # the same folder by another name
+                pass
+    # a process forked while the lock is held does not keep it once its parent lets go (the loader's workers)
+    with locked(str(tmp_path)):
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        child.start()
+    try:
+        free = hold_lock(tmp_path)                       # would block while the child held it
+        free.kill()
+        free.wait()
+    finally:
+        child.kill()
+        child.join()
+    assert (encode_dataset(inputs, tmp_path, **run).encoded) == 9
 
 
 def test_retry_failed(corpus, tmp_path):
@@ -200,7 +242,8 @@ def test_cli(corpus, tmp_path, monkeypatch, capsys):
     assert [(m["tokens"], emb.dtype) for _, emb, m in gundam.read_embeddings(tmp_path / "o")] == [(73, auto)]
 
     (tmp_path / "file").write_text("")
-    for bad, why in ((["--batch-size", "6"], "batch_size=6 views"), (["--out", str(tmp_path / "file")], "is a file"),
+    for bad, why in ((["--mode", "gundam", "--batch-size", "6"], "batch_size=6 views: an image can have 7 in this "),
+                     (["--out", str(tmp_path / "file")], "is a file"),
                      (["--engine", "local", "--workers", "-1"], "workers=-1"), (["--dpi", "0"], "dpi=0.0")):
         assert main(args + bad) == 2
         err = capsys.readouterr().err

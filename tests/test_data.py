@@ -46,6 +46,35 @@ def test_records_roundtrip_and_bad_lines(tmp_path):
             read_records(tmp_path / "bad.jsonl")
 
 
+def test_records_not_utf8_name_the_line(tmp_path):
+    # invalid UTF-8 is that line's error (file:line), not a UnicodeDecodeError; a byte order mark is skipped
+    path = write_set(tmp_path)
+    lines = path.read_bytes().splitlines(keepends=True)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b"".join(lines))
+    assert read_records(tmp_path / "bom.jsonl") == read_records(path)
+    for bad in (b'{"id": "caf\xe9"}\n', b"\xff\xfe\n", b'{"id": "\xc3"}\n'):
+        (tmp_path / "bad.jsonl").write_bytes(lines[0] + bad)
+        with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 \(byte \d+ of the line is b'\\x..'\)") as e:
+            read_records(tmp_path / "bad.jsonl")
+        assert "\n" not in str(e.value)
+        with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8"):
+            GundamDataset.from_jsonl(tmp_path / "bad.jsonl", TINY_MODE)
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: GundamDataset(None, "."), TypeError, "records of type NoneType: expected a list of Record"),
+    (lambda: GundamDataset("records.jsonl", "."), TypeError, "GundamDataset.from_jsonl"),
+    (lambda: GundamDataset([{"id": "x"}], "."), TypeError, r"records\[0\] of type dict: expected a Record"),
+    (lambda: GundamDataset([], None), TypeError, "root of type NoneType"),
+    (lambda: collate(None), TypeError, "collate: got NoneType, expected a list of Example"),
+    (lambda: collate([{"x": 1}]), TypeError, "collate: got a list holding dict"),
+])
+def test_dataset_wrong_kinds(make, error, match):
+    with pytest.raises(error, match=match) as e:
+        make()
+    assert "\n" not in str(e.value)
+
+
 def test_collate_offsets_and_crop_metadata(tmp_path, tiny_encoder):
     ds = GundamDataset.from_jsonl(write_set(tmp_path), TINY_MODE)
     assert [lay.grid for lay in ds.layouts] == list(SIZES.values())
@@ -161,6 +190,25 @@ def test_view_budget_sampler_errors():
         ViewBudgetSampler([1], 0)
 
 
+def test_view_budget_sampler_seed_range():
+    # seed + epoch seeds a 64-bit generator: each is checked to 2^63 - 1 (so the sum fits), not accepted and then
+    # overflowing in torch ("Overflow when unpacking long long")
+    top = 2 ** 63 - 1
+    sampler = ViewBudgetSampler([1, 2, 3, 1], 4, seed=top)
+    sampler.set_epoch(top)
+    assert sorted(i for b in sampler for i in b) == [0, 1, 2, 3]
+    for make in (lambda: ViewBudgetSampler([1], 4, seed=2 ** 70), lambda: ViewBudgetSampler([1], 4, seed=top + 1),
+                 lambda: ViewBudgetSampler([1], 4, seed=-1), lambda: sampler.set_epoch(2 ** 64),
+                 lambda: sampler.set_epoch(top + 1), lambda: sampler.set_epoch(-1)):
+        with pytest.raises(ValueError, match=r"(seed|epoch)=-?\d+: expected an integer in 0\.\.9223372036854775807"):
+            make()
+    assert sampler.epoch == top                                                  # a refused epoch changes nothing
+    with pytest.raises(TypeError, match="views of type NoneType"):
+        ViewBudgetSampler(None, 4)
+    with pytest.raises(TypeError, match="shuffle='no': expected True or False"):
+        ViewBudgetSampler([1], 4, shuffle="no")
+
+
 GRIDS = {"gundam_receipt_000": (1, 2), "gundam_chart_000": (3, 2), "gundam_scene_000": (2, 2),
          "gundam_receipt_001": (1, 3), "gundam_chart_001": (2, 1), "gundam_scene_001": (2, 3),
          "gundam_receipt_002": (1, 4), "gundam_chart_002": (3, 1), "gundam_scene_002": (3, 2),
@@ -212,6 +260,28 @@ def test_render_is_deterministic():
     again, answer_again = render(2, seed=0)
     assert answer == answer_again and np.array_equal(np.asarray(image), np.asarray(again))
     assert render(2, seed=1)[1] != answer
+
+
+@pytest.mark.parametrize("layout,match", [
+    ({"records.jsonl": "dir"}, "records.jsonl' is a directory: expected a file"),
+    ({"images": "file"}, "images' is a file: expected a directory"),
+    ({"": "file"}, "is a file: expected a directory"),
+])
+def test_make_overfit_set_bad_folder_before_rendering(tmp_path, monkeypatch, capsys, layout, match):
+    # what would fail after the seconds of rendering fails first, with one line
+    import gundam.data.overfit as overfit
+    monkeypatch.setattr(overfit, "render", lambda *a: pytest.fail("rendered"))
+    target = tmp_path / "set"
+    for name, kind in layout.items():
+        path = target / name if name else target
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if kind == "dir" else path.write_text("")
+    assert main(["make-overfit-set", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and err.count("\n") == 1, err
+    for bad, error in (("", ValueError), (None, TypeError)):
+        with pytest.raises(error, match="out_dir"):
+            make_overfit_set(bad)
 
 
 def test_make_overfit_set_needs_matplotlib(tmp_path, monkeypatch, capsys):

@@ -2,9 +2,14 @@
 `error: ...`, exit code 2) or the exactly right result. Files are generated in tmp_path; whatever is encoded goes
 through MICRO, an encoder smaller still than testutils.TINY."""
 import io
+import json
 import os
 import re
+import socket
 import struct
+import subprocess
+import sys
+import time
 import warnings
 import zlib
 from fractions import Fraction
@@ -17,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import gundam
 from gundam import Batch, EncoderConfig, GundamEncoder, Mode, count_image_tokens, crop_grid, preprocess
-from gundam.cli import main
+from gundam.cli import main, parse_size
 from gundam.config import ClipConfig, SamConfig, resolve_mode
 from gundam.cost import estimate
 from gundam.images import image_views, load_image
@@ -628,6 +633,21 @@ def test_cli_tokens_bad_sizes(capsys, item, match):
     assert code == 2 and match in err
 
 
+@pytest.mark.parametrize("side", ["width", "height"])
+def test_cli_tokens_size_with_too_many_digits_is_too_large(capsys, side):
+    # an image size it is (so not "not an image size"), one Python would not even convert: too large, by name
+    digits = "7" * 5001
+    item = f"{digits}x10" if side == "width" else f"10x{digits}"
+    code, stdout, err = run_cli(capsys, "tokens", item, "3x4")
+    assert code == 2 and "3x4: 3x4" in stdout
+    assert f"the {side} has 5001 digits, too large: expected at most 4000" in err and "not an image size" not in err
+    assert len(err.splitlines()[0]) < 200
+    code, stdout, _ = run_cli(capsys, "tokens", "0" * 5000 + "640x480")      # leading zeros are no size
+    assert code == 0 and stdout.startswith("0000")
+    with pytest.raises(ValueError, match="too large"):
+        parse_size(f"{digits}x1")                                           # `gundam cost` parses sizes so too
+
+
 def test_cli_tokens_absurd_sizes_are_exact(capsys):
     code, stdout, err = run_cli(capsys, "tokens", f"{10 ** 20}x1", f"1x{10 ** 400}", "--max-crops", "9")
     assert code == 0
@@ -662,3 +682,390 @@ def test_cli_bad_mode_is_argparse_usage_error(files, capsys):
     with pytest.raises(SystemExit) as e:
         main(["encode", str(files["good"]), "--mode", "huge"])
     assert e.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bulk encoding (`gundam encode-dataset`, read_embeddings / read_manifest): bad inputs are recorded and the run
+# goes on; bad options, checkpoints and devices fail before anything is written; a folder that is corrupt or of
+# another tool is a one-line error naming the file
+
+BULK = dict(config=MICRO, mode="tiny", dtype=torch.float32, workers=0, verbose=False)
+
+
+def tiny_pdf(objects, trailer=""):
+    """A PDF of the given object bodies (numbered from 1, the first the catalog), with a valid xref table."""
+    out, offsets = b"%PDF-1.4\n", []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{i} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    return out + f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R {trailer}>>\nstartxref\n{xref}\n%%EOF\n".encode()
+
+
+ZERO_PAGE_PDF = tiny_pdf(["<< /Type /Catalog /Pages 2 0 R >>", "<< /Type /Pages /Kids [] /Count 0 >>"])
+# the standard security handler with a user password that is not empty: PDFium says "Incorrect password"
+ENCRYPTED_PDF = tiny_pdf(["<< /Type /Catalog /Pages 2 0 R >>", "<< /Type /Pages /Kids [] /Count 0 >>",
+                          f"<< /Filter /Standard /V 1 /R 2 /O <{'11' * 32}> /U <{'22' * 32}> /P -4 >>"],
+                         f"/Encrypt 3 0 R /ID [<{'33' * 16}> <{'33' * 16}>] ")
+
+
+@pytest.fixture
+def pages(tmp_path):
+    """Two good images, a PDF of two pages, and a folder of both images: the inputs of a small good run."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(noise(300, 200, 1)).save(folder / "a.png")
+    Image.fromarray(noise(200, 260, 2)).save(folder / "b.jpg")
+    first, second = Image.fromarray(noise(100, 140, 3)), Image.fromarray(noise(150, 90, 4))
+    first.save(tmp_path / "doc.pdf", save_all=True, append_images=[second], resolution=72)
+    return [str(folder), str(tmp_path / "doc.pdf")]
+
+
+def one_line_error(exc_info, *names):
+    message = str(exc_info.value)
+    assert "\n" not in message, message
+    for name in names:
+        assert str(name) in message, (name, message)
+    return message
+
+
+def test_bulk_bad_manifest_lines_are_recorded(tmp_path, pages):
+    # invalid UTF-8, a lone surrogate escape, an empty id, a line that is not JSON: recorded with file:line, the
+    # rest encoded; a UTF-8 byte order mark is skipped; a folder file whose name is not UTF-8 is encoded too
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b'\xef\xbb\xbf{"image": "in/a.png", "id": "bom"}\n'
+                         b'{"image": "in/a.png", "id": "caf\xe9"}\n'
+                         b'{"image": "in/b.jpg", "id": "\\ud800x"}\n'
+                         b'{"image": "in/b.jpg", "id": ""}\n'
+                         b'{"image": \n')
+    Image.fromarray(noise(120, 80, 5)).save(os.fsdecode(bytes(tmp_path / "in") + b"/\xff.png"))
+    s = gundam.bulk.encode_dataset([manifest, pages[0]], tmp_path / "out", **BULK)
+    failed = dict(s.failed)
+    assert set(failed) == {f"{manifest}:2", f"{manifest}:4", f"{manifest}:5"}, failed
+    assert "not UTF-8 (byte 33 of the line is b'\\xe9')" in failed[f"{manifest}:2"]
+    assert "a non-empty string" in failed[f"{manifest}:4"] and "not JSON" in failed[f"{manifest}:5"]
+    rows = {r["id"]: r for r in gundam.bulk.read_manifest(tmp_path / "out")}
+    assert rows["bom"]["error"] is None and rows["\\ud800x"]["error"] is None       # written as its escape
+    assert rows[f"{tmp_path / 'in'}/\\udcff.png"]["error"] is None
+    again = gundam.bulk.encode_dataset([manifest, pages[0]], tmp_path / "out", **BULK)
+    assert (again.skipped, again.encoded) == (s.items, 0)                           # the same ids: all done
+
+
+def test_bulk_unreadable_inputs_are_recorded(tmp_path, pages, monkeypatch):
+    # a folder that cannot be listed and a manifest that cannot be opened: items with errors, the run goes on
+    # (root reads anything, so the OS errors are made here)
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "m.jsonl").write_text('{"image": "in/a.png"}\n')
+    real_scandir, real_open = os.scandir, open
+
+    def scandir(path="."):
+        if os.fspath(path) == str(tmp_path / "locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    def fake_open(path, *args, **kwargs):
+        if os.fspath(path) == str(tmp_path / "m.jsonl"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr("builtins.open", fake_open)
+    items = gundam.bulk.expand_inputs([tmp_path / "locked", tmp_path / "m.jsonl", pages[0]])
+    assert [it.error for it in items] == [f"folder {str(tmp_path / 'locked')!r}: cannot be listed (Permission denied)",
+                                          f"manifest {str(tmp_path / 'm.jsonl')!r}: cannot read (Permission denied)",
+                                          None, None]
+
+
+def test_bulk_stale_pdfium_errors(tmp_path):
+    # PDFium keeps its last error: a zero-page PDF read after an encrypted one must not say "Incorrect password"
+    (tmp_path / "enc.pdf").write_bytes(ENCRYPTED_PDF)
+    (tmp_path / "zero.pdf").write_bytes(ZERO_PAGE_PDF)
+    (tmp_path / "cut.pdf").write_bytes(ZERO_PAGE_PDF[:40])
+    alone = gundam.bulk.expand_inputs(tmp_path / "zero.pdf")[0].error
+    errors = [it.error for it in gundam.bulk.expand_inputs([tmp_path / f for f in
+                                                            ("enc.pdf", "zero.pdf", "cut.pdf", "zero.pdf", "enc.pdf")])]
+    assert "Incorrect password" in errors[0] and "Data format error" in errors[2]
+    assert errors[1] == alone and "PDFium gives no reason" in alone and "password" not in alone
+    rendered = gundam.bulk.Item("p", str(tmp_path / "zero.pdf"), page=0)    # load_item opens the same way
+    with pytest.raises(ValueError, match="PDFium gives no reason") as e:
+        gundam.bulk.load_item(rendered)
+    one_line_error(e, tmp_path / "zero.pdf")
+
+
+@pytest.mark.parametrize("dpi", [1e308, 1e6])
+def test_bulk_page_too_large_at_dpi_is_recorded(tmp_path, pages, dpi):
+    s = gundam.bulk.encode_dataset(pages[1], tmp_path / "out", **{**BULK, "dpi": dpi})
+    assert len(s.failed) == 2 and all("expected a lower --dpi" in why for _, why in s.failed)
+
+
+def test_bulk_view_bound_comes_from_the_mode(tmp_path, pages, capsys, tiny_cli):
+    # no crops in "tiny": a batch of one view holds any image; in "gundam" an image can have 7
+    s = gundam.bulk.encode_dataset(pages, tmp_path / "one", **{**BULK, "batch_size": 1})
+    assert s.encoded == 4 and not s.failed
+    with pytest.raises(ValueError, match=r"batch_size=6 views: an image can have 7 in this mode \(a global view and "
+                                         r"max_crops=6 crops\): expected at least 7"):
+        gundam.bulk.encode_dataset(pages, tmp_path / "gundam", **{**BULK, "mode": "gundam", "batch_size": 6})
+    with pytest.raises(ValueError, match=r"an image can have 4 in this mode .*max_crops=3"):
+        gundam.bulk.encode_dataset(pages, tmp_path / "gundam", **{**BULK, "mode": "gundam", "max_crops": 3,
+                                                                  "batch_size": 3})
+    code, _, err = run_cli(capsys, "encode-dataset", *pages, "--out", tmp_path / "cli", "--mode", "base",
+                           "--batch-size", "1", "--workers", "0", "--dtype", "float32")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("inputs,error,match", [
+    (None, TypeError, "inputs of type NoneType: expected a path"), (b"scans/", TypeError, "inputs of type bytes"),
+    (123, TypeError, "inputs of type int"), ([None], TypeError, r"inputs\[0\] of type NoneType"),
+    ([b"a.png"], TypeError, r"inputs\[0\] of type bytes"), ([], ValueError, "inputs: got none"),
+    ([""], ValueError, r"inputs\[0\] is an empty path"),
+])
+def test_bulk_bad_inputs_argument(tmp_path, inputs, error, match):
+    with pytest.raises(error, match=match) as e:
+        gundam.bulk.encode_dataset(inputs, tmp_path / "out", **BULK)
+    one_line_error(e)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(out=None), TypeError, "out of type NoneType"), (dict(workers=10 ** 6), ValueError, r"workers=1000000"),
+    (dict(workers=2, engine="ray"), ValueError, "workers=2 with engine='ray'"),
+    (dict(dpi=float("inf")), ValueError, "dpi=inf"), (dict(backend="cuda"), ValueError, "backend='cuda'"),
+    (dict(shard_size=0), ValueError, "shard_size=0"), (dict(max_shards=0), ValueError, "max_shards=0"),
+])
+def test_bulk_bad_options_write_nothing(tmp_path, pages, kwargs, error, match):
+    kwargs = {"out": tmp_path / "out", **kwargs}
+    with pytest.raises(error, match=match) as e:
+        gundam.bulk.encode_dataset(pages, **{**BULK, **kwargs})
+    one_line_error(e)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def micro_weights(tmp_path):
+    state = {k: v.contiguous() for k, v in randomize(GundamEncoder(MICRO), seed=4).state_dict().items()}
+    return state, tmp_path / "weights"
+
+
+def bad_start(case, state, folder):
+    """A start that fails after the options look fine: (kwargs of encode_dataset, what the error says)."""
+    folder.mkdir(exist_ok=True)
+    if case == "nan weights":
+        save_file({**state, "projector.layers.bias": torch.full_like(state["projector.layers.bias"], float("nan"))},
+                  folder / "nan.safetensors")
+        return dict(weights=folder / "nan.safetensors"), "NaN or Inf in projector.layers.bias"
+    if case == "missing tensor":
+        save_file({k: v for k, v in state.items() if k != "view_seperator"}, folder / "missing.safetensors")
+        return dict(weights=folder / "missing.safetensors"), "missing encoder tensors view_seperator"
+    if case == "truncated weights":
+        save_file(state, folder / "full.safetensors")
+        data = (folder / "full.safetensors").read_bytes()
+        (folder / "cut.safetensors").write_bytes(data[:len(data) // 2])
+        return dict(weights=folder / "cut.safetensors"), "cannot read as safetensors"
+    if case == "triton without its interpreter":
+        return dict(backend="triton"), "needs Triton's interpreter"
+    if case == "device":
+        return dict(device="cuda:7" if torch.cuda.is_available() else "cuda"), "not available"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["nan weights", "missing tensor", "truncated weights",
+                                  "triton without its interpreter", "device"])
+def test_bulk_failed_start_claims_nothing(tmp_path, pages, micro_weights, monkeypatch, capsys, tiny_cli, case):
+    # the failed start leaves the folder as it was (new here), so the corrected rerun is not "other settings"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    state, folder = micro_weights
+    kwargs, match = bad_start(case, state, folder)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=re.escape(match)) as e:
+        gundam.bulk.encode_dataset(pages, out, **{**BULK, **kwargs})
+    one_line_error(e)
+    assert not out.exists()
+    cli = [f"--{k}={v}" for k, v in kwargs.items()]
+    code, stdout, err = run_cli(capsys, "encode-dataset", *pages, "--out", out, "--mode", "tiny", "--workers", "0",
+                                "--dtype", "float32", *cli)
+    assert code == 2 and err.startswith("error: ") and match in err and err.count("\n") == 1, err
+    assert not out.exists()
+    save_file(state, folder / "good.safetensors")
+    s = gundam.bulk.encode_dataset(pages, out, **{**BULK, "weights": folder / "good.safetensors"})
+    assert s.encoded == 4 and not s.failed
+
+
+def test_bulk_killed_before_its_first_shard_claims_nothing(tmp_path, pages, monkeypatch):
+    # a run stopped while it encodes its first batch (Ctrl-C here) has recorded no settings: any rerun is welcome
+    import gundam.bulk.engines as engines
+
+    def interrupted(encoder, group):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engines, "encode_group", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gundam.bulk.encode_dataset(pages, tmp_path / "out", **BULK)
+    assert sorted(os.listdir(tmp_path / "out")) == [".lock"]
+    monkeypatch.undo()
+    # settings recorded by a run stopped before it finished a shard (or a damaged run.json) hold no embeddings
+    (tmp_path / "out" / "run.json").write_text('{"dpi": ')
+    s = gundam.bulk.encode_dataset(pages, tmp_path / "out", **{**BULK, "dpi": 72})
+    assert s.encoded == 4 and json.loads((tmp_path / "out" / "run.json").read_text())["dpi"] == 72
+
+
+@pytest.fixture
+def finished(tmp_path, pages):
+    out = tmp_path / "done"
+    s = gundam.bulk.encode_dataset(pages, out, **{**BULK, "shard_size": 2})
+    assert len(s.shards) == 2 and not s.failed
+    return out
+
+
+def corrupt(case, out):
+    """Damage a finished folder: (the file the error must name, what it must say)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    run, manifest = out / "run.json", out / "manifest" / "shard-00001.parquet"
+    if case == "run.json not JSON":
+        run.write_text('{"mode": ')
+        return run, "cannot read the run's settings"
+    if case == "run.json not UTF-8":
+        run.write_bytes(b'{"dpi": "\xff"}')
+        return run, "cannot read the run's settings"
+    if case == "run.json a list":
+        run.write_text("[]")
+        return run, "holds a JSON list"
+    if case == "manifest truncated":
+        manifest.write_bytes(manifest.read_bytes()[:100])
+        return manifest, "not a readable Parquet file"
+    if case == "manifest of another tool":
+        pq.write_table(pa.table({"name": ["x"], "value": [1]}), manifest)
+        return manifest, "no column 'id'"
+    if case == "manifest without errors":
+        table = pq.read_table(manifest)
+        pq.write_table(table.drop_columns(["error"]), manifest)
+        return manifest, "no column 'error'"
+    if case == "manifest ids of another type":
+        table = pq.read_table(manifest)
+        pq.write_table(table.set_column(0, "id", pa.array(range(len(table)))), manifest)
+        return manifest, "column 'id' is int64"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["run.json not JSON", "run.json not UTF-8", "run.json a list", "manifest truncated",
+                                  "manifest of another tool", "manifest without errors",
+                                  "manifest ids of another type"])
+def test_bulk_corrupt_folder_is_one_line_naming_the_file(finished, pages, capsys, tiny_cli, case):
+    path, match = corrupt(case, finished)
+    readers = [lambda: gundam.bulk.encode_dataset(pages, finished, **{**BULK, "shard_size": 2})]
+    if case.startswith("manifest"):
+        readers += [lambda: gundam.bulk.read_manifest(finished), lambda: list(gundam.read_embeddings(finished))]
+    for read in readers:
+        with pytest.raises(ValueError, match=re.escape(match)) as e:
+            read()
+        one_line_error(e, path)
+    code, _, err = run_cli(capsys, "encode-dataset", *pages, "--out", finished, "--mode", "tiny", "--workers", "0",
+                           "--dtype", "float32", "--shard-size", "2")
+    assert code == 2 and err.startswith("error: ") and match in err and str(path) in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("case,match", [
+    ("truncated", "cannot read as safetensors"), ("missing", "cannot read as safetensors"),
+    ("other tensor", 'no "embeddings" tensor'), ("fewer rows", "expected the shard its manifest was written with"),
+    ("a path in the manifest", "expected a file name shard-NNNNN.safetensors"),
+])
+def test_bulk_bad_embeddings_file_names_it(finished, case, match):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    emb = finished / "embeddings" / "shard-00001.safetensors"
+    if case == "truncated":
+        emb.write_bytes(emb.read_bytes()[:200])
+    elif case == "missing":
+        emb.unlink()
+    elif case == "other tensor":
+        save_file({"x": torch.zeros(2, 2)}, emb)
+    elif case == "fewer rows":
+        t = load_file(emb)
+        save_file({"embeddings": t["embeddings"][:-1].contiguous(), "offsets": t["offsets"]}, emb)
+    else:
+        manifest = finished / "manifest" / "shard-00001.parquet"
+        table = pq.read_table(manifest)
+        shard = [None if s is None else "../../elsewhere.safetensors" for s in table.column("shard").to_pylist()]
+        pq.write_table(table.set_column(table.schema.get_field_index("shard"), "shard", pa.array(shard)), manifest)
+        emb = "../../elsewhere.safetensors"
+    read = gundam.read_embeddings(finished)
+    next(read), next(read)                       # the first shard reads fine
+    with pytest.raises(ValueError, match=re.escape(match)) as e:
+        list(read)
+    one_line_error(e, emb)
+
+
+def test_bulk_shard_folder_that_is_a_file(tmp_path, pages):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "embeddings").write_text("")
+    with pytest.raises(ValueError, match="'embeddings' in it is not a folder") as e:
+        gundam.bulk.encode_dataset(pages, tmp_path / "out", **BULK)
+    one_line_error(e, tmp_path / "out")
+    with pytest.raises(ValueError, match="no manifest"):
+        gundam.bulk.read_manifest(tmp_path / "out")
+    with pytest.raises(TypeError, match="out of type NoneType"):
+        gundam.bulk.read_manifest(None)
+
+
+def test_bulk_settings_come_from_the_manifest_without_run_json(finished, pages):
+    # run.json gone: the settings recorded in the shards' manifests still keep other settings out
+    (finished / "run.json").unlink()
+    with pytest.raises(ValueError, match=r"dpi=144.0 \(.*shard-00000.parquet\), this run has dpi=72.0"):
+        gundam.bulk.encode_dataset(pages, finished, **{**BULK, "shard_size": 2, "dpi": 72})
+    s = gundam.bulk.encode_dataset(pages, finished, **{**BULK, "shard_size": 2})
+    assert (s.skipped, s.encoded) == (4, 0)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Ray not yet connected in this process (as in a fresh `gundam encode-dataset --engine ray`), its bound 3 s."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("Ray is connected in this process already")
+    import gundam.bulk.engines as engines
+    monkeypatch.setattr(engines, "RAY_TIMEOUT", 3.0)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return ray
+
+
+@pytest.mark.parametrize("address,shown,match", [
+    ("127.0.0.1:1", "127.0.0.1:1", r"cannot reach .*:1 within 3s \(Connection refused\)"),
+    ("ray://127.0.0.1:1", "ray://127.0.0.1:1", r"cannot reach 127.0.0.1:1 within 3s"),
+    (None, "127.0.0.1:2", r"cannot reach .*:2 within 3s"),                                      # RAY_ADDRESS
+])
+def test_bulk_ray_unreachable_address_is_bounded(tmp_path, pages, no_ray, monkeypatch, capsys, tiny_cli, address,
+                                                  shown, match):
+    if address is None:
+        monkeypatch.setenv("RAY_ADDRESS", shown)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=match) as e:
+        gundam.bulk.encode_dataset(pages, tmp_path / "out", engine="ray", ray_address=address,
+                                   **{**BULK, "workers": None})
+    assert time.monotonic() - t0 < 10
+    one_line_error(e, f"ray_address={shown!r}")
+    assert not no_ray.is_initialized() and not (tmp_path / "out").exists()
+    cli = ["--ray-address", address] if address else []
+    code, _, err = run_cli(capsys, "encode-dataset", *pages, "--out", tmp_path / "out", "--engine", "ray", *cli,
+                           "--mode", "tiny")
+    assert code == 2 and err.startswith("error: ray_address=") and shown in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bulk_ray_address_that_is_not_ray_is_bounded(tmp_path, pages):
+    # a port that accepts connections but never speaks Ray: ray.init would wait; the run ends at the bound
+    pytest.importorskip("ray")
+    server = socket.socket()
+    server.bind(("0.0.0.0", 0))         # Ray connects to this machine's address, not to 127.0.0.1
+    server.listen(64)
+    try:
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "gundam.cli", "encode-dataset", *pages, "--out", str(tmp_path / "o"),
+                            "--engine", "ray", "--ray-address", f"127.0.0.1:{server.getsockname()[1]}", "--mode",
+                            "tiny"], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "GUNDAM_RAY_TIMEOUT": "3", "RAY_ADDRESS": ""})
+    finally:
+        server.close()
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ray_address='127.0.0.1:") and "did not connect within 3s" in last, r.stderr
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "o").exists()

@@ -4,7 +4,10 @@ No host package is a dependency of this project: where one is importable, its re
 methods and signatures the patch relies on; the behaviour is tested on stand-ins that follow each host's
 contract (tests/host_standins.py), on CPU with the torch backend, at the tiny test size.
 """
+import copy
 import inspect
+import io
+import pickle
 from types import SimpleNamespace
 from importlib.metadata import entry_points
 from typing import ClassVar, Literal, Protocol, runtime_checkable
@@ -134,6 +137,30 @@ def test_hf_host_updates_reach_the_encoder(batch):
     assert_shares_parameters(model.model, model)
 
 
+def test_hf_rows_with_images_are_read_from_the_mask(batch):
+    """The vendor encodes nothing when the first row's global view sums to 0 (a page that is half black, half
+    white); the patched forward encodes every row whose images_seq_mask has image positions."""
+    model = HFDeepseekOCRForCausalLM(seed=8).eval()
+    input_ids, images, mask, spatial = hf_inputs(batch)
+    glob = torch.ones_like(images[0][1])
+    glob[..., ::2, :] = -1
+    images[0] = (images[0][0], glob)
+    assert float(glob.double().sum()) == 0
+    gundam.patch(model, backend="torch")
+    with torch.no_grad():
+        got = model.model(input_ids, images=images, images_seq_mask=mask, images_spatial_crop=spatial)[0]
+        want = model.model.embed_tokens(input_ids).clone()
+        for i, (crops, g) in enumerate(images):
+            has_crops = tuple(spatial[i].tolist()) != (1, 1)
+            want[i][mask[i]] = image_tokens(model.model, crops if has_crops else None, g[0], spatial[i])
+    assert_close(got, want, atol=1e-5, rtol=1e-5, what="rows with a zero-sum first global view")
+    # a row without image positions is not encoded (a text-only row beside rows with images)
+    mask[1] = False
+    with torch.no_grad():
+        text_row = model.model(input_ids, images=images, images_seq_mask=mask, images_spatial_crop=spatial)[0][1]
+    assert torch.equal(text_row, model.model.embed_tokens(input_ids)[1])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # vLLM
 
@@ -240,6 +267,62 @@ def test_patch_twice_and_unpatch(host):
     gundam.unpatch(model)                                       # a model that is not patched: unchanged
     assert (dict(owner.__dict__), dict(model.__dict__)) == before
     assert patched_encoder(model) is None
+
+
+def owner_of(host, model):
+    return model.model if host == "hf" else model
+
+
+def encode_through(host, model, batch, patched=True):
+    """What the host's image path gives for `batch`: HF's inputs_embeds, vLLM's and SGLang's image tokens."""
+    with torch.no_grad(), hf.CudaCallsTo(torch.device("cpu")):   # the vendor's HF forward calls .cuda()
+        if host == "hf":
+            input_ids, images, mask, spatial = hf_inputs(batch)
+            return model.model(input_ids, images=images, images_seq_mask=mask, images_spatial_crop=spatial)[0]
+        if host == "vllm":
+            spatial = torch.tensor([list(g) for g in batch.grids])
+            return torch.cat(model.embed_multimodal(pixel_values=batch.global_views, images_crop=batch.crops,
+                                                    images_spatial_crop=spatial))
+        items = [sglang_item(g, c, grid, S) for g, c, grid in per_image(batch)]
+        if patched:
+            return model.get_image_feature(items)
+        return torch.cat([model.get_image_feature([item]) for item in items])   # the host's own: item by item
+
+
+def torch_roundtrip(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("host", HOSTS)
+def test_patched_model_copies_and_pickles(host, how):
+    """A copy of a patched model is a patched model around the copy's own parameters (not the original's), and
+    its unpatch restores the host's methods; the original stays as it was."""
+    batch = preprocess(page(1300, 650, seed=10), TINY_MODE)     # one image, 2x1 crops
+    model = HOSTS[host](seed=7).eval()
+    gundam.patch(model, backend="torch")
+    before = encode_through(host, model, batch)
+    twin = {"deepcopy": copy.deepcopy, "pickle": lambda m: pickle.loads(pickle.dumps(m)),
+            "torch.save": torch_roundtrip}[how](model)
+    owner = owner_of(host, twin)
+    assert type(twin) is type(model) and patched_encoder(twin) is not None
+    with torch.no_grad():
+        owner.projector.layers.bias.add_(1.0)                   # the copy's weights only
+    got = encode_through(host, twin, batch)
+    assert torch.equal(encode_through(host, model, batch), before)
+    fresh = HOSTS[host](seed=7).eval()                          # the host's own code with the same change
+    with torch.no_grad():
+        owner_of(host, fresh).projector.layers.bias.add_(1.0)
+    assert_close(got, encode_through(host, fresh, batch, patched=False), atol=1e-5, rtol=1e-5, what=f"{how} copy")
+    assert_shares_parameters(owner, twin)
+    gundam.unpatch(twin)
+    assert patched_encoder(twin) is None and type(twin) is HOSTS[host]
+    for module in (twin, owner):
+        assert not {"forward", "infer", "_pixel_values_to_embedding", "_process_image_input"} & module.__dict__.keys()
+    assert patched_encoder(model) is not None                   # the original is still patched
 
 
 def test_not_a_deepseek_ocr_model():

@@ -8,8 +8,10 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 
-from gundam import preprocess
+from gundam import Batch, preprocess
+from gundam.images import image_views
 from host_standins import image_tokens
 from testutils import TINY_MODE, assert_close, page
 
@@ -69,18 +71,43 @@ def test_flat_layout_without_any_crops(tiny_encoder, batch, reference):
     check(got, reference[:1])
 
 
-def test_layout_decides_in_flat_layout_sum_in_per_image(tiny_encoder, batch):
-    """An all-zero crop set: the flat layout counts the crops its grid says (no pixel sum); the per-image layout
-    keeps the vendor's contract (all zeros = no crops)."""
+def test_grid_decides_in_both_layouts(tiny_encoder, batch):
+    """All-zero crops with a 2x1 grid: both layouts take the crops the grid says (no pixel sum decides), as the
+    vendor's processor pairs a grid other than 1x1 with real crops."""
     zeros = torch.zeros(2, 3, S, S)
     glob = batch.global_views[1:2]
     flat = tiny_encoder.forward_vendor(glob, zeros, torch.tensor([[2, 1]]))[0]
     per_image = tiny_encoder.forward_vendor(glob[:, None], zeros[None, None], torch.tensor([[[2, 1]]]))[0]
-    assert flat.shape[0] == batch.layouts[1].tokens            # 2x1 grid: local rows included
-    assert per_image.shape[0] == batch.layouts[0].tokens       # global rows + separator only
+    assert flat.shape[0] == per_image.shape[0] == batch.layouts[1].tokens      # 2x1 grid: local rows included
     with torch.no_grad():
         want = image_tokens(tiny_encoder, zeros, glob[0], (2, 1))
     assert_close(flat, want, atol=1e-5, rtol=1e-5, what="all-zero crops, flat layout")
+    assert_close(per_image, want, atol=1e-5, rtol=1e-5, what="all-zero crops, per-image layout")
+
+
+def zero_sum_batches():
+    """Pages whose crops sum to exactly 0 in the vendor's tensors, where the vendor's `sum != 0` test would drop
+    them: crops of +1 and -1 in equal numbers (normalised floats), and a black page (uint8 crops: all 0)."""
+    page_ = preprocess([page(1300, 650, seed=5), page(1950, 1300, seed=6)], TINY_MODE)
+    signs = torch.ones_like(page_.crops)
+    signs[..., ::2, :] = -1                                   # every other pixel row: sum 0 exactly
+    floats = Batch(page_.global_views, signs, page_.layouts, TINY_MODE)
+    black = Image.new("RGB", (1300, 650))
+    uint8 = Batch.from_views([image_views(black, TINY_MODE), image_views(page(700, 2100, 7), TINY_MODE)], TINY_MODE)
+    return {"floats": floats, "uint8 black page": uint8}
+
+
+@pytest.mark.parametrize("kind", ["floats", "uint8 black page"])
+def test_zero_sum_crops_keep_their_crops(tiny_encoder, kind):
+    b = zero_sum_batches()[kind]
+    pv, ic, sc = b.to_vendor()
+    assert float(ic[0].double().sum()) == 0 and b.grids[0] == (2, 1)
+    with torch.no_grad():
+        want = tiny_encoder(b).split()
+    assert [t.shape[0] for t in want] == b.tokens and b.tokens[0] > 21            # 21: the global view alone
+    check(tiny_encoder.forward_vendor(pv, ic, sc), want)                          # the round trip
+    crops = [c[None] for c in torch.split(b.crops, b.n_crops)]                    # per-image lists
+    check(tiny_encoder.forward_vendor([g[None] for g in b.global_views], crops, [s for s in sc]), want)
 
 
 def test_large_grid_and_uint8_pixels(tiny_encoder):
@@ -104,6 +131,7 @@ def bad_inputs(batch):
     gv, crops = batch.global_views, batch.crops
     lists = [g[None] for g in gv], [c[None] for c in ic[:, 0]], [s for s in sc]
     meta = lambda x: torch.empty(x.shape, device="meta")
+    one_by_one = torch.tensor([[[1, 1]]] * 4)
     return {
         "counts": ((pv, ic[:2], sc), ValueError, "same number of images, got 4, 2, 4"),
         "empty lists": (([], [], []), ValueError, "holds no images"),
@@ -120,8 +148,11 @@ def bad_inputs(batch):
         "per-image shape": ((pv[:, 0][:, None, None], ic, sc), ValueError, "expected [1, 3, *, *]"),
         "flat crop count": ((gv, crops[:-1], flat_sc), ValueError, "has 10 crops, images_spatial_crop asks for 11"),
         "flat tiles shape": ((gv, crops, sc), ValueError, "expected a tensor [n, 2]"),
-        "too few crops": ((pv, ic, torch.tensor([[[3, 3]]] * 4)), ValueError, "6 non-zero crops for a 3x3 grid"),
-        "crops for a 1x1 grid": ((pv, ic, torch.tensor([[[1, 1]]] * 4)), ValueError, "for a 1x1 grid"),
+        "too few crops": ((pv, ic, torch.tensor([[[3, 3]]] * 4)), ValueError, "holds 6 crops for a 3x3 grid"),
+        "crops for a 1x1 grid": ((pv, ic, one_by_one), ValueError, "not all zeros for a 1x1 grid"),
+        "zero-sum crops for a 1x1 grid": ((pv, torch.cat([ic[:, :, :1], -ic[:, :, :1]], 2), one_by_one), ValueError,
+                                          "not all zeros for a 1x1 grid"),
+        "tiles past int64": ((lists[0], lists[1], [[2 ** 70, 1]] * 4), ValueError, "expected integer tile counts"),
         "three tile numbers": ((gv, crops, torch.ones(4, 3)), ValueError, "expected a tensor [n, 2]"),
         "fractional tiles": ((gv, crops, flat_sc + 0.5), ValueError, "expected 2 integers"),
         "zero tiles": ((gv, crops, torch.tensor([[1, 0]] * 4)), ValueError, "tiles=0"),
@@ -134,7 +165,8 @@ def bad_inputs(batch):
 BAD_CASES = ["counts", "empty lists", "0-d", "not a tensor", "int pixels", "bool tiles", "meta pixels",
              "meta flat crops", "meta tiles", "zero-size views", "view not a multiple of 64", "non-square views",
              "per-image shape", "flat crop count", "flat tiles shape", "too few crops", "crops for a 1x1 grid",
-             "three tile numbers", "fractional tiles", "zero tiles", "mixed dtypes", "mixed sizes"]
+             "zero-sum crops for a 1x1 grid", "tiles past int64", "three tile numbers", "fractional tiles",
+             "zero tiles", "mixed dtypes", "mixed sizes"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

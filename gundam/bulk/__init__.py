@@ -9,8 +9,11 @@ Inputs become items (gundam.bulk.sources); the work is planned before anything i
 an engine preprocesses and encodes the planned batches (gundam.bulk.engines); this process writes them as shards
 of the output folder (gundam.bulk.shards, which describes the folder). A rerun skips the ids of finished shards
 and encodes the rest into new shards, so a crash loses at most the shard being written; what failed counts as done
-unless `retry_failed`. One run at a time writes a folder: a run holds a lock on `.lock` in it (released when it
-ends, crashed or not), and a second run on the folder meanwhile is refused.
+unless `retry_failed`. One run at a time writes a folder: a run holds a lock on `.lock` in it (released when its
+process ends, crashed or killed, whatever its worker processes do), and a second run on the folder meanwhile is
+refused. Everything a run needs (options, weights, device, the folder) is checked before it writes anything, and
+it records its settings (run.json) only with its first shard: a run that fails or is killed before that leaves
+nothing a rerun has to match.
 
 Both engines encode exactly the planned batches (the encoder's floating-point result depends on what else is in
 the batch) with the same torch thread count (on CPUs with AMX the bf16 result depends on it too), so on the same
@@ -26,11 +29,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gundam.bulk.engines import ENGINES, local_groups, ray_connect, ray_groups
-from gundam.bulk.planning import Settings, plan
-from gundam.bulk.shards import locked, open_output, read_embeddings, read_manifest, write_shard
-from gundam.bulk.sources import PDF_DPI, Item, expand_inputs, load_item
+from gundam.bulk.engines import ENGINES, check_weights, load_encoder, local_groups, ray_connect, ray_groups
+from gundam.bulk.planning import Settings, max_views, plan
+from gundam.bulk.shards import (check_out_dir, claim, locked, open_output, read_embeddings, read_manifest,
+                                write_shard)
+from gundam.bulk.sources import PDF_DPI, Item, check_inputs, expand_inputs, load_item
 from gundam.config import EncoderConfig, Mode, Ocr2Config, check_int, check_positive
+
+MAX_WORKERS = 256   # preprocessing processes: a bound, so a typo (--workers 10000) is an error, not a fork storm
 
 __all__ = ["encode_dataset", "Summary", "Settings", "read_embeddings", "read_manifest", "Item", "expand_inputs",
            "load_item"]
@@ -64,22 +70,29 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode | Non
     bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise; device: default cuda when there is one (on
     Ray: in the cluster); mode: default the weights' family's own (gundam, or ocr2 for DeepSeek-OCR 2 weights);
     config: default the real encoder of the mode's family."""
-    from tqdm import tqdm
-
+    from gundam.encoder import resolve_backend
     from gundam.weights import resolve_device, resolve_dtype, resolve_encoder, weights_line
 
+    # every check before anything is written: a bad option, checkpoint or device fails with the folder untouched
     t0 = time.perf_counter()
+    inputs = check_inputs(inputs)
+    out = check_out_dir(out)
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
     if ray_address is not None and engine != "ray":
         raise ValueError(f"ray_address={ray_address!r} with engine={engine!r}: expected engine='ray'")
-    config, mode = resolve_encoder(weights, config, mode, max_crops)   # a bad checkpoint fails here, before any work
+    if workers is not None and engine != "local":
+        raise ValueError(f"workers={workers!r} with engine={engine!r}: Ray tasks preprocess there; expected "
+                         f"engine='local'")
+    config, mode = resolve_encoder(weights, config, mode, max_crops)
     dpi = check_positive(dpi, "dpi")
     batch_size, shard_size = check_int(batch_size, "batch_size"), check_int(shard_size, "shard_size")
-    if batch_size < 1 + mode.max_crops:
-        raise ValueError(f"batch_size={batch_size} views: an image can have {1 + mode.max_crops} (a global view and "
-                         f"max_crops={mode.max_crops} crops): expected at least {1 + mode.max_crops}")
-    workers = min(8, os.cpu_count() or 1) if workers is None else check_int(workers, "workers", 0)
+    views = max_views(mode)
+    if batch_size < views:
+        crops = f"a global view and max_crops={mode.max_crops} crops" if mode.crop_mode else "its global view"
+        raise ValueError(f"batch_size={batch_size} views: an image can have {views} in this mode ({crops}): "
+                         f"expected at least {views}")
+    workers = min(8, os.cpu_count() or 1) if workers is None else check_int(workers, "workers", 0, MAX_WORKERS)
     if max_shards is not None:
         max_shards = check_int(max_shards, "max_shards")
     if weights is not None:
@@ -87,14 +100,24 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode | Non
     n_gpus = 0
     if engine == "ray":
         n_gpus = ray_connect(ray_address)
-        device = torch.device(device or ("cuda" if n_gpus else "cpu"))
+        try:
+            device = torch.device(device or ("cuda" if n_gpus else "cpu"))
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device={device!r}: expected a device such as 'cpu' or 'cuda'") from None
         if device.type == "cuda" and not n_gpus:
             raise ValueError(f"device={str(device)!r}: the Ray cluster has no GPU")
     else:
         device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    try:
+        resolve_backend(backend, device)
+    except RuntimeError as e:   # triton on a CPU without the interpreter: every batch would fail
+        raise ValueError(str(e)) from None
     settings = Settings(mode, dpi, weights, config, dtype, str(device), backend)
-    out = os.fspath(out)
+    if engine == "local":
+        encoder = load_encoder(settings)   # the whole checkpoint read and checked
+    else:
+        check_weights(settings)            # the actors load it; the driver checks it first
     with locked(out):   # one run per folder at a time
         finished, number = open_output(out, settings, retry_failed)
         items = expand_inputs(inputs, dpi)
@@ -118,29 +141,42 @@ def encode_dataset(inputs, out, *, engine: str = "local", mode: str | Mode | Non
         batches = [b for s in shards for b in s]
         work = [items[i] for i in todo[:n_todo]]
         indices = todo[:n_todo]
-        stream = (local_groups(work, indices, batches, settings, workers) if engine == "local"
+        stream = (local_groups(work, indices, batches, settings, workers, encoder) if engine == "local"
                   else ray_groups(work, indices, batches, settings, n_gpus))
-        bar = tqdm(total=n_todo, unit="page", disable=not verbose, file=sys.stderr, smoothing=0.1)
-        t_start = time.perf_counter()
-        for k, shard in enumerate(shards):
-            rows, embeddings = [], []
-            for _ in shard:
-                group_rows, emb = next(stream)
-                rows += group_rows
-                if emb is not None:
-                    embeddings.append(emb)
-                for r in group_rows:
-                    if r["error"] is None:
-                        summary.tokens += r["tokens"]
-                    else:
-                        summary.failed.append((r["id"], r["error"]))
-                        if verbose:
-                            tqdm.write(f"error: {r['error']}", file=sys.stderr)
-                bar.set_postfix_str(f"{summary.tokens / (time.perf_counter() - t_start):.0f} tokens/s", refresh=False)
-                bar.update(len(group_rows))
-            summary.shards.append(write_shard(out, number + k, rows, embeddings, settings))
-            summary.encoded += len(rows)
-        stream.close()
-        bar.close()
+        try:
+            _write_shards(stream, shards, out, number, settings, summary, verbose)
+        finally:   # the loader's workers go now, also when the run stops early
+            stream.close()
         summary.seconds = time.perf_counter() - t0
         return summary
+
+
+def _write_shards(stream, shards, out: str, number: int, settings: Settings, summary: Summary, verbose: bool):
+    """Each planned shard from the engine's (rows, embeddings) per batch, written as shard `number`, `number + 1`,
+    ...; progress on stderr."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(len(b) for s in shards for b in s), unit="page", disable=not verbose, file=sys.stderr,
+               smoothing=0.1)
+    t_start = time.perf_counter()
+    for k, shard in enumerate(shards):
+        rows, embeddings = [], []
+        for _ in shard:
+            group_rows, emb = next(stream)
+            rows += group_rows
+            if emb is not None:
+                embeddings.append(emb)
+            for r in group_rows:
+                if r["error"] is None:
+                    summary.tokens += r["tokens"]
+                else:
+                    summary.failed.append((r["id"], r["error"]))
+                    if verbose:
+                        tqdm.write(f"error: {r['error']}", file=sys.stderr)
+            bar.set_postfix_str(f"{summary.tokens / (time.perf_counter() - t_start):.0f} tokens/s", refresh=False)
+            bar.update(len(group_rows))
+        if k == 0:
+            claim(out, settings)   # the run has really started: its settings are recorded with its first shard
+        summary.shards.append(write_shard(out, number + k, rows, embeddings, settings))
+        summary.encoded += len(rows)
+    bar.close()

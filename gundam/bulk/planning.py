@@ -36,6 +36,11 @@ class Settings:
                                       "config": asdict(self.config)}))
 
 
+def max_views(mode: Mode) -> int:
+    """The most views one image can have in `mode`: its global view, and max_crops crops when the mode crops."""
+    return 1 + (mode.max_crops if mode.crop_mode else 0)
+
+
 def estimated_views(item: Item, mode: Mode) -> int:
     """1 + crops, from the size read without decoding (1 when unknown: a bad item costs the encoder nothing)."""
     if item.error or item.size is None:

@@ -28,7 +28,15 @@ class GundamDataset(Dataset):
     """Records -> `Example`s; each image is decoded and cropped when it is asked for (in the loader's worker)."""
 
     def __init__(self, records: list[Record], root, mode: str | Mode = "gundam", max_crops: int | None = None):
+        if isinstance(records, (str, bytes, os.PathLike)) or not hasattr(records, "__iter__"):
+            raise TypeError(f"records of type {type(records).__name__}: expected a list of Record (for a JSONL "
+                            f"file: GundamDataset.from_jsonl)")
         self.records = list(records)
+        for i, r in enumerate(self.records):
+            if not isinstance(r, Record):
+                raise TypeError(f"records[{i}] of type {type(r).__name__}: expected a Record")
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root of type {type(root).__name__}: expected a folder path (str or os.PathLike)")
         self.root = os.fspath(root)
         self.mode = resolve_mode(mode, max_crops)
         # from the recorded sizes: a sampler can plan batches before any image is decoded
@@ -83,6 +91,10 @@ class RecordBatch:
 
 def collate(examples: list[Example]) -> RecordBatch:
     """Examples -> RecordBatch: global views stacked, crops concatenated in image order."""
+    if not isinstance(examples, (list, tuple)) or not all(isinstance(ex, Example) for ex in examples):
+        what = type(examples).__name__ if not isinstance(examples, (list, tuple)) else "a list holding " + ", ".join(
+            sorted({type(ex).__name__ for ex in examples if not isinstance(ex, Example)}))
+        raise TypeError(f"collate: got {what}, expected a list of Example (what GundamDataset yields)")
     if not examples:
         raise ValueError("collate: got no examples, expected at least one")
     mode = examples[0].layout.mode
@@ -94,16 +106,24 @@ def collate(examples: list[Example]) -> RecordBatch:
     return RecordBatch(batch, [ex.record for ex in examples], crop_offsets)
 
 
+# seed + epoch seeds torch's generator, which holds 64 bits: each below 2^63, their sum always fits
+MAX_SEED = 2 ** 63 - 1
+
+
 class ViewBudgetSampler(Sampler[list[int]]):
     """Batches of indices whose views (1 + crops per image) add up to at most `budget`.
 
     The encoder's cost follows the number of views, not of images: a receipt cut 1x5 is six views, a chart cut
     2x1 three. Indices are shuffled with `seed` (plus the epoch, see `set_epoch`) and put into batches in that
     order, a new batch whenever the next image would pass the budget. Every index appears exactly once per
-    epoch.
+    epoch. `seed` and the epoch are integers in 0..2^63-1.
     """
 
     def __init__(self, views: list[int], budget: int, shuffle: bool = True, seed: int = 0):
+        if isinstance(views, (str, bytes)) or not hasattr(views, "__iter__"):
+            raise TypeError(f"views of type {type(views).__name__}: expected a list of view counts (dataset.views)")
+        if not isinstance(shuffle, bool):
+            raise TypeError(f"shuffle={shuffle!r}: expected True or False")
         self.views = [check_int(v, f"views[{i}]") for i, v in enumerate(views)]
         self.budget = check_int(budget, "budget")
         worst = max(range(len(self.views)), key=self.views.__getitem__, default=None)
@@ -111,13 +131,13 @@ class ViewBudgetSampler(Sampler[list[int]]):
             raise ValueError(f"budget={budget} views: item {worst} alone has {self.views[worst]} views; "
                              f"expected a budget of at least {self.views[worst]}")
         self.shuffle = shuffle
-        self.seed = check_int(seed, "seed", lo=0)
+        self.seed = check_int(seed, "seed", 0, MAX_SEED)
         self.epoch = 0
 
     def set_epoch(self, epoch: int):
         """A different (still deterministic) order per epoch; call it before each epoch, as with torch's
         DistributedSampler."""
-        self.epoch = check_int(epoch, "epoch", lo=0)
+        self.epoch = check_int(epoch, "epoch", 0, MAX_SEED)
 
     def batches(self) -> list[list[int]]:
         order = None   # index order

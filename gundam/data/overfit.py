@@ -39,8 +39,17 @@ def make_overfit_set(out_dir, seed: int = 0, n: int = len(SPECS)) -> list[Record
     """Render the first `n` images into out_dir/images and write out_dir/records.jsonl; returns the records."""
     check_int(n, "n", 1, len(SPECS))
     check_int(seed, "seed", lo=0)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"{os.fspath(out_dir)!r} is a file: expected a directory (or a path to create one at)")
+    if not isinstance(out_dir, (str, os.PathLike)) or not isinstance(os.fspath(out_dir), str):
+        raise TypeError(f"out_dir of type {type(out_dir).__name__}: expected a directory path (str or os.PathLike)")
+    out_dir = os.fspath(out_dir)
+    if not out_dir:
+        raise ValueError("out_dir '': expected a directory path")
+    # what would fail only after the rendering (seconds of work), checked first
+    for path, kind in ((out_dir, "a directory"), (os.path.join(out_dir, "images"), "a directory"),
+                       (os.path.join(out_dir, "records.jsonl"), "a file")):
+        if os.path.exists(path) and os.path.isdir(path) != (kind == "a directory"):
+            raise ValueError(f"{path!r} is {'a directory' if os.path.isdir(path) else 'a file'}: expected {kind} "
+                             f"(or a path to create one at)")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     records, counts = [], dict.fromkeys(TYPES, 0)
     for index, (kind, w, h) in enumerate(SPECS[:n]):

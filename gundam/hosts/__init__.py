@@ -9,6 +9,11 @@ Hosts (one module each): Hugging Face remote code (gundam.hosts.hf), vLLM (gunda
 instance: a few instance attributes shadow the class's methods (for vLLM, the instance's class also becomes a
 same-named subclass) and `unpatch` undoes it; the class, other instances and everything else of the host are
 untouched. The encoder is built around the host's own parameters (gundam.hosts.shared): nothing is copied.
+
+A patched model copies and pickles: the replaced methods are small objects of module-level classes that hold the
+patch's state (not closures over the instance), and the state keeps no encoder when copied or pickled, so
+`copy.deepcopy(model)` and `torch.save(model)` / `torch.load` give a patched model that builds its encoder around
+its own parameters when it first encodes, and whose `unpatch` restores the host's methods.
 """
 from __future__ import annotations
 
@@ -22,23 +27,49 @@ from gundam.hosts import hf, sglang, vllm
 from gundam.hosts.shared import owns_encoder, shared_encoder, shares
 
 STATE = "_gundam_patch"        # the patch's state, in the patched module's __dict__ (not a submodule)
-MISSING = object()
 HOSTS = {"hf": hf, "vllm": vllm, "sglang": sglang}
+
+
+class _Missing:
+    """The mark of an attribute the instance did not have before it was patched. Pickled by name, so a copied or
+    unpickled model's patch still tells "delete it" from a value to restore."""
+
+    def __repr__(self):
+        return "MISSING"
+
+    def __reduce__(self):
+        return "MISSING"    # gundam.hosts.MISSING; copy.deepcopy keeps it as is too
+
+
+MISSING = _Missing()
 
 
 @dataclass
 class Patch:
     kind: str
     owner: nn.Module                       # the module holding sam_model, vision_model, projector, ...
-    encoder: GundamEncoder
-    params: dict = field(repr=False)       # the host parameters the encoder holds
+    backend: str
+    encoder: GundamEncoder | None = None   # built when first needed
+    params: dict | None = field(default=None, repr=False)   # the host parameters the encoder holds
     saved: list = field(default_factory=list, repr=False)   # (object, attribute, previous instance value)
 
     def current(self) -> GundamEncoder:
-        """The encoder, rebuilt if the host's parameter objects were replaced since it was built."""
-        if not shares(self.params, self.owner):
-            self.encoder, self.params = shared_encoder(self.owner, self.encoder.backend)
+        """The encoder, (re)built if there is none yet (a new patch, a copy, an unpickled model) or the host's
+        parameter objects were replaced since it was built."""
+        if self.encoder is None or not shares(self.params, self.owner):
+            backend = self.encoder.backend if self.encoder is not None else self.backend
+            self.encoder, self.params = shared_encoder(self.owner, backend)
         return self.encoder
+
+    def __getstate__(self) -> dict:
+        """A copy or pickle holds the patch without its encoder: one around the copy's own parameters is built
+        when it first encodes (a copied encoder would hold the copy's parameters too, but also cached tables and
+        whatever the backend keeps)."""
+        state = dict(self.__dict__)
+        if self.encoder is not None:
+            state["backend"] = self.encoder.backend
+        state["encoder"] = state["params"] = None
+        return state
 
 
 def patch(model: nn.Module, *, backend: str = "auto") -> nn.Module:
@@ -48,11 +79,13 @@ def patch(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     owner, kind = _find_host(model)
     state = owner.__dict__.get(STATE)
     if state is not None:
-        state.encoder.backend = backend
+        state.backend = backend
+        if state.encoder is not None:
+            state.encoder.backend = backend
         return model
-    encoder, params = shared_encoder(owner, backend)
-    state = Patch(kind, owner, encoder, params)
-    for obj, name, value in HOSTS[kind].replacements(model, owner, state.current):
+    state = Patch(kind, owner, backend)
+    state.current()   # a host the encoder cannot be built around fails here, before anything changes
+    for obj, name, value in HOSTS[kind].replacements(model, owner, state):
         state.saved.append((obj, name, type(obj) if name == "__class__" else obj.__dict__.get(name, MISSING)))
         object.__setattr__(obj, name, value)  # an instance attribute (never a registered submodule), or a class
     owner.__dict__[STATE] = state

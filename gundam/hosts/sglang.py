@@ -20,12 +20,22 @@ from __future__ import annotations
 
 import torch
 
+from gundam.hosts.shared import PixelValuesToEmbedding
 
-def replacements(model, owner, encoder):
-    def pixel_values_to_embedding(pixel_values, images_crop, images_spatial_crop, has_local_crops=None):
-        return encoder().forward_vendor(pixel_values, images_crop, images_spatial_crop)
 
-    def process_image_input(mm_items):
+def replacements(model, owner, state):
+    return [(owner, "_pixel_values_to_embedding", PixelValuesToEmbedding(state)),
+            (owner, "_process_image_input", ProcessImageInput(state))]
+
+
+class ProcessImageInput:
+    """`_process_image_input(mm_items)`, patched: every image of every item in one encoder pass (an object, not
+    a closure: see gundam.hosts.shared.PixelValuesToEmbedding)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __call__(self, mm_items):
         pixel_values, images_crop, spatial = [], [], []
         for item in mm_items:               # one entry per image: an item holds k >= 1 images
             grids = torch.as_tensor(item.images_spatial_crop).reshape(-1, 2)
@@ -33,7 +43,4 @@ def replacements(model, owner, encoder):
                 pixel_values.append(item.feature[i:i + 1])           # [1, 3, B, B]
                 images_crop.append(item.images_crop[i:i + 1])        # [1, N, 3, S, S]
                 spatial.append(grids[i])
-        return torch.cat(encoder().forward_vendor(pixel_values, images_crop, spatial))
-
-    return [(owner, "_pixel_values_to_embedding", pixel_values_to_embedding),
-            (owner, "_process_image_input", process_image_input)]
+        return torch.cat(self.state.current().forward_vendor(pixel_values, images_crop, spatial))

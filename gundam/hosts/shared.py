@@ -123,3 +123,16 @@ def _refuse_tensor_parallel(owner):
             raise ValueError(f"gundam.patch: vision_model.{name} is split across {tp} tensor-parallel ranks; "
                              f"GundamEncoder needs the whole encoder on each device: serve with "
                              f"tensor_parallel_size=1, or leave this model unpatched")
+
+
+class PixelValuesToEmbedding:
+    """The hosts' `_pixel_values_to_embedding(pixel_values, images_crop, images_spatial_crop)` (vLLM; SGLang adds
+    `has_local_crops`, which its processor sets exactly where the grid has crops: not needed), patched: every
+    image in one pass of the patch's encoder. An object, not a closure: a copied or unpickled model's patched
+    method encodes with that model's own parameters (`state` is copied along with it)."""
+
+    def __init__(self, state):
+        self.state = state    # gundam.hosts.Patch
+
+    def __call__(self, pixel_values, images_crop, images_spatial_crop, has_local_crops=None):
+        return self.state.current().forward_vendor(pixel_values, images_crop, images_spatial_crop)

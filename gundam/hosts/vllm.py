@@ -22,17 +22,17 @@ it), which patch themselves after loading their weights (`GUNDAM_BACKEND` picks 
 """
 from __future__ import annotations
 
+import copyreg
 import importlib.util
 import os
+
+from gundam.hosts.shared import PixelValuesToEmbedding
 
 ENV = "GUNDAM_PATCH_VLLM"
 
 
-def replacements(model, owner, encoder):
-    def pixel_values_to_embedding(pixel_values, images_crop, images_spatial_crop):
-        return encoder().forward_vendor(pixel_values, images_crop, images_spatial_crop)
-
-    out = [(owner, "_pixel_values_to_embedding", pixel_values_to_embedding)]
+def replacements(model, owner, state):
+    out = [(owner, "_pixel_values_to_embedding", PixelValuesToEmbedding(state))]
     if getattr(type(owner), "encoder_cudagraph_forward", None) is not None:
         out.append((owner, "__class__", eager_class(type(owner))))
     return out
@@ -43,11 +43,27 @@ _EAGER = {}
 
 def eager_class(cls):
     """`cls` without vLLM's encoder CUDA graphs: its protocol method set to None on a subclass of the same name
-    (an instance attribute would not do: from Python 3.12 on, runtime protocol checks read the class)."""
+    (an instance attribute would not do: from Python 3.12 on, runtime protocol checks read the class). Made at
+    run time, so pickle cannot find it by name: its instances pickle (and copy) as `_new_eager(cls)`."""
     if cls not in _EAGER:
         _EAGER[cls] = type(cls.__name__, (cls,), {"encoder_cudagraph_forward": None, "__module__": cls.__module__,
-                                                   "__qualname__": cls.__qualname__})
+                                                   "__qualname__": cls.__qualname__,
+                                                   "__reduce_ex__": _reduce_eager})
     return _EAGER[cls]
+
+
+def _new_eager(cls, *args):
+    eager = eager_class(cls)
+    return eager.__new__(eager, *args)
+
+
+def _reduce_eager(self, protocol):
+    eager = type(self)
+    reduced = super(eager, self).__reduce_ex__(max(2, protocol))
+    if reduced[0] is not copyreg.__newobj__ or reduced[1][0] is not eager:
+        raise TypeError(f"a {eager.__name__} patched by gundam cannot be pickled or copied: gundam.unpatch(model) "
+                        f"first (and patch the copy)")
+    return (_new_eager, (eager.__bases__[0], *reduced[1][1:]), *reduced[2:])
 
 
 def register():
