@@ -12,7 +12,7 @@ import pytest
 import pypdfium2 as pdfium
 import torch
 from safetensors.torch import load_file, save_file
-from testutils import OCR2_TINY, OCR2_TINY_MODE, TINY, TINY_MODE, assert_close, page, randomize
+from testutils import OCR2_TINY, TINY, TINY_MODE, assert_close, page, randomize
 
 import gundam
 from gundam.bulk import encode_dataset, read_manifest
