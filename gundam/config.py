@@ -193,6 +193,11 @@ class EncoderConfig:
         """Output tokens along a side of a `size` px view; raises for a size this encoder cannot take."""
         return tokens_per_side(size, name)
 
+    @property
+    def mode(self) -> "Mode":
+        """The family's default mode, Gundam (this encoder takes every mode of its family)."""
+        return MODES["gundam"]
+
 
 @dataclass(frozen=True)
 class Qwen2Config:

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn as nn
 
-from gundam.config import MODES, EncoderConfig, Mode, Ocr2Config, check_mode, family_of, resolve_mode
+from gundam.config import EncoderConfig, Mode, Ocr2Config, check_mode, family_of, resolve_mode
 from gundam.graphs import CapturedEncoder
 from gundam.images import Batch, check_pixel_values, normalize, preprocess
 from gundam.model import build_modules, encode, encode_views
@@ -111,9 +111,9 @@ class GundamEncoder(nn.Module):
 
     @property
     def mode(self) -> Mode:
-        """The encoder's default mode: Gundam for DeepSeek-OCR (which takes any mode of its family), the config's
-        own for DeepSeek-OCR 2 (which takes only its two view sizes)."""
-        return self.config.mode if self.family == "deepseek-ocr2" else MODES["gundam"]
+        """The encoder's default mode, its config's: Gundam for DeepSeek-OCR (which takes any mode of its family),
+        `ocr2` at the config's view sizes for DeepSeek-OCR 2 (which takes only those)."""
+        return self.config.mode
 
     def preprocess(self, images, mode: str | Mode | None = None, max_crops: int | None = None) -> Batch:
         """`gundam.preprocess` in this encoder's mode (default `self.mode`; another mode must be of its family)."""

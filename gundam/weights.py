@@ -163,9 +163,7 @@ def resolve_encoder(weights=None, config=None, mode=None, max_crops: int | None 
         config = checked_config(weights, config)
     if config is None:
         config = default_config(resolve_mode(mode).family if mode is not None else "deepseek-ocr")
-    if mode is None:
-        mode = config.mode if family_of(config) == "deepseek-ocr2" else "gundam"
-    mode = resolve_mode(mode, max_crops)
+    mode = resolve_mode(config.mode if mode is None else mode, max_crops)
     try:
         check_mode(config, mode)
     except ValueError as e:
