@@ -64,6 +64,7 @@ def cmd_encode(args) -> int:
     from gundam.images import Batch, check_image_file, image_views
     from gundam.weights import resolve_device, resolve_dtype, resolve_encoder, weights_line
 
+    set_threads(args)
     config, mode = resolve_encoder(args.weights, None, args.mode, args.max_crops)
     name = args.mode or ("ocr2" if mode.family == "deepseek-ocr2" else "gundam")
     batch_size = check_int(args.batch_size, "--batch-size")
@@ -144,6 +145,7 @@ def cmd_encode_dataset(args) -> int:
     status 2; the other inputs are encoded."""
     from gundam.bulk import encode_dataset
 
+    set_threads(args)
     s = encode_dataset(args.inputs, args.out, engine=args.engine, mode=args.mode, max_crops=args.max_crops,
                        batch_size=args.batch_size, shard_size=args.shard_size, dpi=args.dpi, weights=args.weights,
                        dtype=args.dtype, device=args.device, backend=args.backend, workers=args.workers,
@@ -252,6 +254,17 @@ def encoder_options(p: argparse.ArgumentParser, device_help: str = "cpu or cuda 
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto (default): bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise")
     p.add_argument("--device", default=None, help=device_help)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, one per physical core)")
+
+
+def set_threads(args):
+    """--threads, checked, as torch's intra-op thread count (before anything is encoded)."""
+    import torch
+
+    from gundam.config import check_int
+    if args.threads is not None:
+        torch.set_num_threads(check_int(args.threads, "--threads", hi=4096))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,8 +5,9 @@
     per_image = out.split()                                    # [tokens_i, 1280] each
 
 `forward_vendor` is a drop-in for the vendor's `_pixel_values_to_embedding`. `backend` picks the pure-torch
-path ("torch"), the packed Triton path ("triton") or Triton on CUDA and torch on other devices ("auto"). Both
-train: gradients flow through the Triton kernels' backward passes as through the torch path.
+path ("torch"), the packed Triton path ("triton"), the CPU fast path ("cpu") or Triton on CUDA and the CPU fast
+path on other devices ("auto"). Torch and Triton train: gradients flow through the Triton kernels' backward
+passes as through the torch path; "cpu" is for inference and runs the torch path while autograd records.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from gundam.packed import encode_packed
 from gundam.vendor import vendor_batch
 from gundam.weights import UNUSED_KEYS, checked_config, load_encoder_state_dict, resolve_device, resolve_dtype
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 def check_backend(backend) -> str:
@@ -35,12 +36,13 @@ def check_backend(backend) -> str:
 
 
 def resolve_backend(backend, device) -> str:
-    """What `backend` runs as on `device`: "auto" is Triton on CUDA and torch elsewhere, for inference and
-    training alike (the kernels have their backward passes); "triton" off CUDA needs Triton's interpreter."""
+    """What `backend` runs as on `device`: "auto" is Triton on CUDA (for inference and training alike: the
+    kernels have their backward passes) and the CPU fast path elsewhere; "triton" off CUDA needs Triton's
+    interpreter."""
     backend = check_backend(backend)
     device = torch.device(device)
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        backend = "triton" if device.type == "cuda" else "cpu"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"backend='triton' on device {device.type!r} needs Triton's interpreter: set "
                            f"TRITON_INTERPRET=1 in the environment before Python starts (or use backend='torch')")
@@ -127,11 +129,12 @@ class GundamEncoder(nn.Module):
 
     def _resolve(self, backend):
         backend = check_backend(backend or self.backend)
-        if self.family == "deepseek-ocr2":   # the packed path is DeepSeek-OCR's so far: "auto" is torch here
+        if self.family == "deepseek-ocr2":   # the packed path is DeepSeek-OCR's so far: "auto" is torch on CUDA
             if backend == "triton":
-                raise ValueError("backend='triton' runs DeepSeek-OCR's encoder only: use backend='torch' (or "
-                                 "'auto') for DeepSeek-OCR 2")
-            return "torch"
+                raise ValueError("backend='triton' runs DeepSeek-OCR's encoder only: use backend='torch', 'cpu' "
+                                 "(or 'auto') for DeepSeek-OCR 2")
+            if backend == "auto" and self.device.type == "cuda":
+                return "torch"
         return resolve_backend(backend, self.device)
 
     def _stacks(self) -> list[nn.Module]:
@@ -172,8 +175,11 @@ class GundamEncoder(nn.Module):
         backend = self._resolve(backend)
         self.check_batch(batch)
         timer = StageTimer(self.device, TIMED_STAGES[self.family])
-        encode_fn = encode_packed if backend == "triton" else encode
-        return EncoderOutput(encode_fn(self, batch, timer), batch.offsets, timer)
+        if backend == "triton":
+            out = encode_packed(self, batch, timer)
+        else:   # the CPU fast path has no backward: while autograd records, the torch path
+            out = encode(self, batch, timer, fast=backend == "cpu" and not torch.is_grad_enabled())
+        return EncoderOutput(out, batch.offsets, timer)
 
     def capture(self, batch: Batch, warmup: int = 2):
         """The Triton forward for batches shaped like `batch` (same modes and crop grids, in order), captured in

@@ -12,6 +12,10 @@ Each block also has its packed fast path beside it (`forward_packed`): the same 
 buffer holding every view of a batch, with attention, LayerNorm (the residual add fused in) and the projector +
 layout through the Triton kernels (gundam.kernels) and the linears through torch. `encode` (here) and
 `gundam.packed.encode_packed` are the two top-level paths; GundamEncoder picks one (`backend`).
+
+And its CPU fast path (`forward_cpu`, backend "cpu", inference only): the same math in torch ops chosen for CPUs:
+fp32 linears through oneDNN's inner product (`fast_linear`), no qkv or proj on window padding (its qkv is the
+bias: filled, not computed), no partition copies of the residual stream, residual adds and activations in place.
 """
 from __future__ import annotations
 
@@ -38,6 +42,20 @@ def kernels():
     import gundam.kernels.activation, gundam.kernels.attention, gundam.kernels.layernorm, gundam.kernels.layout  # noqa: E401,F401
     import gundam.kernels.segments  # noqa: F401
     return gundam.kernels
+
+
+# oneDNN's fp32 inner product runs the encoder's linears 15-25% faster than the MKL GEMM behind F.linear on the
+# x86 CPUs measured (bench/cpu.py); results equal within rounding. It has no autograd formula, hence inference only.
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def fast_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) on the CPU fast path: fp32 on a CPU through oneDNN, anything else (and anything torch.compile
+    traces, which picks its own GEMM) through F.linear."""
+    if (ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    return F.linear(x, layer.weight, layer.bias)
 
 
 def add_norm(norm: nn.LayerNorm, x: torch.Tensor, y: torch.Tensor | None):
@@ -173,6 +191,31 @@ class SamAttention(nn.Module):
         rw = K.segments.pack_rel_pos([self.rel_pos_w_for(s) for s in seg.rel_sizes_w], seg.rel_sizes_w)
         return self.proj(K.attention.attention(qkv, seg, rel_pos_h=rh, rel_pos_w=rw, qkv_bias=self.qkv.bias))
 
+    def forward_cpu(self, x: torch.Tensor, window: int) -> torch.Tensor:
+        """x [B, H, W, C] (normed) -> [B, H, W, C], attention in windows of `window` (0: the whole view). qkv and
+        proj run on the real tokens only: a padding token's qkv is the qkv bias (the vendor pads before qkv),
+        written into the windows, and its output is dropped before proj."""
+        B, H, W, C = x.shape
+        nh, d = self.num_heads, C // self.num_heads
+        qkv = fast_linear(self.qkv, x)                                       # [B, H, W, 3C]
+        Sh, Sw = (window, window) if window else (H, W)
+        nH, nW = -(-H // Sh), -(-W // Sw)
+        if nH * Sh != H or nW * Sw != W:
+            padded = self.qkv.bias.expand(B, nH * Sh, nW * Sw, 3 * C).contiguous()
+            padded[:, :H, :W] = qkv
+            qkv = padded
+        # [B, nH, Sh, nW, Sw, 3, nh, d] -> [3, B*nH*nW, nh, Sh*Sw, d]: one copy, windows (or views) as the batch
+        q, k, v = qkv.view(B, nH, Sh, nW, Sw, 3, nh, d).permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(
+            3, B * nH * nW, nh, Sh * Sw, d)
+        Rh = self.tables.get(self.rel_pos_h, Sh, lambda: rel_pos_table(self.rel_pos_h_for(Sh), Sh))
+        Rw = self.tables.get(self.rel_pos_w, Sw, lambda: rel_pos_table(self.rel_pos_w_for(Sw), Sw))
+        per = max(1, CHUNK_TOKENS // (Sh * Sw))                              # windows per attention call
+        o = torch.cat([attention_with_rel_pos(*part, Rh, Rw, Sh, Sw)
+                       for part in zip(q.split(per), k.split(per), v.split(per))])   # [B*nH*nW, nh, Sh*Sw, d]
+        # back to tokens, the padding dropped: [B*nH*nW, nh, Sh*Sw, d] -> [B, nH*Sh, nW*Sw, C] -> [B, H, W, C]
+        o = o.view(B, nH, nW, nh, Sh, Sw, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, nH * Sh, nW * Sw, C)
+        return fast_linear(self.proj, o[:, :H, :W])
+
 
 class MLPBlock(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -240,6 +283,15 @@ class SamBlock(nn.Module):
             t1 = t0 + CHUNK_TOKENS
             out[t0:t1] = flat[t0:t1] + self.mlp(self.norm2(flat[t0:t1]))
         return out.view(x.shape)
+
+    def forward_cpu(self, x):
+        """`forward` on the CPU fast path, [B, H, W, C] -> [B, H, W, C], updating x in place (inference)."""
+        x += self.attn.forward_cpu(self.norm1(x), self.window_size)
+        flat = x.view(-1, x.shape[-1])                                   # [B*H*W, C]
+        for part in flat.split(CHUNK_TOKENS):                           # bounded [tokens, 4C] hidden state
+            hidden = torch.ops.aten.gelu_(fast_linear(self.mlp.lin1, self.norm2(part)))
+            part += fast_linear(self.mlp.lin2, hidden)
+        return x
 
     def forward_packed(self, x, mlp_out, plan):
         """The block on the packed stream of every view: (x, mlp_out) -> (x, mlp_out), the residual stream
@@ -323,6 +375,12 @@ class Sam(nn.Module):
             x = run_block(blk, x, checkpointing=self.gradient_checkpointing)
         return self.downsample(x.permute(0, 3, 1, 2))
 
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).contiguous()                # [B, g, g, C], updated in place by the blocks
+        for blk in self.blocks:
+            x = blk.forward_cpu(x)
+        return self.downsample(x.permute(0, 3, 1, 2))
+
     def forward_packed(self, groups: list[torch.Tensor], plan) -> list[torch.Tensor]:
         """groups: [B, 3, S, S] pixels per view size (plan order) -> [B, net_3_chans, q, q] per group; the
         blocks run once over one token-major buffer of every view."""
@@ -397,6 +455,12 @@ class ClipAttention(nn.Module):
         qkv = self.qkv_proj(x).view(T, 3, self.num_heads, C // self.num_heads)
         return self.out_proj(kernels().attention.attention(qkv, seg))
 
+    def forward_cpu(self, x):
+        B, N, C = x.shape
+        q, k, v = fast_linear(self.qkv_proj, x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)                  # [B, nh, N, d]
+        return fast_linear(self.out_proj, x.transpose(1, 2).reshape(B, N, C))
+
 
 def quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)
@@ -429,6 +493,14 @@ class ClipLayer(nn.Module):
     def forward(self, x):
         h = x + self.self_attn(self.layer_norm1(x))
         return h + self.mlp(self.layer_norm2(h))
+
+    def forward_cpu(self, x):
+        """`forward` on the CPU fast path, x [B, N, C] updated in place (inference)."""
+        x += self.self_attn.forward_cpu(self.layer_norm1(x))
+        hidden = fast_linear(self.mlp.fc1, self.layer_norm2(x))
+        hidden *= torch.sigmoid(1.702 * hidden)                        # quick_gelu, in place
+        x += fast_linear(self.mlp.fc2, hidden)
+        return x
 
     def forward_packed(self, x, mlp_out, plan):
         """The layer on the packed stream, (x, mlp_out) -> (x, mlp_out) as `SamBlock.forward_packed`."""
@@ -469,6 +541,12 @@ class Clip(nn.Module):
         # `pixels` is unused (the vendor's signature: SAM's output stands in for the patch embedding)
         return self.transformer(self.pre_layrnorm(self.embeddings(patch_embeds)))
 
+    def forward_cpu(self, pixels: torch.Tensor | None, patch_embeds: torch.Tensor) -> torch.Tensor:
+        x = self.pre_layrnorm(self.embeddings(patch_embeds))
+        for layer in self.transformer.layers:
+            x = layer.forward_cpu(x)
+        return x
+
     def forward_packed(self, sam_outs: list[torch.Tensor], plan) -> torch.Tensor:
         """SAM outputs [B, C, q, q] per view size -> packed tokens [T, C] (per view: class token + q*q)."""
         x = torch.cat([self.embeddings(s).flatten(0, 1) for s in sam_outs])   # [B, 1 + q*q, C] each -> [T, C]
@@ -484,6 +562,9 @@ class Projector(nn.Module):
 
     def forward(self, x):
         return self.layers(x)
+
+    def forward_cpu(self, x):
+        return fast_linear(self.layers, x)
 
     def forward_packed(self, sam_tok, clip_tok, newline, separator, row_map):
         """Packed SAM [T, C] and CLIP tokens -> every output row, each written once at its final index: a
@@ -550,6 +631,26 @@ class Qwen2Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                       # [B, heads, n, d]
         return self.o_proj(o.transpose(1, 2).reshape(B, n, -1))
 
+    def forward_cpu(self, x, cos, sin, m: int, queries_only: bool):
+        """`forward` on the CPU fast path for x [B, 2m, C] under the prefix mask, which is not built: the m visual
+        rows attend to the visual keys alone (no mask), the query rows to every key under their rows of the mask.
+        GQA reads the kv heads in place (no repeated copy). queries_only: only the query rows' output [B, m, C]
+        (the last layer, whose visual rows nothing reads)."""
+        B, n, _ = x.shape
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        rows = x[:, m:] if queries_only else x
+        q = fast_linear(self.q_proj, rows).view(B, -1, h, d).transpose(1, 2)               # [B, heads, rows, d]
+        k = fast_linear(self.k_proj, x).view(B, n, kvh, d).transpose(1, 2)                 # [B, kv heads, n, d]
+        v = fast_linear(self.v_proj, x).view(B, n, kvh, d).transpose(1, 2)
+        q = apply_rope(q, cos[n - q.shape[2]:], sin[n - q.shape[2]:])
+        k = apply_rope(k, cos, sin)
+        mask = prefix_mask(m, x.device)[m:]                                                 # [m, 2m]
+        o = F.scaled_dot_product_attention(q[:, :, -m:], k, v, attn_mask=mask, enable_gqa=True)
+        if not queries_only:
+            visual = F.scaled_dot_product_attention(q[:, :, :m], k[:, :, :m], v[:, :, :m], enable_gqa=True)
+            o = torch.cat([visual, o], dim=2)                                              # [B, heads, n, d]
+        return fast_linear(self.o_proj, o.transpose(1, 2).reshape(B, o.shape[2], -1))
+
 
 class Qwen2MLP(nn.Module):
     def __init__(self, cfg: Qwen2Config):
@@ -560,6 +661,11 @@ class Qwen2MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_cpu(self, x):
+        hidden = F.silu(fast_linear(self.gate_proj, x), inplace=True)
+        hidden *= fast_linear(self.up_proj, x)
+        return fast_linear(self.down_proj, hidden)
 
 
 class Qwen2Layer(nn.Module):
@@ -573,6 +679,15 @@ class Qwen2Layer(nn.Module):
     def forward(self, x, cos, sin, mask):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_cpu(self, x, cos, sin, m: int, queries_only: bool):
+        """`forward` on the CPU fast path: [B, 2m, C] -> [B, 2m, C] (queries_only: the query rows [B, m, C]),
+        in place (inference)."""
+        attn = self.self_attn.forward_cpu(self.input_layernorm(x), cos, sin, m, queries_only)
+        x = x[:, m:].contiguous() if queries_only else x
+        x += attn
+        x += self.mlp.forward_cpu(self.post_attention_layernorm(x))
+        return x
 
 
 class Qwen2Stack(nn.Module):
@@ -592,6 +707,15 @@ class Qwen2Stack(nn.Module):
         mask = prefix_mask(m, x.device)
         for layer in self.layers:
             x = run_block(layer, x, cos, sin, mask, checkpointing=self.gradient_checkpointing)
+        return self.norm(x)
+
+    def forward_cpu(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        """The CPU fast path: x [B, 2m, C] -> the query rows [B, m, C] after the final norm (what the encoder
+        keeps; the last layer and the norm run on those rows only)."""
+        c = self.cfg
+        cos, sin = rope_tables(x.shape[1], c.head_dim, c.rope_theta, x.dtype, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_cpu(x, cos, sin, m, queries_only=i == len(self.layers) - 1)
         return self.norm(x)
 
 
@@ -631,34 +755,44 @@ class Qwen2Encoder(nn.Module):
         per = max(1, CHUNK_TOKENS // (2 * m))
         return torch.cat([self.model.model(part, m)[:, m:] for part in x.split(per)])    # [B, m, C]
 
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        B, C = x.shape[:2]
+        m = x.shape[2] * x.shape[3]
+        x = torch.cat([x.flatten(2).transpose(1, 2), self.queries(m).expand(B, m, C)], dim=1)   # [B, 2m, C]
+        per = max(1, CHUNK_TOKENS // (2 * m))
+        return torch.cat([self.model.model.forward_cpu(part.contiguous(), m) for part in x.split(per)])
+
 
 # ----------------------------------------------------------------------------------------------------------
 # top level
 
-def encode_views(enc, pixels: torch.Tensor, mark=None) -> torch.Tensor:
+def encode_views(enc, pixels: torch.Tensor, mark=None, fast: bool = False) -> torch.Tensor:
     """Views of one size [B, 3, S, S] -> projected tokens [B, (S/64)^2, n_embed], row-major per view, through
     the encoder's family: SAM -> CLIP -> projector of both (DeepSeek-OCR) or SAM -> Qwen2 -> projector
-    (DeepSeek-OCR 2). `mark(stage)` is called after each stage when given (timing)."""
+    (DeepSeek-OCR 2). `mark(stage)` is called after each stage when given (timing). fast: each module's
+    `forward_cpu` (the CPU fast path, inference) instead of its `forward`."""
     mark = mark or (lambda stage: None)
-    sam_out = enc.sam_model(pixels)                                  # [B, C, q, q]
+    run = (lambda m, *args: m.forward_cpu(*args)) if fast else (lambda m, *args: m(*args))
+    sam_out = run(enc.sam_model, pixels)                             # [B, C, q, q]
     mark("sam")
     if enc.family == "deepseek-ocr2":
-        feats = enc.qwen2_model(sam_out)                             # [B, q*q, C]
+        feats = run(enc.qwen2_model, sam_out)                        # [B, q*q, C]
         mark("qwen2")
     else:
-        clip_out = enc.vision_model(pixels, sam_out)                 # [B, 1 + q*q, C]
+        clip_out = run(enc.vision_model, pixels, sam_out)            # [B, 1 + q*q, C]
         mark("clip")
         feats = torch.cat([clip_out[:, 1:], sam_out.flatten(2).permute(0, 2, 1)], dim=-1)  # [B, q*q, 2C]
-    out = enc.projector(feats)
+    out = run(enc.projector, feats)
     mark("layout")
     return out
 
 
-def encode(enc, batch, timer) -> torch.Tensor:
-    """The torch path: Batch -> embeddings [total_tokens, n_embed], each view size through the encoder
-    (`encode_views`), then every image's rows laid out (`layout_batch`). enc: a GundamEncoder."""
+def encode(enc, batch, timer, fast: bool = False) -> torch.Tensor:
+    """The torch path (fast: the CPU fast path): Batch -> embeddings [total_tokens, n_embed], each view size
+    through the encoder (`encode_views`), then every image's rows laid out (`layout_batch`). enc: a
+    GundamEncoder."""
     groups = enc.pixel_groups(batch)                         # global views [n, 3, B, B], then crops if any
-    tokens = [encode_views(enc, pixels, timer.mark) for pixels in groups]
+    tokens = [encode_views(enc, pixels, timer.mark, fast) for pixels in groups]
     newline = enc.image_newline.to(enc.dtype) if enc.family == "deepseek-ocr" else None
     out = layout_batch(batch.layouts, tokens[0], tokens[1] if len(tokens) > 1 else None, newline,
                        enc.view_seperator.to(enc.dtype))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,11 +32,21 @@ def test_encoder_bench_smoke(tmp_path):
             assert set(row["stages"]) == {"sam", "clip", "layout"} and all(v["ms"] > 0 for v in row["stages"].values())
 
 
-def test_cpu_bench_smoke(tmp_path):
-    r = run("cpu.py", "--smoke", "--repeat", "1", "--json", str(tmp_path / "c.json"))
+@pytest.mark.parametrize("family", ["ocr", "ocr2"])
+def test_cpu_bench_smoke(tmp_path, family):
+    r = run("cpu.py", "--smoke", "--family", family, "--repeat", "1", "--batches", "1,2", "--vendor", "",
+            "--json", str(tmp_path / "c.json"))
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "c.json").read_text())
-    assert res["gflop"] > 0 and res["seconds"] > 0 and res["peak_rss_mb"] > 0 and res["tokens"] == 42
+    assert {"amx", "avx512_bf16", "avx2", "threads", "onednn"} <= set(res["cpu"]) and res["tokens"] > 0
+    rows = {(row["method"], row["batch"]): row for row in res["rows"]}
+    assert set(rows) == {("cpu", 1), ("torch", 1), ("cpu", 2)}
+    assert all(row["seconds_median"] > 0 and row["peak_mb"] > 0 for row in rows.values())
+    for name in ("cpu", "torch"):
+        row = rows[name, 1]
+        assert row["gemm_floor_seconds"] > 0 and set(row["stages"]) >= {"sam", "layout"}
+        err = row["error_vs_fp32_torch"]
+        assert err["max_abs"] <= (1e-5 if name == "cpu" else 0) * err["ref_max_abs"], err
 
 
 def test_train_bench_smoke(tmp_path):

@@ -38,10 +38,22 @@ def test_bad_input_is_one_line_error(tmp_path):
     (tmp_path / "x.png").write_text("hello")
     for args in (["encode", str(tmp_path / "missing.png")], ["encode", str(tmp_path / "x.png")],
                  ["tokens", "12xx4"], ["encode", str(tmp_path / "x.png"), "--max-crops", "12"],
-                 ["encode", str(tmp_path / "x.png"), "--batch-size", "0"]):
+                 ["encode", str(tmp_path / "x.png"), "--batch-size", "0"],
+                 ["encode", str(tmp_path / "x.png"), "--threads", "0"]):
         r = run(*args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert "--threads=0: expected an integer in 1..4096" in r.stderr
+
+
+def test_threads_option(tmp_path):
+    before = torch.get_num_threads()
+    Image.new("RGB", (64, 64)).save(tmp_path / "p.png")
+    try:
+        assert main(["encode", str(tmp_path / "p.png"), "--threads", "1", "--mode", "tiny"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_tokens_ocr2(capsys):

@@ -15,93 +15,31 @@ GUNDAM_DEEPSEEK_OCR_HF: the HF repository deepseek-ai/DeepSeek-OCR (its .py file
     language model. Patched, its forward needs no CUDA, matches the unpatched model's and `generate` gives the
     same tokens.
 """
-import ast
 import os
 import sys
-from functools import partial
 
 import pytest
 import torch
-import torch.nn as nn
 
 import gundam
 from gundam import GundamEncoder, preprocess
 from gundam.hosts import patched_encoder
 from gundam.hosts.hf import CudaCallsTo
-from testutils import TINY, TINY_MODE, Float32ForBfloat16, assert_close, empty_module, page, randomize
+from testutils import TINY, TINY_MODE, assert_close, empty_module, page, randomize
 
 REPO = os.environ.get("GUNDAM_DEEPSEEK_OCR_REPO")
 HF = os.environ.get("GUNDAM_DEEPSEEK_OCR_HF")
 pytestmark = pytest.mark.slow
 
 
-
-class LiftNoGrad(ast.NodeTransformer):
-    """Replaces each `with torch.no_grad():` block by its body."""
-
-    def visit_With(self, node):
-        self.generic_visit(node)
-        return node.body if ast.unparse(node.items[0].context_expr) == "torch.no_grad()" else node
-
-
-
 @pytest.fixture
-def vendor(monkeypatch):
+def vendor():
     if not REPO:
         pytest.skip("set GUNDAM_DEEPSEEK_OCR_REPO to a DeepSeek-OCR checkout")
     pytest.importorskip("easydict")
-    code = os.path.join(REPO, "DeepSeek-OCR-master", "DeepSeek-OCR-vllm")
-    monkeypatch.syspath_prepend(code)
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "flash_attn", empty_module("flash_attn", flash_attn_qkvpacked_func=None,
-                                                                     flash_attn_func=None))
-    from deepencoder.build_linear import MlpProjector
-    from deepencoder.clip_sdpa import VitModel
-    from deepencoder.sam_vary_sdpa import ImageEncoderViT
-    from easydict import EasyDict
-
-    source = open(os.path.join(code, "deepseek_ocr.py")).read()
-    fn = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)
-              and n.name == "_pixel_values_to_embedding")
-    namespace = {"torch": Float32ForBfloat16("torch"), "PRINT_NUM_VIS_TOKENS": False, "NestedTensors": list}
-    exec(compile(ast.Module([fn], []), "deepseek_ocr.py", "exec"), namespace)
-    vendor_method = namespace["_pixel_values_to_embedding"]
-    grad_fn = ast.fix_missing_locations(LiftNoGrad().visit(fn))
-    exec(compile(ast.Module([grad_fn], []), "deepseek_ocr.py", "exec"), namespace)
-
-    class VendorModel(nn.Module):
-        """The vendor's vLLM model class as far as encoding goes: its modules, its method."""
-        _pixel_values_to_embedding = vendor_method
-        pixel_values_to_embedding_with_grad = namespace["_pixel_values_to_embedding"]
-
-        def __init__(self):
-            super().__init__()
-            s, c = TINY.sam, TINY.clip
-            self.sam_model = ImageEncoderViT(
-                depth=s.depth, embed_dim=s.embed_dim, img_size=s.img_size, mlp_ratio=4, num_heads=s.num_heads,
-                norm_layer=partial(nn.LayerNorm, eps=1e-6), patch_size=s.patch_size, qkv_bias=True, use_rel_pos=True,
-                global_attn_indexes=list(s.global_attn_indexes), window_size=s.window_size, out_chans=256)
-            self.vision_model = VitModel(cfg=EasyDict(
-                num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
-                num_attention_heads=c.num_attention_heads, ffn_hidden_size=c.ffn_hidden_size, seq_length=256,
-                max_position_embeddings=256, use_flash_attn=False, understand_projector_stride=2, hidden_dropout=0.0,
-                attention_dropout=0.0, no_persist_layer_norm=False, layernorm_epsilon=1e-5,
-                pre_layernorm_epsilon=1e-5, image_size=c.image_size, patch_size=c.patch_size, recompute_list=[]))
-            self.projector = MlpProjector(EasyDict(projector_type="linear", input_dim=2048, n_embed=1280))
-            self.image_newline = nn.Parameter(torch.zeros(1280))
-            self.view_seperator = nn.Parameter(torch.zeros(1280))
-
-        def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-            return inputs_embeds
-
+    from vendor_model import vendor_like
     ours = randomize(GundamEncoder(TINY), seed=7).eval()
-    model = VendorModel().eval()
-    missing, unexpected = model.load_state_dict(ours.state_dict(), strict=False)
-    assert not unexpected and set(missing) <= {"vision_model.embeddings.patch_embedding.weight",
-                                               "vision_model.embeddings.position_ids"}
-    return ours, model
+    return ours, vendor_like(REPO, ours)
 
 
 def vendor_inputs(sizes):

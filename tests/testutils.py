@@ -1,8 +1,6 @@
 """Shared by the tests: tiny encoder configs (bench/benchutil.py holds them, for the benchmarks' smoke runs
 too), random weights and pages, and close-enough assertions."""
-import importlib.machinery
 import sys
-import types
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,6 +12,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from benchutil import (MICRO, OCR2_TINY, OCR2_TINY_MODE, SMALL, SMALL_MODE, TINY, TINY_MODE, TRAIN,  # noqa: E402,F401
                        TRAIN_MODE)
+# for the opt-in tests that import the vendor's own code (tests/test_real_hosts.py, tests/test_ocr2_vendor.py)
+from vendor_model import Float32ForBfloat16, empty_module  # noqa: E402,F401
 
 # (dtype, atol, rtol) rows for kernel-vs-reference tests on CPU (the interpreter has no bf16 arithmetic).
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 1e-2)]
@@ -163,20 +163,3 @@ def vendor_block_attention(x, w_qkv, b_qkv, rel_pos_h, rel_pos_w, heads, window)
         o = o.view(B, Hp // window, Wp // window, window, window, C).permute(0, 1, 3, 2, 4, 5)
         o = o.reshape(B, Hp, Wp, C)[:, :H, :W]
     return o
-
-
-# For the opt-in tests that import the vendor's own code (tests/test_real_hosts.py, tests/test_ocr2_vendor.py).
-
-def empty_module(name, **attrs):
-    """A module object standing in for a package the vendor's code imports but this test does not need."""
-    module = types.ModuleType(name)
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    module.__dict__.update(attrs)
-    return module
-
-
-class Float32ForBfloat16(types.ModuleType):
-    """`torch` for the vendor's function source, with `torch.bfloat16` reading float32 (fp32 comparisons)."""
-
-    def __getattr__(self, name):
-        return torch.float32 if name == "bfloat16" else getattr(torch, name)
