@@ -18,11 +18,14 @@ min and median ms. TFLOP/s counts the useful work, q.k and p.v of every group at
 (4 * N^2 * head_dim per head), the same for every method; "padding" is the kernel's issued / useful
 tensor-core work (gundam.kernels.tiling.mma_work). Also printed: GPU, torch / triton / CUDA versions, the
 SDPA implementation the baseline ran, the kernel's max error against it, and peak memory.
+
+`run(args)` (args from `parse_args`) does the measuring and returns what --json writes: bench/gpu.py calls it.
 """
 import argparse
 import json
 import os
 import sys
+import time
 
 if "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -172,7 +175,7 @@ def padding(seg, cfg):
     return issued / useful
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in the Triton interpreter")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -180,14 +183,19 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time the SWEEP block-size configs")
     ap.add_argument("--seconds", type=float, default=1.0, help="repetitions per point, seconds (default 1)")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak to compare with")
+    ap.add_argument("--no-flex", action="store_true", help="leave out flex_attention (it compiles per shape)")
+    ap.add_argument("--budget", type=float, default=0.0, help="start no new case after this many seconds "
+                                                              "(0: no limit); skipped cases are listed")
     ap.add_argument("--json", help="write results here")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
 
+
+def run(args) -> dict:
     if args.smoke:
         device, dtype, heads, head_dim, cases, seconds = torch.device("cpu"), torch.float32, 2, 16, SMOKE_CASES, 0.0
     else:
         if not torch.cuda.is_available():
-            sys.exit("bench/attention.py needs a CUDA GPU (use --smoke to run its code paths on CPU)")
+            raise SystemExit("bench/attention.py needs a CUDA GPU (use --smoke to run its code paths on CPU)")
         device, heads, head_dim, cases, seconds = torch.device("cuda"), 12, 64, CASES, args.seconds
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     tol = 1e-4 if dtype == torch.float32 else 5e-2
@@ -196,9 +204,13 @@ def main():
 
     print(f"{'case':22s} {'method':26s} {'min ms':>9s} {'med ms':>9s} {'TFLOP/s':>8s} {'of peak':>7s} "
           f"{'vs flash':>8s} {'peak MB':>8s}  padding / config")
-    rows, bad = [], False
+    rows, bad, skipped = [], False, []
+    t_end = time.monotonic() + args.budget if args.budget > 0 else float("inf")
     for name, (sides, window) in cases.items():
         if args.case not in name:
+            continue
+        if time.monotonic() > t_end:
+            skipped.append(f"{name}: time budget ({args.budget:g} s) spent")
             continue
         inp = make_inputs(sides, window, heads, head_dim, dtype, device)
         seg, groups = inp["seg"], partition(inp)
@@ -214,7 +226,7 @@ def main():
                 cfg = choose_config(seg, head_dim, dtype, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
                 label = f"  M{bm}+{cfg['TAIL_M']} N{cfg['BLOCK_KH']}x{cfg['BLOCK_KW']} w{nw} s{ns}"
                 methods.append((label, lambda cfg=cfg: ours(cfg), cfg))
-        if not args.smoke:
+        if not args.smoke and not args.no_flex:
             try:
                 methods.append(("flex_attention", make_flex(inp), None))
             except Exception as e:          # older torch, no compiler toolchain, ...
@@ -251,11 +263,19 @@ def main():
               + f"; vendor SDPA ran: {', '.join(backends) or 'none'}")
         rows.append(dict(case=name, views=sides, window=window, groups=seg.num_groups, useful_flops=fl,
                          max_error_vs_vendor=err, vendor_sdpa=backends, results=results))
+    for s in skipped:
+        print(f"skipped: {s}")
+    return {"environment": env, "dtype": str(dtype), "heads": heads, "head_dim": head_dim, "seconds": seconds,
+            "peak_tflops": args.peak_tflops, "tolerance": tol, "mismatch": bad, "cases": rows, "skipped": skipped}
+
+
+def main():
+    args = parse_args()
+    res = run(args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "dtype": str(dtype), "heads": heads, "head_dim": head_dim,
-                       "seconds": seconds, "peak_tflops": args.peak_tflops, "cases": rows}, f, indent=2)
-    return 1 if bad else 0
+            json.dump(res, f, indent=2)
+    return 1 if res["mismatch"] else 0
 
 
 if __name__ == "__main__":

@@ -10,19 +10,21 @@ the mean square of the embeddings; gradients are dropped (set to None) between s
     python bench/train.py [--batches 1,4] [--seconds 1] [--json results.json]
     python bench/train.py --smoke      # tiny config on CPU in seconds: the torch path, and the Triton path
                                        # too when TRITON_INTERPRET=1 is set
+
+`run(args)` (args from `parse_args`) does the measuring and returns what --json writes: bench/gpu.py calls it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
+import time
 
 import torch
 from PIL import Image
 
-from benchutil import bench_ms, environment, peak_cuda_mb
-from gundam import ClipConfig, EncoderConfig, GundamEncoder, Mode, ProjectorConfig, SamConfig, estimate, preprocess
+from benchutil import TRAIN, TRAIN_MODE, bench_ms, environment, peak_cuda_mb
+from gundam import EncoderConfig, GundamEncoder, estimate, preprocess
 
 PAGE = (1900, 1250)   # Gundam grid 3x2
 SMOKE_PAGE = (650, 1300)   # grid 1x2
@@ -34,29 +36,27 @@ def step(enc, batch, backend):
     out.float().pow(2).mean().backward()
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,4")
     p.add_argument("--seconds", type=float, default=1.0, help="repetitions per point, seconds (default 1)")
+    p.add_argument("--budget", type=float, default=0.0, help="start no new point after this many seconds "
+                                                             "(0: no limit); skipped points are listed")
     p.add_argument("--json", help="write results here")
     p.add_argument("--smoke", action="store_true")
-    args = p.parse_args()
+    return p.parse_args(argv)
 
+
+def run(args) -> dict:
     backends = ["triton", "torch"]
     if args.smoke:
-        cfg = EncoderConfig(
-            sam=SamConfig(img_size=192, embed_dim=32, depth=2, num_heads=2, window_size=3, global_attn_indexes=(1,),
-                          out_chans=32, net_2_chans=48, net_3_chans=64),
-            clip=ClipConfig(hidden_size=64, num_layers=2, num_attention_heads=2, ffn_hidden_size=96, image_size=42,
-                            patch_size=14),
-            projector=ProjectorConfig(input_dim=128, n_embed=96))
-        mode, dtype, device = Mode(128, 64, True), torch.float32, torch.device("cpu")
+        cfg, mode, dtype, device = TRAIN, TRAIN_MODE, torch.float32, torch.device("cpu")
         batches, seconds, page = [1], 0.0, SMOKE_PAGE
         if os.environ.get("TRITON_INTERPRET") != "1":
             backends = ["torch"]
     else:
         if not torch.cuda.is_available():
-            sys.exit("bench/train.py needs a CUDA GPU (use --smoke to run its code paths on CPU)")
+            raise SystemExit("bench/train.py needs a CUDA GPU (use --smoke to run its code paths on CPU)")
         cfg, mode, dtype, device = EncoderConfig.deepseek_ocr(), "gundam", torch.bfloat16, torch.device("cuda")
         batches, seconds, page = [int(b) for b in args.batches.split(",")], args.seconds, PAGE
     torch.manual_seed(0)
@@ -64,7 +64,8 @@ def main():
     env = environment(device)
     print("  ".join(f"{k} {v}" for k, v in env.items()))
 
-    rows = []
+    rows, skipped = [], []
+    t_end = time.monotonic() + args.budget if args.budget > 0 else float("inf")
     print(f"{'batch':>5s} {'path':7s} {'ckpt':>4s} {'min ms':>9s} {'med ms':>9s} {'peak MB':>9s} {'model MB':>9s}")
     for n in batches:
         images = [Image.new("RGB", page, (40 * i % 255, 90, 160)) for i in range(n)]
@@ -72,6 +73,9 @@ def main():
         est = estimate(*page, mode, batch=n, config=cfg, dtype=str(dtype).removeprefix("torch."))
         for backend in backends:
             for ckpt in (False, True):
+                if time.monotonic() > t_end:
+                    skipped.append(f"batch {n} {backend} checkpointing {ckpt}: time budget ({args.budget:g} s) spent")
+                    continue
                 if ckpt:
                     enc.gradient_checkpointing_enable()
                 else:
@@ -86,9 +90,18 @@ def main():
                 print(f"{n:5d} {backend:7s} {'yes' if ckpt else 'no':>4s} {t['min']:9.2f} {t['median']:9.2f} "
                       f"{peak:9.1f} {model:9.1f}")
     enc.gradient_checkpointing_disable()
+    for s in skipped:
+        print(f"skipped: {s}")
+    return {"environment": env, "page": page, "dtype": str(dtype).removeprefix("torch."), "rows": rows,
+            "skipped": skipped}
+
+
+def main():
+    args = parse_args()
+    res = run(args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "page": page, "rows": rows}, f, indent=2)
+            json.dump(res, f, indent=2)
 
 
 if __name__ == "__main__":

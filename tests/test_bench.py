@@ -67,3 +67,47 @@ def test_pipeline_bench_smoke(tmp_path):
     res = json.loads((tmp_path / "p.json").read_text())
     assert res["pages"] == 4 and res["page_size_px"] == [800, 1000] and res["batches"] >= 2
     assert res["plain_loop"] > 0 and set(res["workers"]) == {"1"} and res["workers"]["1"] > 0
+
+
+def test_gpu_bench_smoke(tmp_path):
+    r = run("gpu.py", "--smoke", "--json", str(tmp_path / "g.json"), "--markdown", str(tmp_path / "g.md"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert res["environment"]["torch"] == torch.__version__
+    sections = res["sections"]
+    assert list(sections) == ["error", "encoder", "attention", "graphs", "train", "ocr2"]
+    assert all(s["ok"] and s["seconds"] > 0 for s in sections.values()), {k: s.get("error")
+                                                                          for k, s in sections.items()}
+    out = {k: s["result"] for k, s in sections.items()}
+    (err,) = out["error"]["rows"]     # fp32 in the interpreter: the Triton output is the torch path's
+    assert err["dtype"] == "float32" and 0 < err["max_abs"] <= 1e-4 * err["ref_max_abs"], err
+    timed = {k: out[k]["rows"] for k in ("encoder", "graphs", "train", "ocr2")}
+    timed["attention"] = [m for case in out["attention"]["cases"] for m in case["results"]]
+    for name, rows in timed.items():
+        assert rows and all(0 < row["ms_min"] <= row["ms_median"] for row in rows), name
+    assert {row["path"] for row in timed["encoder"]} == {"triton", "torch", "per-image"}
+    assert all(row["error_vs_torch"]["max_abs"] <= 1e-4 * row["error_vs_torch"]["ref_max_abs"]
+               for row in timed["encoder"] if row["path"] == "triton")
+    assert {row["path"] for row in timed["graphs"]} == {"triton"}       # no CUDA graphs on a CPU: said so
+    assert out["graphs"]["skipped"] == ["triton-graph: CUDA graphs need a CUDA device"]
+    assert {(row["path"], row["checkpointing"]) for row in timed["train"]} == {(p, c) for p in ("triton", "torch")
+                                                                              for c in (False, True)}
+    assert out["ocr2"]["family"] == "deepseek-ocr2" and {row["path"] for row in timed["ocr2"]} == {"torch", "per-image"}
+    assert set(timed["ocr2"][0]["stages"]) == {"sam", "qwen2", "layout"}
+    md = (tmp_path / "g.md").read_text()
+    assert sum(line.startswith("| --- |") for line in md.splitlines()) == 6 and "| triton segmented |" in md and "DeepSeek-OCR 2" in md
+
+
+def test_gpu_bench_section_error_is_recorded():
+    # a section that raises is one line in the JSON, and gpu.py goes on with the next
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    def boom(a, budget):
+        raise RuntimeError("CUDA out of memory\nsecond line")
+    a = gpu.parse_args(["--smoke"])
+    out = gpu.run_section("boom", boom, a, 0.0)
+    assert out["ok"] is False and out["error"] == "RuntimeError: CUDA out of memory" and out["seconds"] >= 0
+    assert "failed: `RuntimeError: CUDA out of memory`" in gpu.markdown(
+        {"environment": {"device": "cpu", "torch": "t", "triton": "t", "cuda": None}, "args": vars(a), "wall_s": 1.0,
+         "sections": {"encoder": out}})
