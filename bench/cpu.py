@@ -3,7 +3,8 @@ path and the vendor's own encoder modules, on a full-size page with random weigh
 
 Each dtype's methods run interleaved (A B C A B C ..., after one warm-up each) and report the median of
 --repeat runs, so a busy machine slows all of them alike. Also: per-stage times, the GEMM floor of the page (the
-encoder's own matmul shapes, recorded during a run and timed alone with the fastest GEMM this torch has),
+matrix products of the vendor's computation, recorded during a run of the torch reference path: its linears,
+convolutions and the two products of each attention call, each timed alone with the fastest GEMM this torch has),
 peak memory (weights + the largest resident-memory rise during a run, sampled), the fast path's error against
 the fp32 reference, and, for --batches above 1, the fast path's cost per page of a batch of identical pages.
 Prints the CPU model and flags (AMX, AVX512-BF16, AVX2), threads, torch and oneDNN versions; --json writes it all.
@@ -88,23 +89,23 @@ class MatmulShapes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        name = func.__name__
-        if name.startswith(("mm", "addmm")) or func is torch.ops.mkldnn._linear_pointwise.default:
-            x, w = (args[1], args[2]) if name.startswith("addmm") else args[:2]
-            if func is torch.ops.mkldnn._linear_pointwise.default:
-                self.shapes.append((1, x.numel() // x.shape[-1], x.shape[-1], w.shape[0]))
-            else:
-                self.shapes.append((1, x.shape[0], x.shape[1], w.shape[1]))
-        elif name.startswith("bmm"):
-            a, b = args[:2]
+        name = func.overloadpacket.__name__      # composite ops (linear, conv2d, SDPA) arrive whole here
+        if name in ("linear", "_linear_pointwise"):
+            x, w = args[:2]
+            self.shapes.append((1, x.numel() // x.shape[-1], x.shape[-1], w.shape[0]))
+        elif name in ("mm", "addmm"):
+            a, b = args[1:3] if name == "addmm" else args[:2]
+            self.shapes.append((1, a.shape[0], a.shape[1], b.shape[1]))
+        elif name in ("bmm", "baddbmm", "baddbmm_"):
+            a, b = args[1:3] if name.startswith("baddbmm") else args[:2]
             self.shapes.append((a.shape[0], a.shape[1], a.shape[2], b.shape[2]))
-        elif "scaled_dot_product" in name and not name.startswith("scaled_dot_product_attention"):
+        elif "scaled_dot_product" in name:
             q, k, v = args[:3]
             heads = q.numel() // (q.shape[-2] * q.shape[-1])
             self.shapes.append((heads, q.shape[-2], q.shape[-1], k.shape[-2]))     # q k^T
             self.shapes.append((heads, q.shape[-2], k.shape[-2], v.shape[-1]))     # p v
-        elif name.startswith(("convolution", "mkldnn_convolution")):
-            x, w = args[:2]
+        elif name in ("conv2d", "convolution", "mkldnn_convolution"):
+            w = args[1]
             self.shapes.append((1, out.numel() // out.shape[1], w[0].numel(), w.shape[0]))
         return out
 
@@ -179,6 +180,7 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "both"])
     p.add_argument("--repeat", type=int, default=3, help="timed runs per method (median), after one warm-up")
     p.add_argument("--batches", default="1", help="batch sizes; above 1 times the fast path only (per page)")
+    p.add_argument("--batch-repeat", type=int, default=1, help="timed runs per batch size above 1 (median)")
     p.add_argument("--vendor", default=os.environ.get("GUNDAM_DEEPSEEK_OCR_REPO"),
                    help="a DeepSeek-OCR checkout: time the vendor's modules too (default: $GUNDAM_DEEPSEEK_OCR_REPO)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
@@ -242,8 +244,8 @@ def main():
                     peaks[name] = max(peaks[name], mem.rise_mb)
             for name in ("cpu", "torch"):
                 stages[name] = enc(batch, backend=name).timings
-            with MatmulShapes() as rec:
-                enc(batch, backend="cpu")
+            with MatmulShapes() as rec:       # the reference path's products: the vendor's computation
+                enc(batch, backend="torch")
         floor = gemm_floor(rec.shapes, dtype)
         for name in methods:
             med = statistics.median(times[name])
@@ -269,9 +271,8 @@ def main():
         for n in (int(b) for b in args.batches.split(",") if int(b) > 1):
             big = preprocess([image] * n, mode)
             runs = []
-            with torch.inference_mode():
-                enc(big, backend="cpu")
-                for _ in range(args.repeat):
+            with torch.inference_mode():   # warm from the batch-1 runs
+                for _ in range(args.batch_repeat):
                     with PeakRSS() as mem:
                         t0 = time.perf_counter()
                         enc(big, backend="cpu")

@@ -149,6 +149,36 @@ def attention_with_rel_pos(q, k, v, Rh, Rw, H, W):
     return out
 
 
+# Elements of attention scores per step of the CPU fast path's attention: small enough to stay in cache.
+CPU_SCORE_ELEMENTS = 1 << 20
+# SAM tokens of the views the CPU fast path encodes at a time (10 crops of 640 px, 4 global views of 1024).
+CPU_VIEW_TOKENS = 16384
+
+
+def attention_with_rel_pos_cpu(q, k, v, Rh, Rw, H, W):
+    """`attention_with_rel_pos` on the CPU fast path, in steps of CPU_SCORE_ELEMENTS scores (a few heads or a
+    few hundred query rows of one head): bias, then q k^T added to it in the same GEMM (baddbmm), softmax, p v.
+    Faster on CPUs than SDPA with the [B, heads, N, N] bias as its mask (bench/cpu.py)."""
+    B, nh, N, d = q.shape
+    q, k, v = (t.reshape(B * nh, N, d) for t in (q, k, v))                # [B*nh, N, d]
+    rel_h = torch.einsum("bhwc,hkc->bhwk", q.view(-1, H, W, d), Rh).reshape(-1, N, H)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", q.view(-1, H, W, d), Rw).reshape(-1, N, W)
+    rows = min(N, max(1, CPU_SCORE_ELEMENTS // N))
+    heads = max(1, CPU_SCORE_ELEMENTS // (rows * N))
+    out = torch.empty_like(q)
+    scale = d ** -0.5
+    for h0 in range(0, B * nh, heads):
+        h1 = min(B * nh, h0 + heads)
+        kt = k[h0:h1].transpose(1, 2)
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            s = q.new_empty(h1 - h0, r1 - r0, H, W)
+            torch.add(rel_h[h0:h1, r0:r1, :, None], rel_w[h0:h1, r0:r1, None, :], out=s)
+            s = s.view(h1 - h0, r1 - r0, N).baddbmm_(q[h0:h1, r0:r1], kt, alpha=scale)
+            torch.bmm(torch.softmax(s, dim=-1), v[h0:h1], out=out[h0:h1, r0:r1])
+    return out.view(B, nh, N, d)
+
+
 class SamAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, rel_size: int, tables: TableCache):
         super().__init__()
@@ -209,9 +239,10 @@ class SamAttention(nn.Module):
             3, B * nH * nW, nh, Sh * Sw, d)
         Rh = self.tables.get(self.rel_pos_h, Sh, lambda: rel_pos_table(self.rel_pos_h_for(Sh), Sh))
         Rw = self.tables.get(self.rel_pos_w, Sw, lambda: rel_pos_table(self.rel_pos_w_for(Sw), Sw))
-        per = max(1, CHUNK_TOKENS // (Sh * Sw))                              # windows per attention call
-        o = torch.cat([attention_with_rel_pos(*part, Rh, Rw, Sh, Sw)
-                       for part in zip(q.split(per), k.split(per), v.split(per))])   # [B*nH*nW, nh, Sh*Sw, d]
+        # fp32: the cache-sized steps; bf16/fp16: SDPA, whose softmax statistics are fp32 (the stepped scores
+        # would be rounded to the input dtype)
+        attend = attention_with_rel_pos_cpu if q.dtype == torch.float32 else attention_with_rel_pos
+        o = attend(q, k, v, Rh, Rw, Sh, Sw)                                  # [B*nH*nW, nh, Sh*Sw, d]
         # back to tokens, the padding dropped: [B*nH*nW, nh, Sh*Sw, d] -> [B, nH*Sh, nW*Sw, C] -> [B, H, W, C]
         o = o.view(B, nH, nW, nh, Sh, Sw, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, nH * Sh, nW * Sw, C)
         return fast_linear(self.proj, o[:, :H, :W])
@@ -792,7 +823,12 @@ def encode(enc, batch, timer, fast: bool = False) -> torch.Tensor:
     through the encoder (`encode_views`), then every image's rows laid out (`layout_batch`). enc: a
     GundamEncoder."""
     groups = enc.pixel_groups(batch)                         # global views [n, 3, B, B], then crops if any
-    tokens = [encode_views(enc, pixels, timer.mark, fast) for pixels in groups]
+    patch = enc.config.sam.patch_size
+    # the fast path takes a view size's views CPU_VIEW_TOKENS at a time: a batch of many pages keeps one page's
+    # activations, its GEMMs still large
+    per = [max(1, CPU_VIEW_TOKENS // (p.shape[-1] // patch) ** 2) if fast else len(p) for p in groups]
+    tokens = [torch.cat([encode_views(enc, part, timer.mark, fast) for part in pixels.split(n)])
+              for pixels, n in zip(groups, per)]
     newline = enc.image_newline.to(enc.dtype) if enc.family == "deepseek-ocr" else None
     out = layout_batch(batch.layouts, tokens[0], tokens[1] if len(tokens) > 1 else None, newline,
                        enc.view_seperator.to(enc.dtype))

@@ -5,6 +5,7 @@ reference path in bf16."""
 import pytest
 import torch
 
+import gundam.model
 from gundam import EncoderConfig, GundamEncoder, preprocess
 from gundam.encoder import resolve_backend
 from testutils import OCR2_TINY, OCR2_TINY_MODE, TINY, TINY_MODE, assert_close, page, randomize
@@ -25,7 +26,11 @@ def encoders(family, seed):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fast_path_equals_the_reference_in_fp64_and_fp32(family):
+@pytest.mark.parametrize("steps", ["whole", "small"])
+def test_fast_path_equals_the_reference_in_fp64_and_fp32(family, steps, monkeypatch):
+    if steps == "small":   # views a few at a time, attention scores a few query rows of one head at a time
+        monkeypatch.setattr(gundam.model, "CPU_VIEW_TOKENS", 300)
+        monkeypatch.setattr(gundam.model, "CPU_SCORE_ELEMENTS", 1000)
     enc, batch = encoders(family, seed=3)
     assert len({g for g in batch.grids}) == 4
     enc = enc.double()

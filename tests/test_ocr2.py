@@ -562,15 +562,15 @@ def test_wrong_family_views_and_triton_backend(tiny, batch):
     with torch.device("meta"):
         v1 = GundamEncoder(TINY)
     assert_one_line_error(lambda: v1(batch), "views of a deepseek-ocr2 mode .* for a deepseek-ocr encoder")
-    # the Triton path is DeepSeek-OCR's only: refused in one line; "auto" is the torch path
+    # the Triton path is DeepSeek-OCR's only: refused in one line; "auto" is the CPU fast path on a CPU
     assert_one_line_error(lambda: tiny(batch, backend="triton"), "backend='triton' runs DeepSeek-OCR's encoder only")
     assert_one_line_error(lambda: tiny.forward_vendor(*batch.to_vendor(), backend="triton"),
                           "backend='triton' runs DeepSeek-OCR's encoder only")
     triton_default = GundamEncoder(OCR2_TINY, backend="triton")
     assert_one_line_error(lambda: triton_default(batch), "backend='triton' runs DeepSeek-OCR's encoder only")
-    assert tiny._resolve("auto") == "torch"
+    assert tiny._resolve("auto") == "cpu"
     with torch.no_grad():
-        assert torch.equal(tiny(batch, backend="auto").embeddings, tiny(batch, backend="torch").embeddings)
+        assert torch.equal(tiny(batch, backend="auto").embeddings, tiny(batch, backend="cpu").embeddings)
 
 
 # ----------------------------------------------------------------------------------------------------------
