@@ -8,8 +8,9 @@
 Data path: images -> `preprocess` (gundam.images) -> `Batch` -> `GundamEncoder` (gundam.encoder: each block's
 torch forward and its packed Triton forward in gundam.model, the packed plan in gundam.packed) ->
 `EncoderOutput` (gundam.output), laid out as gundam.layout says.
-`patch(model)` routes a Hugging Face, vLLM or SGLang DeepSeek-OCR model's image encoding through the encoder
-(gundam.hosts). `read_embeddings(dir)` reads what `gundam encode-dataset` wrote (gundam.bulk).
+`patch(model)` routes a Hugging Face, vLLM or SGLang DeepSeek-OCR model's image encoding (or that of transformers'
+native DeepSeek-OCR 2 or Unlimited-OCR model) through the encoder (gundam.hosts). `read_embeddings(dir)` reads
+what `gundam encode-dataset` wrote (gundam.bulk).
 """
 from gundam.bulk import read_embeddings
 from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, Ocr2Config, ProjectorConfig, Qwen2Config, SamConfig

@@ -5,7 +5,8 @@
     gundam.unpatch(model)        # back to the vendor's code
 
 Hosts (one module each): Hugging Face remote code (gundam.hosts.hf), vLLM (gundam.hosts.vllm, with a
-`vllm.general_plugins` entry point for its worker processes) and SGLang (gundam.hosts.sglang). Patching is per
+`vllm.general_plugins` entry point for its worker processes), SGLang (gundam.hosts.sglang) and transformers'
+native DeepSeek-OCR 2 and Unlimited-OCR classes (gundam.hosts.hf_native). Patching is per
 instance: a few instance attributes shadow the class's methods (for vLLM, the instance's class also becomes a
 same-named subclass) and `unpatch` undoes it; the class, other instances and everything else of the host are
 untouched. The encoder is built around the host's own parameters (gundam.hosts.shared): nothing is copied.
@@ -23,11 +24,11 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from gundam.encoder import GundamEncoder, check_backend
-from gundam.hosts import hf, sglang, vllm
-from gundam.hosts.shared import owns_encoder, shared_encoder, shares
+from gundam.hosts import hf, hf_native, shared, sglang, vllm
+from gundam.hosts.shared import owns_encoder, shares
 
 STATE = "_gundam_patch"        # the patch's state, in the patched module's __dict__ (not a submodule)
-HOSTS = {"hf": hf, "vllm": vllm, "sglang": sglang}
+HOSTS = {"hf": hf, "vllm": vllm, "sglang": sglang, "hf-native": hf_native}
 
 
 class _Missing:
@@ -47,7 +48,7 @@ MISSING = _Missing()
 @dataclass
 class Patch:
     kind: str
-    owner: nn.Module                       # the module holding sam_model, vision_model, projector, ...
+    owner: nn.Module                       # the module holding the encoder (sam_model, ... or vision_tower, ...)
     backend: str
     encoder: GundamEncoder | None = None   # built when first needed
     params: dict | None = field(default=None, repr=False)   # the host parameters the encoder holds
@@ -56,10 +57,16 @@ class Patch:
     def current(self) -> GundamEncoder:
         """The encoder, (re)built if there is none yet (a new patch, a copy, an unpickled model) or the host's
         parameter objects were replaced since it was built."""
-        if self.encoder is None or not shares(self.params, self.owner):
+        source = self.source()
+        if self.encoder is None or not shares(self.params, source.host_parameters(self.owner)):
             backend = self.encoder.backend if self.encoder is not None else self.backend
-            self.encoder, self.params = shared_encoder(self.owner, backend)
+            self.encoder, self.params = source.shared_encoder(self.owner, backend)
         return self.encoder
+
+    def source(self):
+        """Where the host's encoder parameters are found: under the vendor's names (gundam.hosts.shared) or
+        under transformers' native names (gundam.hosts.hf_native)."""
+        return hf_native if self.kind == "hf-native" else shared
 
     def __getstate__(self) -> dict:
         """A copy or pickle holds the patch without its encoder: one around the copy's own parameters is built
@@ -123,15 +130,19 @@ def _modules(model):
 
 def _find_host(model) -> tuple[nn.Module, str]:
     """The module that holds the encoder (the model itself, or one it wraps: HF's DeepseekOCRModel inside
-    DeepseekOCRForCausalLM, a PEFT wrapper) and which host's class it is."""
+    DeepseekOCRForCausalLM, transformers' DeepseekOcr2Model inside DeepseekOcr2ForConditionalGeneration, a PEFT
+    wrapper) and which host's class it is."""
     for module in _modules(model):
+        if hf_native.is_host(module):
+            return module, "hf-native"
         if owns_encoder(module):
             kind = _host_kind(module)
             if kind is not None:
                 return module, kind
     raise TypeError(f"gundam.patch: {type(model).__name__} is not a DeepSeek-OCR model of a supported host: "
                     f"expected a module holding sam_model, vision_model, projector, image_newline and "
-                    f"view_seperator (DeepseekOCRForCausalLM of Hugging Face remote code, vLLM or SGLang)")
+                    f"view_seperator (DeepseekOCRForCausalLM of Hugging Face remote code, vLLM or SGLang), or "
+                    f"transformers' DeepseekOcr2ForConditionalGeneration or UnlimitedOcrForConditionalGeneration")
 
 
 def _host_kind(module) -> str | None:

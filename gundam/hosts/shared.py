@@ -49,12 +49,22 @@ def shared_encoder(owner, backend: str) -> tuple[GundamEncoder, dict[str, nn.Par
                          f"(sam_model.*, vision_model.*, projector.layers.*)") from None
     except ValueError as e:
         raise ValueError(f"gundam.patch: the host's encoder is not DeepEncoder-shaped ({e})") from None
+    return build_around(params, config, backend)
+
+
+def build_around(params: dict[str, nn.Parameter], config, backend: str, adapt=None):
+    """A GundamEncoder of `config` whose parameters are `params` (the host's, by the encoder's own parameter
+    names), and the host parameters it holds. `adapt(enc)` may first swap modules for variants that hold the
+    host's tensors as the host stores them (gundam.hosts.hf_native: CLIP's separate q/k/v projections)."""
     with torch.device("meta"):  # no memory: every parameter is replaced by the host's below
         enc = GundamEncoder(config, backend=backend)
+        if adapt is not None:
+            adapt(enc)
     ours = dict(enc.named_parameters())
     missing, extra = sorted(ours.keys() - params.keys()), sorted(params.keys() - ours.keys() - set(UNUSED_KEYS))
     if missing or extra:
-        raise ValueError(f"gundam.patch: the host's encoder parameters are not DeepEncoder's: missing "
+        kind = "DeepSeek-OCR 2's" if enc.family == "deepseek-ocr2" else "DeepEncoder's"
+        raise ValueError(f"gundam.patch: the host's encoder parameters are not {kind}: missing "
                          f"{missing[:3] or 'none'}, unexpected {extra[:3] or 'none'}")
     for name, mine in ours.items():
         p = params[name]
@@ -66,10 +76,10 @@ def shared_encoder(owner, backend: str) -> tuple[GundamEncoder, dict[str, nn.Par
     return enc.eval(), {name: params[name] for name in ours}
 
 
-def shares(encoder_params: dict[str, nn.Parameter], owner) -> bool:
-    """True while the host still holds the very parameter objects the encoder was built around (a host whose
-    parameters were replaced, e.g. by `load_state_dict(..., assign=True)`, needs a new encoder)."""
-    current = host_parameters(owner)
+def shares(encoder_params: dict[str, nn.Parameter], current: dict[str, nn.Parameter]) -> bool:
+    """True while the host still holds (`current`, its `host_parameters`) the very parameter objects the encoder
+    was built around (a host whose parameters were replaced, e.g. by `load_state_dict(..., assign=True)`, needs a
+    new encoder)."""
     return all(current.get(name) is p for name, p in encoder_params.items())
 
 
