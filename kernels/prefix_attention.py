@@ -130,7 +130,8 @@ def _view_block(prog, BLOCK_M: tl.constexpr):
 def _block_rotated_queries(prog, head, q_ptr, cos_ptr, sin_ptr, stride_q_t, stride_q_h, stride_cos, stride_sin,
                            BLOCK_M: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr):
     """A program's view and block of rows (_view_block), their token indices, and their queries of `head`
-    rotated by RoPE, as two halves of the head dim in q's dtype (the forward's and the dQ kernel's prologue)."""
+    rotated by RoPE, as two halves of the head dim in q's dtype (the prologue of the forward, the dQ kernel
+    and the rotation kernel)."""
     tok0, m, r0, end, offs_r, r_ok = _view_block(prog, BLOCK_M)
     offs_h = tl.arange(0, BLOCK_H)
     q_tok = (tok0 + offs_r).to(tl.int64)
@@ -328,17 +329,14 @@ def _prefix_rope_kernel(
     stride_x_t, stride_x_h, stride_cos, stride_sin, stride_prog, stride_y_t, stride_y_h,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
 ):
-    # program = (view, block of rows) x head; the forward's rotation (same helpers, so the same values), for the
+    # program = (view, block of rows) x head; the forward's rotation (the same prologue, so the same values), for the
     # dK/dV kernel: rotating each query block there for each key block costs registers it does not have
     prog = prog_ptr + tl.program_id(0) * stride_prog
     head = tl.program_id(1)
     HALF: tl.constexpr = HEAD_DIM // 2
-    tok0, m, r0, end, offs_r, r_ok = _view_block(prog, BLOCK_M)
-    offs_h = tl.arange(0, BLOCK_H)
-    tok = (tok0 + offs_r).to(tl.int64)
-    x1, x2 = _load_halves(x_ptr + head * stride_x_h, tok * stride_x_t, r_ok, offs_h, HALF, BLOCK_H)
-    c, s = _rope_tables(cos_ptr, sin_ptr, offs_r, r_ok, offs_h, stride_cos, stride_sin, HALF, BLOCK_H, ACC)
-    x1, x2 = _rope(x1, x2, c, s, ACC)
+    _, _, _, _, _, r_ok, tok, offs_h, x1, x2 = _block_rotated_queries(
+        prog, head, x_ptr, cos_ptr, sin_ptr, stride_x_t, stride_x_h, stride_cos, stride_sin, BLOCK_M, HALF, BLOCK_H,
+        ACC)
     _store_halves(y_ptr + head * stride_y_h, tok * stride_y_t, r_ok, offs_h, x1, x2, HALF, BLOCK_H)
 
 
