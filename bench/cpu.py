@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchutil import OCR2_TINY, OCR2_TINY_MODE, TINY, TINY_MODE
 from gundam import EncoderConfig, GundamEncoder, Ocr2Config, preprocess
 from gundam.cli import parse_size
-from gundam.model import ONEDNN_LINEAR
+from gundam.model import ONEDNN_DTYPES, ONEDNN_LINEAR
 
 
 def cpu_info() -> dict:
@@ -122,7 +122,7 @@ def gemm_floor(shapes, dtype, repeat: int = 3) -> float:
             if batch == 1:
                 w = b[0].t().contiguous()
                 fns.append(lambda: F.linear(a[0], w))
-                if ONEDNN_LINEAR and dtype == torch.float32:
+                if ONEDNN_LINEAR and dtype in ONEDNN_DTYPES:
                     fns.append(lambda: torch.ops.mkldnn._linear_pointwise(a[0], w, None, "none", [], ""))
             best = float("inf")
             for fn in fns:

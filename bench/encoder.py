@@ -6,8 +6,8 @@ at least --seconds of repetitions (`triton.testing.do_bench`), images/s, peak ac
 TFLOP/s over the vendor's FLOPs (gundam.cost) and its share of the dense bf16 peak (--peak-tflops, 790 measured
 on an H100 SXM), per stage (SAM, CLIP, projector + layout: CUDA events) and end to end; the Triton output's
 error against the torch path in the same dtype, and the CUDA-graph replay's against the eager Triton output.
-Printed and written as JSON with the environment. --ocr2: DeepSeek-OCR 2's encoder at its own mode (torch path
-and per-image loop only: its Triton backend is not there yet).
+Printed and written as JSON with the environment. --ocr2: DeepSeek-OCR 2's encoder at its own mode (stages SAM,
+Qwen2, projector + layout).
 
     python bench/encoder.py [--json results.json] [--grids 3x2] [--batches 1,8] [--paths triton,torch] [--seconds 1]
     python bench/encoder.py --smoke      # the same code paths on CPU: tiny config, Triton's interpreter, fp32
@@ -46,7 +46,7 @@ def parse_args(argv=None):
                                    f"{','.join(SMOKE_GRIDS)})")
     p.add_argument("--batches", help="comma-separated (default 1,8; --smoke: 1)")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {','.join(PATHS)} (default: all)")
-    p.add_argument("--ocr2", action="store_true", help="DeepSeek-OCR 2's encoder at mode ocr2 (torch path only)")
+    p.add_argument("--ocr2", action="store_true", help="DeepSeek-OCR 2's encoder at mode ocr2")
     p.add_argument("--seconds", type=float, default=1.0, help="repetitions per point, seconds (default 1)")
     p.add_argument("--stage-runs", type=int, help="forwards averaged for the per-stage times (default 10, "
                                                   "--smoke 1; 0: no stage times)")
@@ -129,9 +129,6 @@ def run(args) -> dict:
     seconds = 0.0 if args.smoke else args.seconds
     stage_runs = args.stage_runs if args.stage_runs is not None else 1 if args.smoke else 10
     skipped = []
-    if args.ocr2:   # DeepSeek-OCR 2 has no Triton backend yet
-        skipped += [f"{p}: no Triton backend for DeepSeek-OCR 2 yet" for p in paths if p.startswith("triton")]
-        paths = [p for p in paths if not p.startswith("triton")]
     if "triton-graph" in paths and device.type != "cuda":
         skipped.append("triton-graph: CUDA graphs need a CUDA device")
         paths.remove("triton-graph")

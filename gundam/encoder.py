@@ -128,14 +128,7 @@ class GundamEncoder(nn.Module):
         check_mode(self.config, mode)
 
     def _resolve(self, backend):
-        backend = check_backend(backend or self.backend)
-        if self.family == "deepseek-ocr2":   # the packed path is DeepSeek-OCR's so far: "auto" is torch on CUDA
-            if backend == "triton":
-                raise ValueError("backend='triton' runs DeepSeek-OCR's encoder only: use backend='torch', 'cpu' "
-                                 "(or 'auto') for DeepSeek-OCR 2")
-            if backend == "auto" and self.device.type == "cuda":
-                return "torch"
-        return resolve_backend(backend, self.device)
+        return resolve_backend(backend or self.backend, self.device)
 
     def _stacks(self) -> list[nn.Module]:
         """The modules whose blocks checkpoint: SAM, and CLIP's or Qwen2's layers."""

@@ -40,19 +40,22 @@ def kernels():
     """gundam.kernels with its kernel modules loaded, imported on first use: TRITON_INTERPRET must be set before
     triton is first imported, and `import gundam` does not import triton."""
     import gundam.kernels.activation, gundam.kernels.attention, gundam.kernels.layernorm, gundam.kernels.layout  # noqa: E401,F401
-    import gundam.kernels.segments  # noqa: F401
+    import gundam.kernels.prefix_attention, gundam.kernels.rmsnorm, gundam.kernels.segments, gundam.kernels.swiglu  # noqa: E401,F401
     return gundam.kernels
 
 
-# oneDNN's fp32 inner product runs the encoder's linears 15-25% faster than the MKL GEMM behind F.linear on the
-# x86 CPUs measured (bench/cpu.py); results equal within rounding. It has no autograd formula, hence inference only.
+# oneDNN's inner product runs the encoder's linears 15-25% faster than the GEMM behind F.linear on the x86 CPUs
+# measured (bench/cpu.py), fp32 and (where the CPU has native bf16: AVX512-BF16 or AMX) bf16; results equal within
+# rounding. It has no autograd formula, hence inference only.
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_DTYPES = (torch.float32,) + ((torch.bfloat16,) if ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                                    else ())
 
 
 def fast_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) on the CPU fast path: fp32 on a CPU through oneDNN, anything else (and anything torch.compile
-    traces, which picks its own GEMM) through F.linear."""
-    if (ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+    """layer(x) on the CPU fast path: through oneDNN on a CPU (ONEDNN_DTYPES), anything else (and anything
+    torch.compile traces, which picks its own GEMM) through F.linear."""
+    if (ONEDNN_LINEAR and x.dtype in ONEDNN_DTYPES and x.device.type == "cpu" and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()):
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
     return F.linear(x, layer.weight, layer.bias)
@@ -65,6 +68,15 @@ def add_norm(norm: nn.LayerNorm, x: torch.Tensor, y: torch.Tensor | None):
     if y is None:
         return K.layernorm.layer_norm(x, norm.weight, norm.bias, norm.eps), x
     return K.layernorm.layer_norm(y, norm.weight, norm.bias, norm.eps, residual=x)
+
+
+def add_rms_norm(norm: "RMSNorm", x: torch.Tensor, y: torch.Tensor | None):
+    """Packed path: RMSNorm of the residual stream x + y, the add fused into the kernel -> (normalised, x + y);
+    y None -> (normalised x, x). As add_norm, for Qwen2's layers."""
+    K = kernels()
+    if y is None:
+        return K.rmsnorm.rms_norm(x, norm.weight, norm.eps), x
+    return K.rmsnorm.rms_norm(y, norm.weight, norm.eps, residual=x)
 
 
 class TableCache:
@@ -239,10 +251,14 @@ class SamAttention(nn.Module):
             3, B * nH * nW, nh, Sh * Sw, d)
         Rh = self.tables.get(self.rel_pos_h, Sh, lambda: rel_pos_table(self.rel_pos_h_for(Sh), Sh))
         Rw = self.tables.get(self.rel_pos_w, Sw, lambda: rel_pos_table(self.rel_pos_w_for(Sw), Sw))
-        # fp32: the cache-sized steps; bf16/fp16: SDPA, whose softmax statistics are fp32 (the stepped scores
-        # would be rounded to the input dtype)
-        attend = attention_with_rel_pos_cpu if q.dtype == torch.float32 else attention_with_rel_pos
-        o = attend(q, k, v, Rh, Rw, Sh, Sw)                                  # [B*nH*nW, nh, Sh*Sw, d]
+        if q.dtype == torch.bfloat16:
+            # the cache-sized steps in fp32 (fp32 scores and softmax): 15-20% faster than SDPA's bf16 flash
+            # kernel with the bias as its mask on AVX512-BF16 CPUs, whose bf16 batched GEMMs are slower than fp32
+            o = attention_with_rel_pos_cpu(q.float(), k.float(), v.float(), Rh.float(), Rw.float(), Sh, Sw).to(q.dtype)
+        elif q.dtype == torch.float32:                                       # the cache-sized steps
+            o = attention_with_rel_pos_cpu(q, k, v, Rh, Rw, Sh, Sw)          # [B*nH*nW, nh, Sh*Sw, d]
+        else:   # fp16: SDPA, whose softmax statistics are fp32
+            o = attention_with_rel_pos(q, k, v, Rh, Rw, Sh, Sw)
         # back to tokens, the padding dropped: [B*nH*nW, nh, Sh*Sw, d] -> [B, nH*Sh, nW*Sw, C] -> [B, H, W, C]
         o = o.view(B, nH, nW, nh, Sh, Sw, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, nH * Sh, nW * Sw, C)
         return fast_linear(self.proj, o[:, :H, :W])
@@ -599,8 +615,12 @@ class Projector(nn.Module):
 
     def forward_packed(self, sam_tok, clip_tok, newline, separator, row_map):
         """Packed SAM [T, C] and CLIP tokens -> every output row, each written once at its final index: a
-        projected token, an image_newline or a view_seperator (one kernel, no concatenated copy)."""
+        projected token, an image_newline or a view_seperator (one kernel, no concatenated copy).
+        DeepSeek-OCR 2: sam_tok and newline None, clip_tok the Qwen2 query rows (the projector's one input)."""
         p = self.layers
+        if sam_tok is None:
+            sam_tok = clip_tok[:, :0]        # [T, 0]: the kernel's SAM half is empty, its K loop runs no step
+        newline = separator if newline is None else newline     # no newline rows in the map: never read
         return kernels().layout.project_and_layout(sam_tok, clip_tok, p.weight, p.bias, newline, separator, row_map)
 
 
@@ -614,8 +634,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # statistics in fp32, cast back before the weight multiply (transformers' Qwen2RMSNorm)
-        h = x.float()
+        # statistics in fp32, cast back before the weight multiply (transformers' Qwen2RMSNorm); fp64 stays
+        # fp64 (an oracle for the kernels, whose fp64 runs keep fp64 statistics)
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
@@ -662,6 +683,17 @@ class Qwen2Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                       # [B, heads, n, d]
         return self.o_proj(o.transpose(1, 2).reshape(B, n, -1))
 
+    def forward_packed(self, x: torch.Tensor, seg, cos, sin) -> torch.Tensor:
+        """x [T, C] (normed rows of every view: m visual tokens then m queries each) -> [T, heads * d], before
+        o_proj: one attention launch over the prefix-segment table `seg`, RoPE (positions from 0 per view), the
+        prefix mask and GQA inside the kernel. The three projections stay three GEMMs: the host's weights are
+        three parameters, and one GEMM would need their concatenated copy."""
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        return kernels().prefix_attention.prefix_attention(q, k, v, seg, cos, sin)
+
     def forward_cpu(self, x, cos, sin, m: int, queries_only: bool):
         """`forward` on the CPU fast path for x [B, 2m, C] under the prefix mask, which is not built: the m visual
         rows attend to the visual keys alone (no mask), the query rows to every key under their rows of the mask.
@@ -693,6 +725,10 @@ class Qwen2MLP(nn.Module):
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def forward_packed(self, x):
+        # silu(gate) * up in one pass (gate_proj and up_proj stay two GEMMs: two host parameters, as q/k/v)
+        return self.down_proj(kernels().swiglu.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
     def forward_cpu(self, x):
         hidden = F.silu(fast_linear(self.gate_proj, x), inplace=True)
         hidden *= fast_linear(self.up_proj, x)
@@ -710,6 +746,18 @@ class Qwen2Layer(nn.Module):
     def forward(self, x, cos, sin, mask):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_packed(self, x, mlp_out, plan, cos, sin, last: bool):
+        """The layer on the packed stream of every view: (x, mlp_out) -> (x, mlp_out), the residual stream being
+        x + mlp_out (the add fused into the next RMSNorm); mlp_out is None before the first layer. last: only
+        the query rows reach the output, so after attention (which every row's keys feed) the layer goes on
+        with the query rows alone (plan.query_rows): no o_proj, MLP or norm on the visual rows."""
+        h, x = add_rms_norm(self.input_layernorm, x, mlp_out)
+        attn = self.self_attn.forward_packed(h, plan.seg_prefix, cos, sin)               # [T, heads * d]
+        if last:
+            attn, x = attn[plan.query_rows], x[plan.query_rows]                            # [sum of m, ...]
+        h, x = add_rms_norm(self.post_attention_layernorm, x, self.self_attn.o_proj(attn))
+        return x, self.mlp.forward_packed(h)
 
     def forward_cpu(self, x, cos, sin, m: int, queries_only: bool):
         """`forward` on the CPU fast path: [B, 2m, C] -> [B, 2m, C] (queries_only: the query rows [B, m, C]),
@@ -750,6 +798,19 @@ class Qwen2Stack(nn.Module):
         return self.norm(x)
 
 
+    def forward_packed(self, x: torch.Tensor, plan) -> torch.Tensor:
+        """The packed path: x [T, C] (every view's visual tokens and queries, plan.seg_prefix) -> the query rows
+        [sum of m, C] after the final norm, view after view."""
+        c = self.cfg
+        # fp32 tables, rotated in fp32 inside the kernel (the torch path's are in x's dtype: equal for fp32)
+        cos, sin = rope_tables(plan.seg_prefix.max_len, c.head_dim, c.rope_theta, torch.float32, x.device)
+        mlp_out = None
+        for i, layer in enumerate(self.layers):
+            x, mlp_out = run_block(layer.forward_packed, x, mlp_out, plan, cos, sin, i == len(self.layers) - 1,
+                                   checkpointing=self.gradient_checkpointing)
+        return add_rms_norm(self.norm, x, mlp_out)[0]
+
+
 class Qwen2Decoder(nn.Module):
     """Holds the stack as `.model`, so parameter names are the vendor's (`qwen2_model.model.model.layers.N.*`)."""
 
@@ -785,6 +846,17 @@ class Qwen2Encoder(nn.Module):
         # views are independent: a bounded number of tokens' worth of them at a time
         per = max(1, CHUNK_TOKENS // (2 * m))
         return torch.cat([self.model.model(part, m)[:, m:] for part in x.split(per)])    # [B, m, C]
+
+    def forward_packed(self, sam_outs: list[torch.Tensor], plan) -> torch.Tensor:
+        """SAM outputs [B, C, q, q] per view size (plan order) -> the query rows [sum of m, C] after the final
+        norm: every view of the batch through the layers in one packed buffer."""
+        views = []
+        for s in sam_outs:
+            B, C = s.shape[:2]
+            m = s.shape[2] * s.shape[3]
+            views.append(torch.cat([s.flatten(2).transpose(1, 2), self.queries(m).expand(B, m, C)], dim=1))
+        x = torch.cat([v.reshape(-1, v.shape[-1]) for v in views])          # [B, 2m, C] each -> [T, C]
+        return self.model.model.forward_packed(x, plan)
 
     def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
         B, C = x.shape[:2]

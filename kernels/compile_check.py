@@ -40,11 +40,11 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from gundam.kernels import activation, attention, layernorm, layout, prefix_attention
+from gundam.kernels import activation, attention, layernorm, layout, prefix_attention, rmsnorm, swiglu
 from gundam.kernels.segments import RELPOS_BLOCK_M, RELPOS_BWD_SUB_BLOCKS, build_segments
 from gundam.kernels.tiling import (choose_backward_config, choose_config, layer_norm_config, next_power_of_2,
                                    prefix_attention_config, project_layout_config, quick_gelu_config, relpos_block,
-                                   relpos_warps)
+                                   relpos_warps, rms_norm_config, silu_mul_config)
 
 ARCHS = (80, 90)
 
@@ -448,6 +448,29 @@ def _entries(dt):
                               dict(N=1280, K_CLIP=1024, K_SAM=1024, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                    BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="tf32", ACC=tl.float32),
                               pointers_and_strides(k), num_warps=cfg["num_warps"]))
+
+    # DeepSeek-OCR 2's projector (896 -> 1280): the Qwen2 query rows alone, no SAM half
+    cfg = project_layout_config(1120)
+    k = layout._project_layout_kernel
+    entries.append(_entry(f"project_and_layout_ocr2_{dt}_M{cfg['BLOCK_M']}", k, dt,
+                          dict(N=1280, K_CLIP=896, K_SAM=0, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                               BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="tf32", ACC=tl.float32),
+                          pointers_and_strides(k), num_warps=cfg["num_warps"]))
+
+    # DeepSeek-OCR 2's RMSNorm (C = 896) with and without the fused residual, and SiLU-and-multiply (I = 4864)
+    for extra in (True, False):
+        block, num_warps = dict(BLOCK_N=next_power_of_2(896), ACC=tl.float32), rms_norm_config(896)["num_warps"]
+        k = rmsnorm._rms_norm_kernel
+        entries.append(_entry(f"rms_norm_{dt}_C896{'_residual' if extra else ''}", k, dt,
+                              dict(block, HAS_RESIDUAL=extra), pointers_and_strides(k) + ["C"], num_warps=num_warps))
+        k = rmsnorm._rms_norm_bwd_kernel
+        entries.append(_entry(f"rms_norm_bwd_{dt}_C896{'_dh' if extra else ''}", k, dt,
+                              dict(block, HAS_DH=extra), pointers_and_strides(k) + ["C"], fp32=("dw_ptr",),
+                              num_warps=num_warps))
+    cfg = silu_mul_config(4864)
+    for k in (swiglu._silu_mul_kernel, swiglu._silu_mul_bwd_kernel):
+        entries.append(_entry(f"{k.__name__.strip('_')}/{dt}", k, dt, dict(BLOCK=cfg["BLOCK"], ACC=tl.float32),
+                              pointers_and_strides(k) + ["I"], num_warps=cfg["num_warps"]))
 
     cfg = quick_gelu_config()
     k = activation._quick_gelu_kernel

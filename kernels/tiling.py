@@ -147,6 +147,17 @@ def layer_norm_config(C):
     return dict(num_warps=min(max(next_power_of_2(C) // 256, 1), 8))
 
 
+def rms_norm_config(C):
+    # as LayerNorm's: a whole row per program, ~8 elements per thread
+    return layer_norm_config(C)
+
+
+def silu_mul_config(I):
+    # programs of 1024 columns of one row (Qwen2's I = 4864: 5 per row, the last partial), 8 per thread:
+    # 16-byte vector accesses for 16-bit dtypes; rows are contiguous runs whatever the buffers' row strides
+    return dict(BLOCK=min(1024, max(16, next_power_of_2(I))), num_warps=4)
+
+
 def project_layout_config(T_out):
     # N = 1280 gives only 10 column tiles and a batch has hundreds to a few thousand output rows, so small
     # row tiles keep the SMs busy; big batches take 128-row tiles for twice the reuse of each weight tile.

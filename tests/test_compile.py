@@ -24,6 +24,9 @@ def test_production_kernels_are_registered():
         assert f"attention/{case}/bf16" in names, names
     assert "attention/sam-global-1024/fp16" in names and "attention/relpos-global-1024/fp16" in names, names
     assert any(n.startswith("quick_gelu/") for n in names) and any(n.startswith("layer_norm") for n in names)
+    for kernel in ("rms_norm_bf16_C896_residual", "rms_norm_bwd_bf16_C896_dh", "silu_mul_kernel/bf16",
+                   "silu_mul_bwd_kernel/bf16", "project_and_layout_ocr2_bf16_M64"):
+        assert kernel in names, names
     # every kernel of the package is registered, and each has one fp16 entry (fp16 builds the same code as bf16
     # with other MMA types)
     kernels = sorted(n for m in (activation, attention, layernorm, layout, prefix_attention) for n in dir(m)

@@ -205,8 +205,9 @@ def test_preprocess_tiny_mode_and_encoder_preprocess():
 # the torch path against an independent float64 reference
 
 def rms_norm(x, weight, eps):
-    """transformers' Qwen2RMSNorm: statistics in float32, cast back before the weight multiply."""
-    xf = x.to(torch.float32)
+    """transformers' Qwen2RMSNorm: statistics in float32 (float64 for float64), cast back before the weight
+    multiply."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gundam import GundamEncoder, preprocess
-from testutils import (ATTENTION_KERNEL_SLOW, TRAIN as CFG, TRAIN_MODE as MODE, assert_close, log_launches, randomize,
-                       train_images as images)
+from testutils import (ATTENTION_KERNEL_SLOW, OCR2_TINY, OCR2_TINY_MODE, TRAIN as CFG, TRAIN_MODE as MODE, assert_close,
+                       log_launches, page, randomize, train_images as images)
 
 
 
@@ -27,8 +27,8 @@ def weights():
 
 
 def log_all_launches(monkeypatch, log):
-    from gundam.kernels import activation, attention, layernorm, layout
-    log_launches(monkeypatch, log, (activation, attention, layernorm, layout))
+    from gundam.kernels import activation, attention, layernorm, layout, prefix_attention, rmsnorm, swiglu
+    log_launches(monkeypatch, log, (activation, attention, layernorm, layout, prefix_attention, rmsnorm, swiglu))
 
 
 def graph_nodes(t: torch.Tensor) -> list[str]:
@@ -44,9 +44,9 @@ def graph_nodes(t: torch.Tensor) -> list[str]:
     return names
 
 
-def gradients(weights, batch, backend, dtype, checkpointing=False, on_output=None):
+def gradients(weights, batch, backend, dtype, checkpointing=False, on_output=None, config=CFG):
     """{name: gradient} of a fixed random projection of the embeddings, and the embeddings."""
-    enc = GundamEncoder(CFG)
+    enc = GundamEncoder(config)
     enc.load_state_dict(weights)
     enc = enc.to(dtype)
     if checkpointing:
@@ -132,3 +132,36 @@ def test_inference_stays_in_place(weights, monkeypatch):
         want = enc(batch, backend="torch").embeddings
     assert calls == [(sum(1 + q * q for q in [2, 1, 1]), CFG.clip.ffn_hidden_size)] * CFG.clip.num_layers, calls
     assert_close(got, want, 1e-5 * want.abs().max().item(), 0, "embeddings")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_ocr2_gradients_equal_the_torch_path(monkeypatch, checkpointing):
+    # DeepSeek-OCR 2: SAM, the Qwen2 layers (RMSNorm, prefix attention, SiLU-and-multiply) and the projector
+    # + layout, every gradient from the kernels' backward passes; a 1x2 image and one without crops
+    weights = randomize(GundamEncoder(OCR2_TINY), seed=6).state_dict()
+    batch = preprocess([page(810, 1700, 33), page(500, 333, 32)], OCR2_TINY_MODE)
+    assert batch.grids == [(1, 2), (1, 1)]
+    want, ref = gradients(weights, batch, "torch", torch.float64, config=OCR2_TINY)
+    launches, nodes = [], []
+    log_all_launches(monkeypatch, launches)
+    got, out = gradients(weights, batch, "triton", torch.float64, checkpointing, config=OCR2_TINY,
+                         on_output=lambda out: (nodes.extend(graph_nodes(out)), launches.append(("backward", None))))
+    assert_close(out, ref, OUTPUT_TOLERANCE[torch.float64] * ref.abs().max().item(), 0, "embeddings")
+    compare(got, want, TOLERANCE[torch.float64])
+
+    sam, layers = OCR2_TINY.sam.depth, OCR2_TINY.qwen2.num_hidden_layers
+    names = [name for name, _ in launches]
+    backward = names[names.index("backward") + 1:]
+    assert backward.count("_rms_norm_bwd_kernel") == 2 * layers + 1, backward
+    assert backward.count("_silu_mul_bwd_kernel") == layers, backward
+    assert {"_prefix_attention_bwd_dq_kernel", "_prefix_attention_bwd_dkdv_kernel"} <= set(backward)
+    if checkpointing:   # every layer's forward ran twice: in the forward and again in the backward
+        assert names.count("_rms_norm_kernel") == 2 * 2 * layers + 1, names
+        assert names.count("_prefix_attention_kernel") == 2 * layers, names
+    else:
+        assert nodes.count("RMSNormFunctionBackward") == 2 * layers + 1, nodes
+        assert nodes.count("PrefixAttentionFunctionBackward") == layers, nodes
+        assert nodes.count("SiluMulFunctionBackward") == layers, nodes
+        assert nodes.count("AttentionFunctionBackward") == sam, nodes
+        assert nodes.count("ProjectLayoutFunctionBackward") == 1, nodes
+        assert not [n for n in nodes if "Softmax" in n or "ScaledDotProduct" in n], nodes
