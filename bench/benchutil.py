@@ -56,6 +56,15 @@ OCR2_TINY = Ocr2Config(
     projector=ProjectorConfig(input_dim=64, n_embed=80), base_size=256, image_size=192,
 )
 OCR2_TINY_MODE = dataclasses.replace(MODES["ocr2"], base_size=256, image_size=192)
+# OCR2_TRAIN: DeepSeek-OCR 2's structure small enough to train in the interpreter: 192 px global views (12x12
+# patches, 3x3 tokens) and 128 px crops (8x8, 2x2), windows of 5 padding both grids, a 2-layer GQA Qwen2.
+OCR2_TRAIN = Ocr2Config(
+    sam=SamConfig(img_size=192, embed_dim=32, depth=2, num_heads=2, window_size=5, global_attn_indexes=(1,),
+                  out_chans=32, net_2_chans=32, net_3_chans=64),
+    qwen2=dataclasses.replace(OCR2_TINY.qwen2, intermediate_size=80),
+    projector=ProjectorConfig(input_dim=64, n_embed=48), base_size=192, image_size=128,
+)
+OCR2_TRAIN_MODE = dataclasses.replace(MODES["ocr2"], base_size=192, image_size=128)
 
 
 def bench_ms(fn, device: torch.device, seconds: float = 1.0) -> dict:

@@ -372,7 +372,9 @@ def _entries(dt):
     """The production entries in dtype dt: the attention forward (inference and training: HAS_LSE), its dQ and
     dK/dV kernels and both rel-pos kernels for the PRODUCTION_CASES; SAM's (C=768) and CLIP's (C=1024)
     LayerNorm with and without the fused residual, forward and backward; the real projector (2048 -> 1280)
-    at both row tiles of its heuristic; quick_gelu. Each kernel's heaviest variant comes first."""
+    at both row tiles of its heuristic; quick_gelu; DeepSeek-OCR 2's projector (896 -> 1280, the query rows alone), its Qwen2 attention, RMSNorm (C=896, with and
+    without the fused residual, forward and backward) and SiLU-and-multiply (I=4864, forward and backward).
+    Each kernel's heaviest variant comes first."""
     entries = []
     # fp32 scratch of the attention kernels (the rel-pos tables, the LSE and the backward's partials)
     acc = ("relh_ptr", "relw_ptr", "lse_ptr", "delta_ptr", "drelh_ptr", "drelw_ptr", "dpad_ptr", "drel_ptr",
@@ -457,21 +459,6 @@ def _entries(dt):
                                BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION="tf32", ACC=tl.float32),
                           pointers_and_strides(k), num_warps=cfg["num_warps"]))
 
-    # DeepSeek-OCR 2's RMSNorm (C = 896) with and without the fused residual, and SiLU-and-multiply (I = 4864)
-    for extra in (True, False):
-        block, num_warps = dict(BLOCK_N=next_power_of_2(896), ACC=tl.float32), rms_norm_config(896)["num_warps"]
-        k = rmsnorm._rms_norm_kernel
-        entries.append(_entry(f"rms_norm_{dt}_C896{'_residual' if extra else ''}", k, dt,
-                              dict(block, HAS_RESIDUAL=extra), pointers_and_strides(k) + ["C"], num_warps=num_warps))
-        k = rmsnorm._rms_norm_bwd_kernel
-        entries.append(_entry(f"rms_norm_bwd_{dt}_C896{'_dh' if extra else ''}", k, dt,
-                              dict(block, HAS_DH=extra), pointers_and_strides(k) + ["C"], fp32=("dw_ptr",),
-                              num_warps=num_warps))
-    cfg = silu_mul_config(4864)
-    for k in (swiglu._silu_mul_kernel, swiglu._silu_mul_bwd_kernel):
-        entries.append(_entry(f"{k.__name__.strip('_')}/{dt}", k, dt, dict(BLOCK=cfg["BLOCK"], ACC=tl.float32),
-                              pointers_and_strides(k) + ["I"], num_warps=cfg["num_warps"]))
-
     cfg = quick_gelu_config()
     k = activation._quick_gelu_kernel
     entries.append(_entry(f"quick_gelu/{dt}", k, dt, dict(BLOCK=cfg["BLOCK"]), pointers_and_strides(k) + ["n"],
@@ -507,4 +494,24 @@ def _entries(dt):
                                ACC=tl.float32),
                           pointers_and_strides(k, "stride_prog"), fp32=tables, num_stages=1,
                           note=f"M{prefix_attention.ROPE_BLOCK_M}"))
+
+    # DeepSeek-OCR 2's Qwen2 RMSNorm (C = 896, a multiple of 16, as the row strides) with and without the fused
+    # residual (forward) and the gradient arriving on it (backward)
+    C = 896
+    for extra in (True, False):
+        block, num_warps = dict(BLOCK_N=next_power_of_2(C), ACC=tl.float32), rms_norm_config(C)["num_warps"]
+        k = rmsnorm._rms_norm_kernel
+        entries.append(_entry(f"rms_norm_{dt}_C{C}{'_residual' if extra else ''}", k, dt,
+                              dict(block, HAS_RESIDUAL=extra), pointers_and_strides(k) + ["C"], num_warps=num_warps))
+        k = rmsnorm._rms_norm_bwd_kernel
+        entries.append(_entry(f"rms_norm_bwd_{dt}_C{C}{'_dh' if extra else ''}", k, dt,
+                              dict(block, HAS_DH=extra), pointers_and_strides(k) + ["C"], fp32=("dw_ptr",),
+                              num_warps=num_warps))
+
+    # its MLP's silu(gate) * up (I = 4864: the output rows' stride; the inputs' row strides are I or 2I)
+    cfg = silu_mul_config(4864)
+    for name, k in (("silu_mul", swiglu._silu_mul_kernel), ("silu_mul_bwd", swiglu._silu_mul_bwd_kernel)):
+        entries.append(_entry(f"{name}/{dt}", k, dt, dict(BLOCK=cfg["BLOCK"], ACC=tl.float32),
+                              pointers_and_strides(k) + ["I"], num_warps=cfg["num_warps"],
+                              note=f"BLOCK{cfg['BLOCK']}"))
     return entries

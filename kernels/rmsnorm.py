@@ -1,16 +1,23 @@
-"""Qwen2's RMSNorm over the last dim of a token-major [T, C] buffer, with an optional fused residual add, and its
-backward (DeepSeek-OCR 2's encoder layers; the LayerNorm kernel's design, gundam.kernels.layernorm).
+"""RMSNorm (Qwen2's) over the last dim of a token-major [T, C] buffer, with an optional fused residual add, and
+its backward: the normalisation of DeepSeek-OCR 2's Qwen2 encoder layers.
 
-Rounding order is transformers' Qwen2RMSNorm's (gundam.model.RMSNorm): the statistics in fp32 (fp64 for fp64
-inputs), the normalised row cast to the input dtype, then multiplied by the weight in that dtype:
-y = w * round(h * rsqrt(mean(h^2) + eps)). With `residual` the kernel reads both inputs and writes the residual
-stream h = x + residual (rounded to the dtype, as the torch path stores it) and y in one pass.
+Rounding order is transformers' Qwen2RMSNorm (gundam.model.RMSNorm): statistics in fp32 (fp64 for fp64 inputs,
+so gradients can be checked to ~1e-10 in the interpreter), the normalised row cast to the input dtype, then
+multiplied by the weight, the product rounded to the input dtype:
+    y = round(w * round(h * rsqrt(mean(h^2) + eps))).
+With `residual` the kernel reads x and the residual, writes the residual stream h = x + residual (rounded to
+the dtype: bit-equal to torch's add) and y = RMSNorm(h) in one pass, as `layernorm.layer_norm` does for the
+pre-LN blocks.
 
-Backward (`RMSNormFunction`): one pass over the rows recomputes rstd from h (nothing else is saved), writes
-dx = rstd (w dy - xhat mean(w dy xhat)) plus the gradient arriving on the residual stream (it is also the
-residual's gradient), and accumulates dW = sum(dy xhat) per program; the per-program partials [programs, C] are
-reduced in torch (deterministic, no atomics).
+Backward (`RMSNormFunction`), the LayerNorm kernel's design: one pass over the rows recomputes rstd from h
+(nothing but h and the weight is saved), writes dx = rstd * (w dy - n * mean(w dy n)) with n = h * rstd, plus
+the gradient arriving on h (dx is also the residual's gradient), and accumulates dW = sum over rows of
+dy * round(n) per program; the per-program partials [programs, C] are reduced in torch (deterministic, no
+atomics). The rounding of n is a straight-through step for dx, as autograd treats the reference's cast.
 """
+import math
+import numbers
+
 import torch
 import triton
 import triton.language as tl
@@ -22,9 +29,9 @@ from gundam.kernels.tiling import rms_norm_config
 @triton.jit
 def _rms_norm_kernel(
     x_ptr,          # [T, C] input (rows may be strided)
-    r_ptr,          # [T, C] residual (HAS_RESIDUAL)
-    w_ptr,          # [C] weight
-    y_ptr,          # [T, C] out: w * round(h * rstd)
+    r_ptr,          # [T, C] residual (HAS_RESIDUAL; rows may be strided)
+    w_ptr,          # [C] weight, contiguous
+    y_ptr,          # [T, C] out: round(w * round(h * rstd))
     h_ptr,          # [T, C] out: h = x + r (HAS_RESIDUAL)
     C,              # channels
     eps,
@@ -33,30 +40,35 @@ def _rms_norm_kernel(
     BLOCK_N: tl.constexpr,      # power of two >= C: a whole row per program
     ACC: tl.constexpr,          # statistics dtype: tl.float32 (tl.float64 for fp64 inputs)
 ):
-    # One program per row, as the LayerNorm kernel: thousands of rows fill the GPU, a row fits in registers.
+    # One program per row, as LayerNorm's: thousands of rows fill the GPU and a row (C = 896) sits in
+    # registers, so x and r are read once and y and h written once.
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < C
     x = tl.load(x_ptr + row * stride_xm + offs_n, mask=mask_n, other=0.0).to(ACC)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * stride_rm + offs_n, mask=mask_n, other=0.0).to(ACC)
-        h = (x + r).to(h_ptr.dtype.element_ty)      # the stored residual stream is what gets normalised
+        # the residual stream is stored in the activation dtype; normalise that rounded value, as the torch
+        # path does (fp32 sum of two 16-bit values rounded once: torch's own add; a no-op in fp32)
+        h = (x + r).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * stride_hm + offs_n, h, mask=mask_n)
         x = h.to(ACC)
+    # masked lanes are 0: they add nothing to the sum of squares
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / C + eps)
-    normed = (x * rstd).to(y_ptr.dtype.element_ty).to(ACC)       # cast before the weight, as Qwen2RMSNorm
+    n = (x * rstd).to(y_ptr.dtype.element_ty)             # the reference's cast before the weight multiply
     w = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
-    tl.store(y_ptr + row * stride_ym + offs_n, (w * normed).to(y_ptr.dtype.element_ty), mask=mask_n)
+    y = n.to(ACC) * w
+    tl.store(y_ptr + row * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    dy_ptr,             # [T, C] gradient of y
-    dh_ptr,             # [T, C] gradient arriving on the residual stream h (HAS_DH)
+    dy_ptr,             # [T, C] gradient of y (rows may be strided)
+    dh_ptr,             # [T, C] gradient arriving on the residual stream h (HAS_DH; rows may be strided)
     h_ptr,              # [T, C] what was normalised (h, or x without residual)
-    w_ptr,              # [C]
-    dx_ptr,             # [T, C] out: gradient of x (= of the residual)
-    dw_ptr,             # [programs, C] out, ACC dtype: this program's partial sums of dW
+    w_ptr,              # [C] weight, contiguous
+    dx_ptr,             # [T, C] out, contiguous: gradient of x (= of the residual)
+    dw_ptr,             # [programs, C] out, ACC dtype: this program's partial sum of dW
     T, C,               # rows, channels
     eps,
     rows_per_program,   # consecutive rows of each program
@@ -78,13 +90,14 @@ def _rms_norm_bwd_kernel(
             h = tl.load(h_ptr + row64 * stride_hm + offs_n, mask=mask_n, other=0.0).to(ACC)
             dy = tl.load(dy_ptr + row64 * stride_dym + offs_n, mask=mask_n, other=0.0).to(ACC)
             rstd = tl.rsqrt(tl.sum(h * h, axis=0) / C + eps)
-            xhat = h * rstd
-            wdy = w * dy
-            dx = (wdy - xhat * (tl.sum(wdy * xhat, axis=0) / C)) * rstd
+            n = h * rstd
+            wdy = w * dy                                   # gradient of n (masked lanes 0)
+            dx = (wdy - n * (tl.sum(wdy * n, axis=0) / C)) * rstd
             if HAS_DH:
                 dx += tl.load(dh_ptr + row64 * stride_dhm + offs_n, mask=mask_n, other=0.0).to(ACC)
             tl.store(dx_ptr + row64 * stride_dxm + offs_n, dx.to(dx_ptr.dtype.element_ty), mask=mask_n)
-            dw += dy * xhat
+            # y = w * round(n): dW sees the rounded value the forward multiplied
+            dw += dy * n.to(dx_ptr.dtype.element_ty).to(ACC)
     tl.store(dw_ptr + pid * C + offs_n, dw, mask=mask_n)
 
 
@@ -97,8 +110,10 @@ def _check(fn, x, weight, eps, residual):
     if residual is not None:
         check_tensor(fn, "residual", residual, shape=(T, C), unit_stride=True, **like)
     check_tensor(fn, "weight", weight, shape=(C,), **like)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-        raise ValueError(f"{fn}: eps={eps!r}, expected a positive finite float")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{fn}: eps is a {type(eps).__name__}, expected a float")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{fn}: eps={eps}, expected a positive finite float")
     if triton.next_power_of_2(C) > 16384:
         raise ValueError(f"{fn}: x has C={C} channels, expected C <= 16384 (one row per program)")
 
@@ -108,7 +123,7 @@ def _forward(x, weight, eps, residual, num_warps):
     weight = weight.contiguous()
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     h = torch.empty_like(y) if residual is not None else x
-    r = residual if residual is not None else x
+    r = residual if residual is not None else x          # unread without HAS_RESIDUAL
     if T > 0:
         _rms_norm_kernel[(T,)](
             x_ptr=x, r_ptr=r, w_ptr=weight, y_ptr=y, h_ptr=h,
@@ -121,7 +136,7 @@ def _forward(x, weight, eps, residual, num_warps):
 
 
 def _backward(dy, dh, h, weight, eps, num_warps):
-    """(dx [T, C], dw [C]) for y = w * RMSNorm(h), with dh the gradient arriving on h (or None)."""
+    """(dx [T, C], dw [C]) for y = w * round(RMSNorm(h)), with dh the gradient arriving on h (or None)."""
     T, C = h.shape
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dh = dh if dh is None or dh.stride(-1) == 1 else dh.contiguous()
@@ -135,7 +150,8 @@ def _backward(dy, dh, h, weight, eps, num_warps):
             T=T, C=C, eps=float(eps), rows_per_program=triton.cdiv(T, programs),
             stride_dym=dy.stride(0), stride_dhm=dh.stride(0) if dh is not None else 0, stride_hm=h.stride(0),
             stride_dxm=dx.stride(0),
-            HAS_DH=dh is not None, BLOCK_N=triton.next_power_of_2(C), ACC=tl_acc_dtype(h.dtype), num_warps=num_warps,
+            HAS_DH=dh is not None, BLOCK_N=triton.next_power_of_2(C), ACC=tl_acc_dtype(h.dtype),
+            num_warps=num_warps,
         )
     return dx, dw.sum(0).to(weight.dtype)
 
@@ -154,16 +170,17 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         h, weight = ctx.saved_tensors     # autograd passes zeros for an unused output (materialize_grads)
         dx, dw = _backward(dy, dh, h, weight, ctx.eps, ctx.num_warps)
-        # h = x + residual: both get dh_total
+        # h = x + residual: both get the total gradient on h
         return dx, dw, None, dx if ctx.has_residual else None, None
 
 
 def rms_norm(x, weight, eps, residual=None, *, config=None):
-    """weight * RMSNorm(x) over the last dim of x [T, C] (Qwen2's rounding order); returns y [T, C] in x's dtype.
+    """Qwen2's RMSNorm of x [T, C] over its last dim: round(weight * round(x * rsqrt(mean(x^2) + eps))), in x's
+    dtype (statistics in fp32, fp64 for fp64). Returns y [T, C].
 
-    With residual [T, C]: h = x + residual, returns (weight * RMSNorm(h), h).
-    Rows may be strided (e.g. a column slice of a wider buffer); C must be contiguous. Differentiable (in x,
-    weight and residual) when autograd records.
+    With residual [T, C]: h = x + residual (in x's dtype, as torch adds), returns (RMSNorm(h), h).
+    Rows may be strided (e.g. a column slice of a wider buffer); C must be contiguous; weight [C] has x's dtype
+    and device. Differentiable (in x, weight and residual) when autograd records.
     config: overrides of tiling.rms_norm_config (num_warps).
     """
     fn = "rms_norm"
@@ -177,9 +194,10 @@ def rms_norm(x, weight, eps, residual=None, *, config=None):
 
 
 def rms_norm_reference(x, weight, eps, residual=None):
-    """The torch path (gundam.model.RMSNorm's formula): the residual add in x's dtype, fp32 statistics (fp64 for
-    fp64), the normalised row cast back before the weight multiply."""
+    """The torch path (gundam.model.RMSNorm, transformers' Qwen2RMSNorm): the residual add in x's dtype,
+    statistics in fp32, the normalised value cast to x's dtype before the weight multiply. fp64 inputs keep fp64
+    statistics (the oracle of the kernels' fp64 runs; RMSNorm itself computes them in fp32)."""
     h = x if residual is None else x + residual
-    f = h.to(torch.promote_types(h.dtype, torch.float32))
-    y = weight * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    s = h.to(acc_dtype(h.dtype))
+    y = weight * (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
     return y if residual is None else (y, h)

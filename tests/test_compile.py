@@ -4,7 +4,7 @@ serialized wgmma), reaches its minimum occupancy, and uses tensor-core MMA where
 (gundam.kernels.compile_check)."""
 import pytest
 
-from gundam.kernels import activation, attention, layernorm, layout, prefix_attention
+from gundam.kernels import activation, attention, layernorm, layout, prefix_attention, rmsnorm, swiglu
 from gundam.kernels.compile_check import (ARCHS, CompileStats, format_table, occupancy, problems, compile_registered,
                                           registered_configs)
 
@@ -24,13 +24,15 @@ def test_production_kernels_are_registered():
         assert f"attention/{case}/bf16" in names, names
     assert "attention/sam-global-1024/fp16" in names and "attention/relpos-global-1024/fp16" in names, names
     assert any(n.startswith("quick_gelu/") for n in names) and any(n.startswith("layer_norm") for n in names)
-    for kernel in ("rms_norm_bf16_C896_residual", "rms_norm_bwd_bf16_C896_dh", "silu_mul_kernel/bf16",
-                   "silu_mul_bwd_kernel/bf16", "project_and_layout_ocr2_bf16_M64"):
-        assert kernel in names, names
+    # DeepSeek-OCR 2's Qwen2 norm and MLP activation at the real widths, forward and backward
+    for name in ("rms_norm_bf16_C896_residual", "rms_norm_bf16_C896", "rms_norm_bwd_bf16_C896_dh",
+                 "rms_norm_bwd_bf16_C896", "silu_mul/bf16", "silu_mul_bwd/bf16", "silu_mul/fp16",
+                 "project_and_layout_ocr2_bf16_M64"):
+        assert name in names, names
     # every kernel of the package is registered, and each has one fp16 entry (fp16 builds the same code as bf16
     # with other MMA types)
-    kernels = sorted(n for m in (activation, attention, layernorm, layout, prefix_attention) for n in dir(m)
-                     if n.startswith("_") and n.endswith("_kernel"))
+    modules = (activation, attention, layernorm, layout, prefix_attention, rmsnorm, swiglu)
+    kernels = sorted(n for m in modules for n in dir(m) if n.startswith("_") and n.endswith("_kernel"))
     assert sorted({e["kernel"].fn.__name__ for e in ENTRIES}) == kernels
     assert sorted(e["kernel"].fn.__name__ for e in ENTRIES if "*fp16" in e["signature"].values()) == kernels
     # the SAM global blocks must keep two CTAs per SM on sm_90

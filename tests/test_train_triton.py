@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gundam import GundamEncoder, preprocess
-from testutils import (ATTENTION_KERNEL_SLOW, OCR2_TINY, OCR2_TINY_MODE, TRAIN as CFG, TRAIN_MODE as MODE, assert_close,
+from testutils import (ATTENTION_KERNEL_SLOW, OCR2_TRAIN, OCR2_TRAIN_MODE, TRAIN as CFG, TRAIN_MODE as MODE, assert_close,
                        log_launches, page, randomize, train_images as images)
 
 
@@ -134,22 +134,22 @@ def test_inference_stays_in_place(weights, monkeypatch):
     assert_close(got, want, 1e-5 * want.abs().max().item(), 0, "embeddings")
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_ocr2_gradients_equal_the_torch_path(monkeypatch, checkpointing):
     # DeepSeek-OCR 2: SAM, the Qwen2 layers (RMSNorm, prefix attention, SiLU-and-multiply) and the projector
     # + layout, every gradient from the kernels' backward passes; a 1x2 image and one without crops
-    weights = randomize(GundamEncoder(OCR2_TINY), seed=6).state_dict()
-    batch = preprocess([page(810, 1700, 33), page(500, 333, 32)], OCR2_TINY_MODE)
+    weights = randomize(GundamEncoder(OCR2_TRAIN), seed=6).state_dict()
+    batch = preprocess([page(810, 1700, 33), page(500, 333, 32)], OCR2_TRAIN_MODE)
     assert batch.grids == [(1, 2), (1, 1)]
-    want, ref = gradients(weights, batch, "torch", torch.float64, config=OCR2_TINY)
+    want, ref = gradients(weights, batch, "torch", torch.float64, config=OCR2_TRAIN)
     launches, nodes = [], []
     log_all_launches(monkeypatch, launches)
-    got, out = gradients(weights, batch, "triton", torch.float64, checkpointing, config=OCR2_TINY,
+    got, out = gradients(weights, batch, "triton", torch.float64, checkpointing, config=OCR2_TRAIN,
                          on_output=lambda out: (nodes.extend(graph_nodes(out)), launches.append(("backward", None))))
     assert_close(out, ref, OUTPUT_TOLERANCE[torch.float64] * ref.abs().max().item(), 0, "embeddings")
     compare(got, want, TOLERANCE[torch.float64])
 
-    sam, layers = OCR2_TINY.sam.depth, OCR2_TINY.qwen2.num_hidden_layers
+    sam, layers = OCR2_TRAIN.sam.depth, OCR2_TRAIN.qwen2.num_hidden_layers
     names = [name for name, _ in launches]
     backward = names[names.index("backward") + 1:]
     assert backward.count("_rms_norm_bwd_kernel") == 2 * layers + 1, backward

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from benchutil import (MICRO, OCR2_TINY, OCR2_TINY_MODE, SMALL, SMALL_MODE, TINY, TINY_MODE, TRAIN,  # noqa: E402,F401
-                       TRAIN_MODE)
+from benchutil import (MICRO, OCR2_TINY, OCR2_TINY_MODE, OCR2_TRAIN, OCR2_TRAIN_MODE, SMALL, SMALL_MODE,  # noqa: E402,F401
+                       TINY, TINY_MODE, TRAIN, TRAIN_MODE)
 # for the opt-in tests that import the vendor's own code (tests/test_real_hosts.py, tests/test_ocr2_vendor.py)
 from vendor_model import Float32ForBfloat16, empty_module  # noqa: E402,F401
 
