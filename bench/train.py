@@ -8,6 +8,7 @@ the cost model's activation memory (`gundam cost --train`: what autograd keeps f
 the mean square of the embeddings; gradients are dropped (set to None) between steps, as `zero_grad` does.
 
     python bench/train.py [--batches 1,4] [--seconds 1] [--json results.json]
+    python bench/train.py --ocr2       # DeepSeek-OCR 2's encoder (mode ocr2: six 768 px crops of the page)
     python bench/train.py --smoke      # tiny config on CPU in seconds: the torch path, and the Triton path
                                        # too when TRITON_INTERPRET=1 is set
 
@@ -23,8 +24,8 @@ import time
 import torch
 from PIL import Image
 
-from benchutil import TRAIN, TRAIN_MODE, bench_ms, environment, peak_cuda_mb
-from gundam import EncoderConfig, GundamEncoder, estimate, preprocess
+from benchutil import OCR2_TRAIN, OCR2_TRAIN_MODE, TRAIN, TRAIN_MODE, bench_ms, environment, peak_cuda_mb
+from gundam import EncoderConfig, GundamEncoder, Ocr2Config, estimate, preprocess
 
 PAGE = (1900, 1250)   # Gundam grid 3x2
 SMOKE_PAGE = (650, 1300)   # grid 1x2
@@ -42,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=1.0, help="repetitions per point, seconds (default 1)")
     p.add_argument("--budget", type=float, default=0.0, help="start no new point after this many seconds "
                                                              "(0: no limit); skipped points are listed")
+    p.add_argument("--ocr2", action="store_true", help="DeepSeek-OCR 2's encoder at mode ocr2")
     p.add_argument("--json", help="write results here")
     p.add_argument("--smoke", action="store_true")
     return p.parse_args(argv)
@@ -50,14 +52,16 @@ def parse_args(argv=None):
 def run(args) -> dict:
     backends = ["triton", "torch"]
     if args.smoke:
-        cfg, mode, dtype, device = TRAIN, TRAIN_MODE, torch.float32, torch.device("cpu")
+        cfg, mode = (OCR2_TRAIN, OCR2_TRAIN_MODE) if args.ocr2 else (TRAIN, TRAIN_MODE)
+        dtype, device = torch.float32, torch.device("cpu")
         batches, seconds, page = [1], 0.0, SMOKE_PAGE
         if os.environ.get("TRITON_INTERPRET") != "1":
             backends = ["torch"]
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench/train.py needs a CUDA GPU (use --smoke to run its code paths on CPU)")
-        cfg, mode, dtype, device = EncoderConfig.deepseek_ocr(), "gundam", torch.bfloat16, torch.device("cuda")
+        cfg = Ocr2Config.deepseek_ocr2() if args.ocr2 else EncoderConfig.deepseek_ocr()
+        mode, dtype, device = cfg.mode if args.ocr2 else "gundam", torch.bfloat16, torch.device("cuda")
         batches, seconds, page = [int(b) for b in args.batches.split(",")], args.seconds, PAGE
     torch.manual_seed(0)
     enc = GundamEncoder(cfg).to(device, dtype).train()
@@ -92,8 +96,8 @@ def run(args) -> dict:
     enc.gradient_checkpointing_disable()
     for s in skipped:
         print(f"skipped: {s}")
-    return {"environment": env, "page": page, "dtype": str(dtype).removeprefix("torch."), "rows": rows,
-            "skipped": skipped}
+    return {"environment": env, "family": "deepseek-ocr2" if args.ocr2 else "deepseek-ocr", "page": page,
+            "dtype": str(dtype).removeprefix("torch."), "rows": rows, "skipped": skipped}
 
 
 def main():
