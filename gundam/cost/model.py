@@ -78,8 +78,8 @@ under the prefix mask (visual -> visual; query i -> every visual token and queri
 queries' outputs.
 - FLOPs: the q/k/v and o projections, SwiGLU's gate, up and down, q.k and p.v over all n x n pairs of every query
   head (SDPA computes the masked scores too); `torch.utils.flop_counter` measures exactly this, forward and
-  training. Fused: the same linears (every row, the last layer's visual rows too, as the torch path); q.k and
-  p.v only over the pairs the mask keeps, 2m^2 + m(m+1)/2 of the n^2 (the kernel skips masked tiles; tile
+  training. Fused: the same linears, except that the last layer's o_proj and MLP run on the query rows only;
+  q.k and p.v only over the pairs the mask keeps, 2m^2 + m(m+1)/2 of the n^2 (the kernel skips masked tiles; tile
   rounding not counted), and so does the backward's recomputed q.k. Other FLOPs: RMSNorm 4 per element (square,
   sum, scale, weight) + 3 per token (divide, eps, rsqrt), RoPE 3.5 per element of q and k (negate half, two
   multiplies, add), 7 per score (scale, mask add, softmax), SiLU 4 (negate, exp, add, divide) and the gate
@@ -94,13 +94,15 @@ queries' outputs.
   every row. Peak: the residual stream, the mask, and the DynamicCache (use_cache is on), which keeps each
   layer's K and V until the forward ends. Projector: the linear per view kind, then cat(crops, global,
   separator) per image.
-- fused bytes, an estimate (the Triton path runs DeepSeek-OCR only so far): one pass over every view (a varlen
-  batch of 2m-token sequences); the sequence written once from SAM's output and the query table; per layer the
-  residual add fused into each RMSNorm (reads both, writes the sum and the norm), q/k/v as one GEMM, attention
-  reading them once (GQA: each K/V head serves its query heads), RoPE inside it from cos/sin tables cached per
-  view size, no mask in memory, writing token-major rows; o_proj; gate and up as one GEMM whose SwiGLU epilogue
-  writes silu(gate) * up only; down; the last residual fused into the final norm. Weights once per call, charged
-  to `qwen2_global`; projector + layout one kernel writing the final rows.
+- fused bytes, an estimate of the Triton path (`gundam.packed`): one pass over every view (a varlen batch of
+  2m-token sequences); the sequence written once from SAM's output and the query table; per layer the residual
+  add fused into each RMSNorm (reads both, writes the sum and the norm), q_proj, k_proj and v_proj as three GEMMs
+  (the host's three weights, no concatenated copy), attention reading them once (GQA: each K/V head serves its
+  query heads), RoPE inside it from the fp32 tables' first halves, no mask in memory, writing token-major rows;
+  o_proj; gate_proj and up_proj as two GEMMs, then silu(gate) * up in one pass; down. The last layer goes on
+  with the query rows alone after attention (gathered: attention's output and the residual stream), so o_proj,
+  the MLP and the final norm (the last residual fused into it) run on half the rows. Weights once per call,
+  charged to `qwen2_global`; projector + layout one kernel writing the final rows.
 - training memory: the torch path (measured: `tests/test_cost.py`) runs views in chunks of CHUNK_TOKENS, each
   with its cos/sin (kept by the first layer's RoPE) and its bool mask (a checkpoint's input). Per layer each
   RMSNorm keeps its fp32 input (the input itself in fp32), rstd, the normalised x and its output (the next
@@ -637,6 +639,7 @@ def _qwen2(cfg: Ocr2Config, size: int, B: int, e: int, window_tables: bool = Tru
     X, KV, H = T * C * e, T * nkv * d * e, T * I * e    # q and the attention output are X too (heads * d = C)
     QKV = X + 2 * KV
     table = n * d * e                                   # cos or sin, [n, d]
+    table_f = n * d // 2 * 4                            # the fused path's: the fp32 first half of cos or sin
     mask = B * n * n * e                                # the vendor's [B, 1, n, n] additive mask
     w_q, w_kv, w_o = (C * C + C) * e, (C * nkv * d + nkv * d) * e, C * C * e
     w_mlp, w_norm = C * I * e, C * e
@@ -663,7 +666,8 @@ def _qwen2(cfg: Ocr2Config, size: int, B: int, e: int, window_tables: bool = Tru
         cnt.matmul(2 * T * C * (C + 2 * nkv * d))                       # q, k, v
         cnt.matmul(4 * B * nh * n * n * d, 4 * B * nh * allowed * d)    # q.k and p.v: all pairs | kept pairs
         cnt.recompute += 2 * B * nh * allowed * d                       # q.k again in the fused backward
-        cnt.matmul(2 * T * C * C + 3 * 2 * T * C * I)                   # o_proj; gate, up, down
+        rows = T // 2 if i == c.num_hidden_layers - 1 else T          # fused: the last layer's query rows only
+        cnt.matmul(2 * T * C * C + 3 * 2 * T * C * I, 2 * rows * C * C + 3 * 2 * rows * C * I)  # o_proj; MLP
         cnt.other += 2 * (4 * T * C + 3 * T) + T * (C + 2 * nkv * d)    # two RMSNorms, q/k/v bias
         cnt.other += 7 * T * (nh + nkv) * d // 2 + 7 * B * nh * n * n   # RoPE on q and k; scale, mask, softmax
         cnt.other += 5 * T * I + 2 * T * C                              # SiLU and gate * up; residual adds
@@ -698,15 +702,22 @@ def _qwen2(cfg: Ocr2Config, size: int, B: int, e: int, window_tables: bool = Tru
             f.add(X, X, 0, X)                                        # input_layernorm
         else:
             f.add(2 * X, 2 * X)                                      # residual (previous layer) + input_layernorm
-        f.add(X, QKV, 0, X)                                          # q, k, v: one GEMM
-        f.add(QKV + 2 * table, X, 0, X)                              # attention: RoPE inside, no mask, no copies
-        f.add(X, X, 0, X)                                            # o_proj
-        f.add(2 * X, 2 * X)                                          # residual + post_attention_layernorm
-        f.add(X, H, 0, X)                                            # gate and up: one GEMM, SwiGLU epilogue
-        f.add(H, X, 0, X)                                            # down_proj
+        f.add(X, X, 0, X)                                            # q_proj, k_proj, v_proj: three GEMMs
+        f.add(X, KV, 0, 2 * X)
+        f.add(X, KV, 0, 2 * X + KV)
+        f.add(QKV + 2 * table_f, X, 0, X)                            # attention: RoPE inside, no mask, no copies
+        Xr, Hr = X * rows // T, H * rows // T                        # what runs on after attention
+        if rows < T:
+            f.add(2 * Xr, 2 * Xr, 0, X)                              # the query rows of attention's output and x
+        f.add(Xr, Xr, 0, Xr)                                         # o_proj
+        f.add(2 * Xr, 2 * Xr)                                        # residual + post_attention_layernorm
+        f.add(Xr, Hr, 0, Xr)                                         # gate_proj, up_proj: two GEMMs
+        f.add(Xr, Hr, 0, Xr + Hr)
+        f.add(2 * Hr, Hr, 0, Xr)                                     # silu(gate) * up, one pass
+        f.add(Hr, Xr, 0, Xr)                                         # down_proj
     cnt.other += 4 * T * C + 3 * T                                   # the final norm
     _rms_norm_vendor(v, T, C, e, X + mask + 2 * table + c.num_hidden_layers * 2 * KV)
-    f.add(2 * X, X)                                                  # last residual + the final norm
+    f.add(X, X)                                                      # last residual + the final norm, query rows
 
     # training (the module docstring says what each op keeps): the torch path per chunk of views, as
     # gundam.model.Qwen2Encoder runs them, each chunk with its own cos, sin and mask; the packed path all at once

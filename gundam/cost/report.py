@@ -21,8 +21,7 @@ TRAFFIC_TITLES = {
     "deepseek-ocr": ("vendor traffic: SDPA + materialised bias, separate passes, partition copies",
                      "fused traffic: Triton path, one pass, no N x N bias, no copies"),
     "deepseek-ocr2": ("vendor traffic: SDPA + materialised bias and mask, separate passes, copies",
-                      "fused traffic: Triton path (its Qwen2 an estimate: not built yet), one pass, no N x N bias or "
-                      "mask, no copies"),
+                      "fused traffic: Triton path, one pass, no N x N bias or mask, no copies"),
 }
 
 def format_report(r: CostReport, gpu="h100", train: bool = False) -> str:
