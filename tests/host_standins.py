@@ -161,24 +161,23 @@ class VllmDeepseekOCRForCausalLM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SGLang (python/sglang/srt/models/deepseek_ocr.py): per-image layout, items of one image each
+# SGLang 0.5.23 (python/sglang/srt/models/deepseek_ocr.py, unlimited_ocr.py): per-image layout, has_local_crops;
+# items of one image each for DeepseekOCRForCausalLM (encoded item by item), stacked by UnlimitedOCRForCausalLM.
+# tests/test_real_sglang.py checks these signatures and the item layout against the real classes.
 
-class SglangDeepseekOCRForCausalLM(nn.Module):
+class _SglangOCR(nn.Module):
     def __init__(self, seed=0):
         super().__init__()
         add_encoder(self, seed)
 
-    def _pixel_values_to_embedding(self, pixel_values, images_crop, images_spatial_crop):
+    def _pixel_values_to_embedding(self, pixel_values, images_crop, images_spatial_crop, has_local_crops=None):
+        out = []
         with torch.no_grad():
-            return [vendor_encode_image(self, images_crop[j][0], pixel_values[j], images_spatial_crop[j][0])
-                    for j in range(images_spatial_crop.size(0))]
-
-    def _process_image_input(self, mm_items):
-        # items stacked into one batch: crashes when crop counts differ (what sglang PR 33214 changed)
-        pixel_values = torch.stack([item.feature for item in mm_items], dim=0)
-        images_crop = torch.stack([item.images_crop for item in mm_items], dim=0)
-        images_spatial_crop = torch.cat([item.images_spatial_crop for item in mm_items], dim=0).long()
-        return torch.cat(self._pixel_values_to_embedding(pixel_values, images_crop, images_spatial_crop))
+            for j in range(images_spatial_crop.size(0)):
+                patches = images_crop[j][0]
+                crops = has_local_crops[j] if has_local_crops is not None else torch.sum(patches).item() != 0
+                out.append(image_tokens(self, patches if crops else None, pixel_values[j][0], images_spatial_crop[j][0]))
+        return out
 
     def get_image_feature(self, items):
         return self._process_image_input(items)
@@ -187,8 +186,60 @@ class SglangDeepseekOCRForCausalLM(nn.Module):
         return input_ids
 
 
+class SglangDeepseekOCRForCausalLM(_SglangOCR):
+    is_ocr2 = False                    # the real class serves DeepSeek-OCR 2 too (not stood in here)
+
+    @staticmethod
+    def _collect_mm_flag(items, flag_name):
+        values = []
+        for item in items:
+            value = getattr(item, flag_name, None)
+            if value is None:
+                return None
+            values.append(bool(value))
+        return values
+
+    def _process_image_input(self, mm_items):
+        flags = self._collect_mm_flag(mm_items, "has_local_crops")
+        out = []
+        for idx, item in enumerate(mm_items):          # item by item: crop counts may differ
+            spatial = item.images_spatial_crop.long()
+            out.extend(self._pixel_values_to_embedding(
+                pixel_values=item.feature.unsqueeze(0), images_crop=item.images_crop.unsqueeze(0),
+                images_spatial_crop=spatial.unsqueeze(0) if spatial.dim() == 2 else spatial,
+                has_local_crops=[flags[idx]] if flags is not None else None))
+        return torch.cat(out)
+
+
+class SglangUnlimitedOCRForCausalLM(_SglangOCR):
+    """The same encoder methods; its items are stacked into one batch, which crashes when their crop counts
+    differ (sglang issue 33408)."""
+
+    @staticmethod
+    def _collect_mm_flag(items, flag_name):
+        values = []
+        for item in items:
+            value = getattr(item, flag_name, None)
+            if value is None:
+                return None
+            values.extend(value) if isinstance(value, list) else values.append(bool(value))
+        return values
+
+    def _process_image_input(self, mm_items):
+        flags = self._collect_mm_flag(mm_items, "has_local_crops")
+        pixel_values = torch.stack([item.feature for item in mm_items])
+        images_crop = torch.stack([item.images_crop for item in mm_items])
+        spatial = torch.cat([item.images_spatial_crop for item in mm_items]).long()
+        pixel_values = pixel_values.view(-1, 1, *pixel_values.shape[2:])
+        images_crop = images_crop.view(-1, 1, *images_crop.shape[2:])
+        spatial = spatial.view(-1, 1, *spatial.shape[2:])
+        return torch.cat(self._pixel_values_to_embedding(pixel_values, images_crop, spatial, has_local_crops=flags))
+
+
 def sglang_item(glob, crops, grid, S):
-    """One image as an SGLang MultimodalDataItem: feature [1, 3, B, B], images_crop [1, N, 3, S, S] (one
-    all-zero crop when the image has none), images_spatial_crop [1, 1, 2]."""
-    crops = crops if len(crops) else torch.zeros(1, 3, S, S)
-    return SimpleNamespace(feature=glob[None], images_crop=crops[None], images_spatial_crop=torch.tensor([[list(grid)]]))
+    """One image as SGLang's processor makes a MultimodalDataItem: feature [1, 3, B, B], images_crop
+    [1, N, 3, S, S] (one all-zero crop when the image has none), images_spatial_crop [1, 1, 2], has_local_crops."""
+    has = len(crops) > 0
+    crops = crops if has else torch.zeros(1, 3, S, S)
+    return SimpleNamespace(feature=glob[None], images_crop=crops[None], images_spatial_crop=torch.tensor([[list(grid)]]),
+                           has_local_crops=has)

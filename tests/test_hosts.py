@@ -20,7 +20,8 @@ import gundam
 from gundam import preprocess
 from gundam.hosts import hf, patched_encoder
 from host_standins import (DeepseekOCRModel, HFDeepseekOCRForCausalLM, SglangDeepseekOCRForCausalLM,
-                           VllmDeepseekOCRForCausalLM, add_encoder, image_tokens, sglang_item)
+                           SglangUnlimitedOCRForCausalLM, VllmDeepseekOCRForCausalLM, add_encoder, image_tokens,
+                           sglang_item)
 from testutils import TINY_MODE, assert_close, page
 
 S, B = TINY_MODE.image_size, TINY_MODE.base_size
@@ -216,27 +217,27 @@ def test_vllm_plugin_entry_point(monkeypatch):
 # SGLang
 
 def test_sglang_items_with_different_crop_counts(batch):
-    model = SglangDeepseekOCRForCausalLM(seed=5).eval()
     items = [sglang_item(g, c, grid, S) for g, c, grid in per_image(batch)]
+    unlimited = SglangUnlimitedOCRForCausalLM(seed=5).eval()
     with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
-        model.get_image_feature(items)                          # the host's own batching
-    want = [model.get_image_feature([item]) for item in items]  # item by item
-    gundam.patch(model, backend="torch")
-    got = model.get_image_feature(items)
-    assert_close(got, torch.cat(want), atol=1e-5, rtol=1e-5, what="SGLang items")
-    check(model._pixel_values_to_embedding(*batch.to_vendor()), want, "SGLang per-image layout")
-    assert_shares_parameters(model, model)
+        unlimited.get_image_feature(items)                      # Unlimited-OCR's own batching
+    for model in (SglangDeepseekOCRForCausalLM(seed=5).eval(), unlimited):
+        want = [model.get_image_feature([item]) for item in items]  # item by item
+        gundam.patch(model, backend="torch")
+        got = model.get_image_feature(items)
+        assert_close(got, torch.cat(want), atol=1e-5, rtol=1e-5, what=f"{type(model).__name__} items")
+        check(model._pixel_values_to_embedding(*batch.to_vendor()), want, "SGLang per-image layout")
+        assert_shares_parameters(model, model)
 
 
 def test_sglang_items_of_several_images(batch):
-    """SGLang's UnlimitedOCRForCausalLM (same attributes and methods) hands over items of k images each, with
-    `has_local_crops` flags: feature [k, 3, B, B], images_crop [k, N, 3, S, S], images_spatial_crop [1, k, 2]."""
-    model = SglangDeepseekOCRForCausalLM(seed=6).eval()
+    """SGLang's processors put all images of a request in one item: feature [k, 3, B, B], images_crop [1, all
+    their crops, 3, S, S], images_spatial_crop [1, k, 2], has_local_crops (Unlimited-OCR: one per image)."""
+    model = SglangUnlimitedOCRForCausalLM(seed=6).eval()
     images = per_image(batch)                                   # 2x1 (2 crops), none, 3x2 (6 crops)
-    pad = lambda c, n: torch.cat([c, c.new_zeros(n - len(c), 3, S, S)]) if len(c) else c.new_zeros(n, 3, S, S)
-    two = SimpleNamespace(feature=torch.stack([images[0][0], images[1][0]]),
-                          images_crop=torch.stack([images[0][1], pad(images[1][1], 2)]),
-                          images_spatial_crop=torch.tensor([[list(images[0][2]), list(images[1][2])]]))
+    two = SimpleNamespace(feature=torch.stack([images[0][0], images[1][0]]), images_crop=images[0][1][None],
+                          images_spatial_crop=torch.tensor([[list(images[0][2]), list(images[1][2])]]),
+                          has_local_crops=[True, False])
     one = sglang_item(*images[2], S)
     with torch.no_grad():
         want = [image_tokens(model, c if len(c) else None, g, grid) for g, c, grid in images]
@@ -244,6 +245,12 @@ def test_sglang_items_of_several_images(batch):
     assert_close(model.get_image_feature([two, one]), torch.cat(want), atol=1e-5, rtol=1e-5, what="k-image items")
     pv, ic, sc = batch.to_vendor()
     check(model._pixel_values_to_embedding(pv, ic, sc, has_local_crops=[True, False, True]), want, "flags")
+    bad = SimpleNamespace(**dict(vars(two), images_spatial_crop=torch.tensor([[[2, 1]]])))
+    with pytest.raises(ValueError, match=r"item 0 has 2 images and images_spatial_crop \[1, 1, 2\]"):
+        model.get_image_feature([bad])
+    bad = SimpleNamespace(**dict(vars(two), images_crop=images[2][1][None]))
+    with pytest.raises(ValueError, match="item 0 holds 6 crops, its images_spatial_crop asks for 2"):
+        model.get_image_feature([bad])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,13 +360,15 @@ def test_host_that_is_not_deepencoder_shaped():
 # ---------------------------------------------------------------------------------------------------------
 # the real host classes, where installed
 
-@pytest.mark.parametrize("module,methods", [
-    ("vllm.model_executor.models.deepseek_ocr", ["_pixel_values_to_embedding", "_process_image_input"]),
-    ("sglang.srt.models.deepseek_ocr", ["_pixel_values_to_embedding", "_process_image_input"]),
+@pytest.mark.parametrize("module,cls,extra", [
+    ("vllm.model_executor.models.deepseek_ocr", "DeepseekOCRForCausalLM", []),
+    ("sglang.srt.models.deepseek_ocr", "DeepseekOCRForCausalLM", ["has_local_crops"]),
+    ("sglang.srt.models.unlimited_ocr", "UnlimitedOCRForCausalLM", ["has_local_crops"]),
 ])
-def test_real_host_class_has_what_the_patch_replaces(module, methods):
-    cls = pytest.importorskip(module).DeepseekOCRForCausalLM
-    for name in methods:
+def test_real_host_class_has_what_the_patch_replaces(module, cls, extra):
+    """(tests/test_real_sglang.py and tests/test_real_vllm.py check much more, where those hosts are installed.)"""
+    cls = getattr(pytest.importorskip(module), cls)
+    for name in ["_pixel_values_to_embedding", "_process_image_input"]:
         assert callable(getattr(cls, name, None)), name
     params = list(inspect.signature(cls._pixel_values_to_embedding).parameters)
-    assert params[1:] == ["pixel_values", "images_crop", "images_spatial_crop"]
+    assert params[1:] == ["pixel_values", "images_crop", "images_spatial_crop", *extra]
