@@ -19,6 +19,21 @@ from gundam.kernels.tiling import layer_norm_config
 
 
 @triton.jit
+def _residual_row(x_ptr, r_ptr, h_ptr, row, offs_n, mask_n, stride_xm, stride_rm, stride_hm,
+                  HAS_RESIDUAL: tl.constexpr, ACC: tl.constexpr):
+    """A norm kernel's row in ACC: x, or with HAS_RESIDUAL the residual stream h = x + r, stored first in the
+    activation dtype and normalised as that rounded value, as the torch path does (fp32 sum of two 16-bit values
+    rounded once: torch's own add; a no-op in fp32). Shared by LayerNorm and RMSNorm (rmsnorm.py)."""
+    x = tl.load(x_ptr + row * stride_xm + offs_n, mask=mask_n, other=0.0).to(ACC)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * stride_rm + offs_n, mask=mask_n, other=0.0).to(ACC)
+        h = (x + r).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * stride_hm + offs_n, h, mask=mask_n)
+        x = h.to(ACC)
+    return x
+
+
+@triton.jit
 def _layer_norm_kernel(
     x_ptr,          # [T, C] input (rows may be strided)
     r_ptr,          # [T, C] residual (HAS_RESIDUAL)
@@ -37,14 +52,7 @@ def _layer_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < C
-    x = tl.load(x_ptr + row * stride_xm + offs_n, mask=mask_n, other=0.0).to(ACC)
-    if HAS_RESIDUAL:
-        r = tl.load(r_ptr + row * stride_rm + offs_n, mask=mask_n, other=0.0).to(ACC)
-        # The residual stream is stored in the activation dtype; normalise exactly that rounded value, as the
-        # torch path does (a no-op in fp32).
-        h = (x + r).to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + row * stride_hm + offs_n, h, mask=mask_n)
-        x = h.to(ACC)
+    x = _residual_row(x_ptr, r_ptr, h_ptr, row, offs_n, mask_n, stride_xm, stride_rm, stride_hm, HAS_RESIDUAL, ACC)
     mean = tl.sum(x, axis=0) / C
     # Two-pass variance on the register-resident row: no E[x^2] - E[x]^2 cancellation.
     xc = tl.where(mask_n, x - mean, 0.0)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from gundam.kernels.launch import GRAD_DTYPES, acc_dtype, check_tensor, resolve_config, tl_acc_dtype
+from gundam.kernels.layernorm import _residual_row
 from gundam.kernels.tiling import rms_norm_config
 
 
@@ -45,14 +46,7 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < C
-    x = tl.load(x_ptr + row * stride_xm + offs_n, mask=mask_n, other=0.0).to(ACC)
-    if HAS_RESIDUAL:
-        r = tl.load(r_ptr + row * stride_rm + offs_n, mask=mask_n, other=0.0).to(ACC)
-        # the residual stream is stored in the activation dtype; normalise that rounded value, as the torch
-        # path does (fp32 sum of two 16-bit values rounded once: torch's own add; a no-op in fp32)
-        h = (x + r).to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + row * stride_hm + offs_n, h, mask=mask_n)
-        x = h.to(ACC)
+    x = _residual_row(x_ptr, r_ptr, h_ptr, row, offs_n, mask_n, stride_xm, stride_rm, stride_hm, HAS_RESIDUAL, ACC)
     # masked lanes are 0: they add nothing to the sum of squares
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / C + eps)
     n = (x * rstd).to(y_ptr.dtype.element_ty)             # the reference's cast before the weight multiply

@@ -290,6 +290,22 @@ def test_window_padding_ratio():
     assert clip.program_table(64, 16)[:, PROG_Q0].tolist() == [0, 64, 128, 192, 256]
 
 
+def test_ocr2_sam_tiling():
+    # DeepSeek-OCR 2's SAM: 768 px crops are 48 x 48 grids. Windows of 14 pad them to 56 (16 windows, as the
+    # 1024 view's 25 are 14 x 14): the same 1.21x as above, with the same config. Global blocks: 48 x 48 = 2304
+    # queries = 18 blocks of 128 and 6 x 6 key tiles of 8 x 8: no waste at all, with the config of DeepSeek-OCR's
+    # mixed launch (so the compile check's entries cover it)
+    win = build_segments([(0, 64, 64), (4096, 48, 48)], 14)
+    assert dict(win.group_shapes) == {(14, 14): 25 + 16}
+    cfg = choose_config(win, 64, torch.bfloat16)
+    assert cfg == choose_config(build_segments([(0, 64, 64), (4096, 40, 40)], 14), 64, torch.bfloat16)
+    assert mma_work(win.group_shapes, *_tile(cfg)) == (41 * 208 * 224, 41 * 196 * 196)
+    glob = build_segments([(0, 64, 64), (4096, 48, 48)])
+    cfg = choose_config(glob, 64, torch.bfloat16)
+    assert cfg == choose_config(build_segments([(0, 64, 64), (4096, 40, 40)]), 64, torch.bfloat16)
+    assert mma_work(glob.group_shapes, *_tile(cfg)) == (4096 ** 2 + 2304 ** 2,) * 2
+
+
 def test_errors_are_clear():
     seg, (qkv, rh, rw, b), _ = attention_inputs([(0, 6, 6)], 2, 16, 14, window=4)
     with pytest.raises(ValueError, match=r"attention: qkv has shape \(36, 96\), expected 4 dims"):
