@@ -32,10 +32,24 @@ ENV = "GUNDAM_PATCH_VLLM"
 
 
 def replacements(model, owner, state):
+    if encoder_cudagraphs_on():
+        raise ValueError("gundam.patch: vLLM's encoder CUDA graphs are on (compilation_config.cudagraph_mm_encoder="
+                         "True): they capture the host's own encoder, which the patch does not replace; serve "
+                         "without them (the default), or leave this model unpatched")
     out = [(owner, "_pixel_values_to_embedding", PixelValuesToEmbedding(state))]
     if getattr(type(owner), "encoder_cudagraph_forward", None) is not None:
         out.append((owner, "__class__", eager_class(type(owner))))
     return out
+
+
+def encoder_cudagraphs_on() -> bool:
+    """Whether the vLLM config being built asks for encoder CUDA graphs (opt-in; False outside vLLM)."""
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+    except ImportError:
+        return False
+    config = get_current_vllm_config_or_none()
+    return bool(getattr(getattr(config, "compilation_config", None), "cudagraph_mm_encoder", False))
 
 
 _EAGER = {}
@@ -71,6 +85,7 @@ def register():
     if os.environ.get(ENV, "0").lower() not in ("1", "true", "yes"):
         return
     from vllm import ModelRegistry
-    for arch, module in (("DeepseekOCRForCausalLM", "deepseek_ocr"), ("UnlimitedOCRForCausalLM", "unlimited_ocr")):
+    for arch, module in (("DeepseekOCRForCausalLM", "deepseek_ocr"), ("DeepseekOCR2ForCausalLM", "deepseek_ocr2"),
+                         ("UnlimitedOCRForCausalLM", "unlimited_ocr")):
         if importlib.util.find_spec(f"vllm.model_executor.models.{module}") is not None:
             ModelRegistry.register_model(arch, f"gundam.hosts.vllm_model:{arch}")
