@@ -9,7 +9,8 @@ own classes (the host hard-codes SAM ViT-B, CLIP-L and a 24-layer Qwen2: the tes
 host's modules for ones that call the host's classes with small sizes; CLIP keeps width 1024, SAM's output).
 The loading path is vLLM's: `initialize_model`, `load_weights`, then `process_weights_after_loading`, where the
 CPU platform repacks CLIP's linears (their `weight` left empty) and where gundam's plugin class patches itself.
-`test_llm_greedy_tokens` runs a whole `LLM(...)` twice, in subprocesses, with and without GUNDAM_PATCH_VLLM=1.
+`test_llm_greedy_tokens` runs a whole `LLM(...)` twice, in subprocesses, with and without GUNDAM_PATCH_VLLM=1,
+for DeepSeek-OCR and DeepSeek-OCR 2.
 """
 import inspect
 import json
@@ -17,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -299,7 +301,8 @@ import gundam
 from gundam.encoder import GundamEncoder
 calls = []
 inner = GundamEncoder.forward_vendor
-GundamEncoder.forward_vendor = lambda self, *a, **k: (calls.append(len(a[0])), inner(self, *a, **k))[1]
+# both families' patched _pixel_values_to_embedding land here (gundam.hosts.shared.PixelValuesToEmbedding)
+GundamEncoder.forward_vendor = lambda self, *a, **k: (calls.append([self.family, len(a[0])]), inner(self, *a, **k))[1]
 from PIL import Image
 from vllm import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=4096, seed=0,
@@ -312,28 +315,37 @@ print("RESULT", json.dumps({{"tokens": list(out[0].outputs[0].token_ids), "encod
 '''.format(builders=TINY_BUILDERS)
 
 
-def test_llm_greedy_tokens(host, tmp_path):
+FAMILY_NAME = {"ocr": "deepseek-ocr", "ocr2": "deepseek-ocr2"}
+
+
+# not Unlimited-OCR: its language model cannot run on a CPU in vLLM 0.32 (engine_config)
+@pytest.mark.parametrize("family", ["ocr", "ocr2"])
+def test_llm_greedy_tokens(host, tmp_path, family):
     """A whole vLLM engine (its processor, scheduler, CPU worker, the profiling run) on a tiny checkpoint, greedy
-    tokens with GUNDAM_PATCH_VLLM=1 and without: identical, and only the patched run went through the encoder."""
+    tokens with GUNDAM_PATCH_VLLM=1 and without: identical, and only the patched run went through the encoder
+    (of the checkpoint's family)."""
     ckpt = str(tmp_path / "ckpt")
-    write_checkpoint(ckpt, "ocr", hf_checkpoint(build(host, "ocr", plugin=False, process=False), seed=3))
+    write_checkpoint(ckpt, family, hf_checkpoint(build(host, family, plugin=False, process=False), seed=3))
     image = tmp_path / "page.png"
     page(1300, 650, seed=7).save(image)
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(RUN))
-    results = {}
+    results, seconds = {}, {}
     for patched in (False, True):
         env = dict(os.environ, GUNDAM_PATCH_VLLM="1" if patched else "0", GUNDAM_BACKEND="auto")
+        start = time.perf_counter()
         proc = subprocess.run([sys.executable, str(script), ckpt, str(image)], env=env, capture_output=True,
                               text=True, timeout=900)
+        seconds[patched] = time.perf_counter() - start
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         assert proc.returncode == 0 and line, f"patched={patched}: rc {proc.returncode}\n{proc.stderr[-3000:]}"
         results[patched] = json.loads(line[0][len("RESULT "):])
     assert results[False]["encoder_calls"] == []                    # the host's own encoder
-    assert results[True]["encoder_calls"] and all(n >= 1 for n in results[True]["encoder_calls"])
+    calls = results[True]["encoder_calls"]
+    assert calls and all(f == FAMILY_NAME[family] and n >= 1 for f, n in calls), calls
     assert results[True]["tokens"] == results[False]["tokens"], results
     assert len(results[True]["tokens"]) == 8
     assert abs(results[True]["logprob"] - results[False]["logprob"]) < 1e-4 * max(1.0, abs(results[False]["logprob"]))
-    print(f"greedy tokens {results[True]['tokens']}, cumulative logprob {results[True]['logprob']:.6f} / "
-          f"{results[False]['logprob']:.6f}; encoder calls (images each): patched {results[True]['encoder_calls']}, "
-          f"unpatched {results[False]['encoder_calls']}")
+    print(f"{family}: greedy tokens {results[True]['tokens']}, cumulative logprob {results[True]['logprob']:.6f} / "
+          f"{results[False]['logprob']:.6f}; encoder calls [family, images]: patched {calls}, unpatched "
+          f"{results[False]['encoder_calls']}; LLM runs {seconds[True]:.0f} s patched, {seconds[False]:.0f} s not")
