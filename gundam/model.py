@@ -41,6 +41,8 @@ def kernels():
     triton is first imported, and `import gundam` does not import triton."""
     import gundam.kernels.activation, gundam.kernels.attention, gundam.kernels.layernorm, gundam.kernels.layout  # noqa: E401,F401
     import gundam.kernels.prefix_attention, gundam.kernels.rmsnorm, gundam.kernels.segments, gundam.kernels.swiglu  # noqa: E401,F401
+    from gundam.kernels import interpreter
+    interpreter.install()   # a no-op unless TRITON_INTERPRET=1
     return gundam.kernels
 
 

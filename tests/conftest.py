@@ -7,6 +7,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from gundam.kernels import interpreter  # noqa: E402
+
+interpreter.install()   # the kernel tests call the launchers directly, not through gundam.model.kernels()
+
 from testutils import TINY, randomize  # noqa: E402
 
 
