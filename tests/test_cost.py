@@ -802,3 +802,18 @@ def test_ocr2_costs_more_than_deepseek_ocr_per_page():
     # 640 px crops and CLIP-L
     ocr2, ocr1 = estimate(1900, 1250, "ocr2"), estimate(1900, 1250, "gundam")
     assert 1.6 < ocr2.total.matmul_flops / ocr1.total.matmul_flops < 1.7
+
+
+@pytest.mark.parametrize("n", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_ocr2_training_memory_of_the_packed_path(n):
+    # the Triton path's autograd Functions keep what the model says (in Triton's interpreter): n copies of a 1x2
+    # image (global views and crops of two sizes in one pass; the last layer on the query rows)
+    import gundam.model
+    from testutils import OCR2_TRAIN, OCR2_TRAIN_MODE, page, randomize
+    enc = randomize(GundamEncoder(OCR2_TRAIN), seed=3)
+    batch = preprocess([page(810, 1700, seed=0)] * n, OCR2_TRAIN_MODE)
+    assert batch.grids == [(1, 2)] * n
+    measured = saved_in_training(enc, batch, "triton", [(gundam.model.SamBlock, "forward_packed"),
+                                                        (gundam.model.Qwen2Layer, "forward_packed")])
+    est = estimate(810, 1700, OCR2_TRAIN_MODE, config=OCR2_TRAIN, batch=n, dtype="fp32")
+    check_training_memory(est, measured, fused=True)

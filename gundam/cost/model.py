@@ -109,8 +109,10 @@ queries' outputs.
   linears' input); SDPA (CPU's flash kernel; CUDA's memory-efficient one keeps the same) the rotated q, the
   repeated k and v, its output, the fp32 log-sum-exp and the mask as a float [n, n]; SwiGLU the gate and up
   outputs, SiLU's output and their product; the final norm its fp32 input, rstd and the normalised x. The packed
-  path (an estimate): each fused RMSNorm its input and output, attention the unrotated q, k, v, its output and
-  the log-sum-exp, SwiGLU gate, up and their product; nothing n x n.
+  path (measured too): each fused RMSNorm its input and output, attention the unrotated q, k, v, its output and
+  the log-sum-exp (the first layer also the fp32 RoPE tables), SwiGLU gate, up and their product; the last layer
+  after attention its query rows only (the gathered attention output and their int64 indices, the norm,
+  SwiGLU), and the final norm its input's query rows; nothing n x n.
 
 Roofline: a stage's floor time = max(matmul FLOPs / peak dense tensor FLOP/s, bytes / HBM bandwidth), bound by
 whichever is larger; `other_flops` are left out (they ride along the memory-bound passes). Stages run one after
@@ -732,9 +734,19 @@ def _qwen2(cfg: Ocr2Config, size: int, B: int, e: int, window_tables: bool = Tru
             first = i == 0                            # cos, sin (and the bool mask) once per chunk
             v.saved.block(2 * norm + attn + mlp + 2 * table * first, inputs=x + (2 * table + n * n) * first)
         v.saved.outside += t * C * 4 + t * 4 + x                    # the final norm (its output is not kept)
+    # the packed path: one pair of fp32 RoPE tables for the pass, as long as its longest view (kept by the first
+    # layer's attention, a checkpoint's input): charged to the global stage (window_tables), the crop stage adding
+    # the rows its views need beyond the global view's
+    rope_rows = n if window_tables else max(0, n - 2 * cfg.tokens_per_side(cfg.base_size) ** 2)
+    tables_f = 2 * rope_rows * d * 4
     for i in range(c.num_hidden_layers):
-        f.saved.block(2 * X + QKV + X + 4 * nh * T + 2 * X + 3 * H, inputs=X if i == 0 else 2 * X)
-    f.saved.outside += X                                             # the final norm's input
+        first, last = i == 0, i == c.num_hidden_layers - 1
+        before = 2 * X + QKV + X + 4 * nh * T                        # the norm, q/k/v, attention's output and LSE
+        # after attention: o_proj's input (attention's output; the last layer: its query rows, gathered, and
+        # their int64 indices), the norm, SwiGLU
+        after = (X // 2 + 8 * (T // 2) + X + 3 * H // 2) if last else 2 * X + 3 * H
+        f.saved.block(before + after + tables_f * first, inputs=(X if first else 2 * X) + tables_f * first)
+    f.saved.outside += X // 2                                        # the final norm's input: the query rows
     return cnt, v, f, wb
 
 
