@@ -2,9 +2,11 @@
 
     python examples/train_overfit.py                          # renders the overfit set into a temp dir; CPU
     python examples/train_overfit.py --data DIR --images 3 --steps 150 --json
+    python examples/train_overfit.py --family ocr2               # DeepSeek-OCR 2's encoder (DeepEncoder V2)
 
 Each image's packed vision tokens (crops' rows, global rows, each row ending in `image_newline`, then
-`view_seperator`: the vendor's order, as `EncoderOutput.split()` gives them) are the prefix of a causal
+`view_seperator`: the vendor's order, as `EncoderOutput.split()` gives them; DeepSeek-OCR 2's encoder,
+`--family ocr2`: the crops' query tokens, the global view's, then `view_seperator`) are the prefix of a causal
 sequence, followed by the prompt's and the answer's bytes. The loss is cross-entropy on the answer bytes; the
 encoder and the decoder are trained together with AdamW. `swap_loss` evaluates every answer after another
 image's vision tokens: far above the final loss, it shows the decoder reads the image, not just the text.
@@ -17,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -27,18 +29,31 @@ from tqdm import tqdm
 
 from gundam import GundamEncoder
 from gundam.encoder import resolve_backend
-from gundam.config import MODES, ClipConfig, EncoderConfig, Mode, ProjectorConfig, SamConfig, resolve_mode
+from gundam.config import (MODES, ClipConfig, EncoderConfig, Mode, Ocr2Config, ProjectorConfig, Qwen2Config,
+                           SamConfig, resolve_mode)
 from gundam.data import GundamDataset, ViewBudgetSampler, collate
 
 IMAGE = "<image>"   # the prompt's placeholder for the vision tokens; they go first, so it is dropped
 
 
-def small_encoder_config() -> EncoderConfig:
-    """The DeepEncoder's structure (window and global SAM blocks, padded windows, CLIP on SAM's output, the
-    projector) at a size that trains on a CPU."""
+FAMILIES = {"ocr": "deepseek-ocr", "ocr2": "deepseek-ocr2"}     # --family: DeepEncoder, DeepEncoder V2
+SMALL_SAM = SamConfig(img_size=256, embed_dim=64, depth=3, num_heads=4, window_size=8, global_attn_indexes=(1,),
+                      out_chans=64, net_2_chans=96, net_3_chans=128)
+
+
+def small_encoder_config(family: str = "deepseek-ocr", mode: Mode | None = None) -> EncoderConfig | Ocr2Config:
+    """The encoder's structure at a size that trains on a CPU. DeepSeek-OCR: window and global SAM blocks,
+    padded windows, CLIP on SAM's output, the projector. DeepSeek-OCR 2: the same SAM, a 2-layer GQA Qwen2
+    with one learned query table per view size of `mode` (the encoder takes those two sizes only)."""
+    if family == "deepseek-ocr2":
+        return Ocr2Config(
+            sam=SMALL_SAM,
+            qwen2=Qwen2Config(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=256),
+            projector=ProjectorConfig(input_dim=128, n_embed=256), base_size=mode.base_size,
+            image_size=mode.image_size)
     return EncoderConfig(
-        sam=SamConfig(img_size=256, embed_dim=64, depth=3, num_heads=4, window_size=8, global_attn_indexes=(1,),
-                      out_chans=64, net_2_chans=96, net_3_chans=128),
+        sam=SMALL_SAM,
         clip=ClipConfig(hidden_size=128, num_layers=2, num_attention_heads=4, ffn_hidden_size=256, image_size=56,
                         patch_size=14),
         projector=ProjectorConfig(input_dim=256, n_embed=256),
@@ -147,33 +162,45 @@ def batches_forever(loader: DataLoader, sampler: ViewBudgetSampler):
         epoch += 1
 
 
-def parse_mode(text: str, max_crops: int | None) -> Mode:
-    """A mode name, or custom view sizes "BASE,CROP" (crop mode on), e.g. "256,192"."""
+def parse_mode(text: str, family: str = "deepseek-ocr") -> Mode:
+    """A mode name, or custom view sizes "BASE,CROP" (crop mode on, `family`'s cropping rules), e.g. "256,192"."""
     if text in MODES:
-        return resolve_mode(text, max_crops)
+        return MODES[text]
     try:
         base, crop = (int(s) for s in text.split(","))
     except ValueError:
         raise ValueError(f"--mode {text!r}: expected a mode name ({', '.join(MODES)}) or BASE,CROP view sizes "
                          f"in px such as 256,192") from None
-    return resolve_mode(Mode(base, crop, True), max_crops)
+    if family == "deepseek-ocr2":
+        return replace(MODES["ocr2"], base_size=base, image_size=crop)
+    return Mode(base, crop, True)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # training
 
-def build(args, dataset: GundamDataset, device) -> tuple[GundamEncoder, Decoder]:
+def build_encoder(args, device) -> tuple[GundamEncoder, Mode]:
+    """The encoder (from --weights, whose keys give its family, or small and random of --family) and the mode
+    its views come in: --mode, else the checkpoint encoder's own or 256,192."""
     torch.manual_seed(args.seed)
     if args.weights:
         encoder = GundamEncoder.from_pretrained(args.weights, device=device, backend=args.backend).train()
+        mode = encoder.mode if args.mode is None else parse_mode(args.mode, encoder.family)
     else:
-        encoder = GundamEncoder(small_encoder_config(), backend=args.backend).to(device)
+        family = FAMILIES[args.family]
+        mode = parse_mode(args.mode or "256,192", family)
+        encoder = GundamEncoder(small_encoder_config(family, mode), backend=args.backend).to(device)
+    mode = resolve_mode(mode, args.max_crops)
+    encoder.check_mode(mode)
     if args.checkpointing:
-        encoder.gradient_checkpointing_enable()   # each SAM block and CLIP layer recomputed in the backward
+        encoder.gradient_checkpointing_enable()   # each SAM block and CLIP / Qwen2 layer recomputed in the backward
+    return encoder, mode
+
+
+def build_decoder(encoder: GundamEncoder, dataset: GundamDataset, device) -> Decoder:
     # any image's tokens with any text: the swap loss pairs answers with other images
     max_len = max(lay.tokens for lay in dataset.layouts) + max(sum(map(len, text_of(r))) for r in dataset.records)
-    decoder = Decoder(DecoderConfig(encoder.config.projector.n_embed, max_len)).to(device)
-    return encoder, decoder
+    return Decoder(DecoderConfig(encoder.config.projector.n_embed, max_len)).to(device)
 
 
 def step_loss(encoder: GundamEncoder, decoder: Decoder, rb, device) -> torch.Tensor:
@@ -206,7 +233,7 @@ def train(args, emit=print) -> dict:
             resolve_backend(args.backend, device)
         except RuntimeError as e:
             raise ValueError(f"--backend triton: {e}") from None
-    mode = parse_mode(args.mode, args.max_crops)
+    encoder, mode = build_encoder(args, device)
     data_dir = args.data
     if data_dir is None:
         from gundam.data.overfit import make_overfit_set
@@ -221,7 +248,7 @@ def train(args, emit=print) -> dict:
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     eval_loader = DataLoader(cached, batch_sampler=ViewBudgetSampler(dataset.views, args.views, shuffle=False),
                              collate_fn=collate)
-    encoder, decoder = build(args, dataset, device)
+    decoder = build_decoder(encoder, dataset, device)
     params = list(encoder.parameters()) + list(decoder.parameters())
     encoder_lr = args.lr if args.encoder_lr is None else args.encoder_lr
     optimizer = torch.optim.AdamW([{"params": list(encoder.parameters()), "lr": encoder_lr},
@@ -230,7 +257,7 @@ def train(args, emit=print) -> dict:
     crops = f"{mode.image_size} px crops" if mode.crop_mode else "no crops"
     print(f"{len(dataset)} images: {mode.base_size} px global views, {crops}; "
           f"{len(sampler)} batches of <= {args.views} views per epoch; encoder {n_enc / 1e6:.2f}M params, "
-          f"decoder {n_dec / 1e6:.2f}M; {device}, backend {args.backend}", file=sys.stderr)
+          f"decoder {n_dec / 1e6:.2f}M ({encoder.family}); {device}, backend {args.backend}", file=sys.stderr)
 
     initial, _ = evaluate(encoder, decoder, eval_loader, device)
     batches = batches_forever(loader, sampler)
@@ -275,13 +302,18 @@ def parse_args(argv=None):
     p.add_argument("--data", help="directory with records.jsonl (default: render the overfit set into a temp dir)")
     p.add_argument("--images", type=int, default=None, help="train on the first N records (default: all)")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--mode", default="256,192", help="a mode name (e.g. gundam) or BASE,CROP view sizes in px "
-                                                     "(default 256,192: small views, so it runs on a CPU)")
+    p.add_argument("--mode", default=None, help="a mode name (e.g. gundam) or BASE,CROP view sizes in px (default "
+                                                 "256,192: small views, so it runs on a CPU; with --weights, the "
+                                                 "checkpoint encoder's mode)")
     p.add_argument("--max-crops", type=int, default=None, help="2..9 (default 6)")
-    p.add_argument("--weights", help="start from a DeepSeek-OCR checkpoint instead of a small random encoder")
+    p.add_argument("--family", default="ocr", choices=list(FAMILIES),
+                   help="the small random encoder's: DeepSeek-OCR's (ocr) or DeepSeek-OCR 2's (ocr2)")
+    p.add_argument("--weights", help="start from a DeepSeek-OCR or DeepSeek-OCR 2 checkpoint instead of a small "
+                                     "random encoder (its family from its keys)")
     p.add_argument("--backend", default="torch", choices=["auto", "torch", "triton"])
     p.add_argument("--checkpointing", action="store_true",
-                   help="recompute each SAM block and CLIP layer in the backward pass (less memory, more time)")
+                   help="recompute each SAM block and CLIP / Qwen2 layer in the backward pass (less memory, more "
+                        "time)")
     p.add_argument("--lr", type=float, default=5e-3, help="decoder learning rate")
     p.add_argument("--encoder-lr", type=float, default=None, help="encoder learning rate (default: --lr; use far "
                                                                    "less with --weights)")

@@ -35,10 +35,12 @@ def three(tmp_path_factory):
     return path
 
 
-def first_images(data_dir, args, n):
-    """The dataset of the first n images, and all of them in one batch."""
-    ds = GundamDataset.from_jsonl(data_dir / "records.jsonl", train_overfit.parse_mode(args.mode, None), limit=n)
-    return ds, collate([ds[i] for i in range(n)])
+def built(data_dir, argv, n):
+    """The example's encoder and decoder for `argv`, and the first n images in one batch."""
+    args = train_overfit.parse_args(["--data", str(data_dir), *argv])
+    encoder, mode = train_overfit.build_encoder(args, torch.device("cpu"))
+    ds = GundamDataset.from_jsonl(data_dir / "records.jsonl", mode, limit=n)
+    return encoder, train_overfit.build_decoder(encoder, ds, torch.device("cpu")), collate([ds[i] for i in range(n)])
 
 
 def run(argv, capsys) -> list[dict]:
@@ -46,11 +48,11 @@ def run(argv, capsys) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
-def test_first_step_reaches_every_encoder_parameter(three):
-    args = train_overfit.parse_args(["--data", str(three)])
-    ds, rb = first_images(three, args, 3)
+@pytest.mark.parametrize("family", ["ocr", "ocr2"])
+def test_first_step_reaches_every_encoder_parameter(three, family):
+    encoder, decoder, rb = built(three, ["--family", family], 3)
+    assert encoder.family == train_overfit.FAMILIES[family]
     assert len(rb.records) == 3 and [lay.grid for lay in rb.batch.layouts] == [(1, 2), (3, 2), (2, 2)]
-    encoder, decoder = train_overfit.build(args, ds, torch.device("cpu"))
     train_overfit.step_loss(encoder, decoder, rb, "cpu").backward()
     bad = [name for name, p in encoder.named_parameters()
            if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().max() == 0]
@@ -60,9 +62,7 @@ def test_first_step_reaches_every_encoder_parameter(three):
 def test_checkpointing_gives_the_same_gradients(three):
     grads = {}
     for flag in ([], ["--checkpointing"]):
-        args = train_overfit.parse_args(["--data", str(three), *flag])
-        ds, rb = first_images(three, args, 1)   # the receipt, cut 1x2
-        encoder, decoder = train_overfit.build(args, ds, torch.device("cpu"))
+        encoder, decoder, rb = built(three, flag, 1)   # the receipt, cut 1x2
         loss = train_overfit.step_loss(encoder, decoder, rb, "cpu")
         loss.backward()
         grads[bool(flag)] = (loss.detach(), {n: p.grad for n, p in encoder.named_parameters()})
@@ -71,18 +71,23 @@ def test_checkpointing_gives_the_same_gradients(three):
         assert_close(grads[True][1][name], g, 1e-6, 1e-5, name)
 
 
-def test_overfit_three_images(three, capsys, tmp_path):
+@pytest.mark.parametrize("family", ["ocr", "ocr2"])
+def test_overfit_three_images(three, capsys, tmp_path, family):
     """The loss falls 10x in a few dozen steps, and the decoder reads the image: answers after another image's
     vision tokens cost far more."""
-    lines = run(["--data", str(three), "--steps", "30", "--views", "16", "--json", "--out", str(tmp_path)], capsys)
+    lines = run(["--data", str(three), "--family", family, "--steps", "30", "--views", "16", "--json", "--out",
+                 str(tmp_path)], capsys)
     steps, result = lines[:-1], lines[-1]
     assert [s["step"] for s in steps] == [1, 10, 20, 30]
     assert result["initial_loss"] > 5, result                  # about ln 256 = 5.5 before training
     assert result["final_loss"] * 10 <= result["initial_loss"], result
     assert result["swap_loss"] >= 10 * result["final_loss"], result
     # the weights it wrote load back; the encoder through from_pretrained
-    enc = GundamEncoder.from_pretrained(tmp_path / "encoder.safetensors", config=train_overfit.small_encoder_config())
-    assert set(enc.state_dict()) == set(GundamEncoder(train_overfit.small_encoder_config()).state_dict())
+    config = train_overfit.small_encoder_config(train_overfit.FAMILIES[family], train_overfit.parse_mode("256,192",
+                                                train_overfit.FAMILIES[family]))
+    enc = GundamEncoder.from_pretrained(tmp_path / "encoder.safetensors", config=config)
+    assert enc.family == train_overfit.FAMILIES[family]
+    assert set(enc.state_dict()) == set(GundamEncoder(config).state_dict())
     assert (tmp_path / "decoder.safetensors").is_file()
 
 
@@ -92,7 +97,18 @@ def test_triton_backend_trains(three, capsys, attention):
     # losses are the torch backend's. Step 1's loss is the forward's; step 2's and the final loss follow from
     # the gradients through AdamW, whose first steps move a parameter by about +-lr whatever its gradient's
     # size, so fp32 rounding in a near-zero gradient could show: 1e-5 relative (measured: 1e-7).
-    argv = ["--data", str(three), "--images", "1", "--steps", "2", "--mode", "128,64", "--json", "--log-every", "1"]
+    check_triton_losses(three, capsys, [])
+
+
+@pytest.mark.slow
+def test_triton_backend_trains_ocr2(three, capsys):
+    # the same for DeepSeek-OCR 2's encoder: SAM, the Qwen2 kernels, the projector's
+    check_triton_losses(three, capsys, ["--family", "ocr2"])
+
+
+def check_triton_losses(three, capsys, extra):
+    argv = ["--data", str(three), "--images", "1", "--steps", "2", "--mode", "128,64", "--json", "--log-every", "1",
+            *extra]
     losses = {b: run([*argv, "--backend", b], capsys) for b in ("torch", "triton")}
     print(losses)
     assert [set(line) for line in losses["triton"]] == [set(line) for line in losses["torch"]]
