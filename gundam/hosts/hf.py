@@ -11,7 +11,8 @@ with a hard-coded `.cuda()`), then `DeepseekV2Model.forward` runs on `inputs_emb
 inputs with `.cuda()` and calls `generate`.
 
 DeepSeek-OCR 2's `modeling_deepseekocr2.py` (HF repository deepseek-ai/DeepSeek-OCR-2; read in public copies of
-it, RealBSMC/OpenNoteVisionLM 0b1e2f7 and sen-ye/DeepSeek-OCR2-query-ablation d397ea1, which agree on it):
+it, RealBSMC/OpenNoteVisionLM 0b1e2f7 and sen-ye/DeepSeek-OCR2-query-ablation d397ea1, which agree on the
+encoding, not on their own additions: device moves, ablation hooks):
 `DeepseekOCR2ForCausalLM.model` is a `DeepseekOCR2Model` holding sam_model, qwen2_model, projector and
 view_seperator, whose `forward` is the same loop with DeepEncoder V2: per row the crops' tokens (one crop after
 another, when the crops are not all zeros), the global view's, the separator; `infer` crops only images larger
