@@ -46,7 +46,7 @@ import gundam
 from gundam import GundamEncoder, preprocess
 from gundam.hosts import patched_encoder
 from gundam.hosts.hf import CudaCallsTo
-from testutils import TINY, TINY_MODE, assert_close, empty_module, page, randomize
+from testutils import TINY, TINY_MODE, Counter, assert_close, empty_module, page, randomize
 
 REPO = os.environ.get("GUNDAM_DEEPSEEK_OCR_REPO")
 HF = os.environ.get("GUNDAM_DEEPSEEK_OCR_HF")
@@ -114,15 +114,6 @@ def test_gradients_equal_the_vendors_modules(vendor, backend):
         assert p.grad is not None and want is not None, f"{name}: no gradient"
         # fp32, summations in another order: relative to the gradient's largest magnitude, as on the torch path
         assert_close(p.grad, want, 1e-4 * want.abs().max().item(), 0, f"d{name}")
-
-
-class Counter:
-    def __init__(self, fn=None):
-        self.calls, self.fn = 0, fn
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs) if self.fn is not None else None
 
 
 # the host's encoder, by the vendor's names: DeepSeek-OCR's (vision_model, image_newline) and DeepSeek-OCR 2's

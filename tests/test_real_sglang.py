@@ -30,7 +30,7 @@ sglang = pytest.importorskip("sglang", reason="sglang not installed (tests/hosts
 import gundam  # noqa: E402
 from gundam import preprocess  # noqa: E402
 from gundam.hosts import patched_encoder  # noqa: E402
-from testutils import assert_close, page  # noqa: E402
+from testutils import Counter, assert_close, page  # noqa: E402
 
 VERSION = "0.5.23"
 HIDDEN = 64                    # the language model's width = the projector's n_embed
@@ -182,15 +182,6 @@ class CropsStayFloat32(TorchFunctionMode):
         if func is torch.Tensor.to and torch.bfloat16 in (*args[1:], kwargs.get("dtype")):
             return args[0]
         return func(*args, **kwargs)
-
-
-class Counter:
-    def __init__(self, fn=None):
-        self.calls, self.fn = 0, fn
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs) if self.fn is not None else None
 
 
 def counting(enc):

@@ -29,7 +29,7 @@ import gundam  # noqa: E402
 from gundam import preprocess  # noqa: E402
 from gundam.hosts import patched_encoder  # noqa: E402
 from gundam.hosts.shared import HostLinear  # noqa: E402
-from testutils import assert_close, page  # noqa: E402
+from testutils import Counter, assert_close, page  # noqa: E402
 
 VERSION = "0.32.0"
 HIDDEN = 64
@@ -197,15 +197,6 @@ def inputs(family):
                        "ocr2" if family == "ocr2" else "gundam")
     return batch, dict(pixel_values=batch.global_views, images_crop=batch.crops,
                        images_spatial_crop=torch.tensor([list(g) for g in batch.grids]))
-
-
-class Counter:
-    def __init__(self, fn=None):
-        self.calls, self.fn = 0, fn
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs) if self.fn is not None else None
 
 
 @pytest.mark.parametrize("family", list(ARCH))

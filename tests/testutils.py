@@ -23,6 +23,17 @@ DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 1e-2)]
 ATTENTION_KERNEL_SLOW = pytest.mark.parametrize(
     "attention", [pytest.param("kernel", marks=pytest.mark.slow), "torch-reference"], indirect=True)
 
+class Counter:
+    """Counts its calls, passing them on to fn (when given): how often a host ran something."""
+
+    def __init__(self, fn=None):
+        self.calls, self.fn = 0, fn
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs) if self.fn is not None else None
+
+
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Every parameter random (the vendor init leaves pos_embed and rel-pos at zero, which would hide bugs)."""
     g = torch.Generator().manual_seed(seed)
