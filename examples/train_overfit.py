@@ -44,7 +44,9 @@ SMALL_SAM = SamConfig(img_size=256, embed_dim=64, depth=3, num_heads=4, window_s
 def small_encoder_config(family: str = "deepseek-ocr", mode: Mode | None = None) -> EncoderConfig | Ocr2Config:
     """The encoder's structure at a size that trains on a CPU. DeepSeek-OCR: window and global SAM blocks,
     padded windows, CLIP on SAM's output, the projector. DeepSeek-OCR 2: the same SAM, a 2-layer GQA Qwen2
-    with one learned query table per view size of `mode` (the encoder takes those two sizes only)."""
+    with one learned query table per view size of `mode` (default 256,192; the encoder takes those two sizes
+    only)."""
+    mode = mode or parse_mode("256,192", family)
     if family == "deepseek-ocr2":
         return Ocr2Config(
             sam=SMALL_SAM,
@@ -256,8 +258,8 @@ def train(args, emit=print) -> dict:
     n_enc, n_dec = (sum(p.numel() for p in m.parameters()) for m in (encoder, decoder))
     crops = f"{mode.image_size} px crops" if mode.crop_mode else "no crops"
     print(f"{len(dataset)} images: {mode.base_size} px global views, {crops}; "
-          f"{len(sampler)} batches of <= {args.views} views per epoch; encoder {n_enc / 1e6:.2f}M params, "
-          f"decoder {n_dec / 1e6:.2f}M ({encoder.family}); {device}, backend {args.backend}", file=sys.stderr)
+          f"{len(sampler)} batches of <= {args.views} views per epoch; encoder ({encoder.family}) "
+          f"{n_enc / 1e6:.2f}M params, decoder {n_dec / 1e6:.2f}M; {device}, backend {args.backend}", file=sys.stderr)
 
     initial, _ = evaluate(encoder, decoder, eval_loader, device)
     batches = batches_forever(loader, sampler)

@@ -83,8 +83,7 @@ def test_overfit_three_images(three, capsys, tmp_path, family):
     assert result["final_loss"] * 10 <= result["initial_loss"], result
     assert result["swap_loss"] >= 10 * result["final_loss"], result
     # the weights it wrote load back; the encoder through from_pretrained
-    config = train_overfit.small_encoder_config(train_overfit.FAMILIES[family], train_overfit.parse_mode("256,192",
-                                                train_overfit.FAMILIES[family]))
+    config = train_overfit.small_encoder_config(train_overfit.FAMILIES[family])
     enc = GundamEncoder.from_pretrained(tmp_path / "encoder.safetensors", config=config)
     assert enc.family == train_overfit.FAMILIES[family]
     assert set(enc.state_dict()) == set(GundamEncoder(config).state_dict())
@@ -128,6 +127,10 @@ def test_triton_backend_needs_the_interpreter_on_cpu(three, capsys, monkeypatch)
 def test_bad_mode(three, capsys):
     assert train_overfit.main(["--data", str(three), "--mode", "256,100"]) == 2
     assert "error: Mode.image_size=100: expected a positive multiple of 64 px" in capsys.readouterr().err
+    # a mode of the other family: DeepSeek-OCR 2's encoder does not take Gundam mode's views
+    assert train_overfit.main(["--data", str(three), "--family", "ocr2", "--mode", "gundam"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "deepseek-ocr" in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.slow
