@@ -16,13 +16,17 @@ modules (SAM from its `_build_sam` at the real widths with 3 blocks, Qwen2 from
 `build_qwen2_decoder_as_encoder(decoder_layer=2)` at the real widths, the linear `MlpProjector`), random weights
 saved as a checkpoint with the `model.` prefix and loaded by `GundamEncoder.from_pretrained`: `forward_vendor`
 (both layouts) equals the vendor's `_pixel_values_to_embedding` (deepseek_ocr2.py, its source run as is, with
-its bfloat16 casts reading float32 for an fp32 comparison) on a 3x2-crop page and an image without crops.
+its bfloat16 casts reading float32 for an fp32 comparison) on a 3x2-crop page and an image without crops; and
+a small encoder of the vendor's classes at the real view sizes (SMALL) against backend="triton" in Triton's
+interpreter: outputs and every parameter gradient (autograd through the vendor's modules and its method with
+its torch.no_grad() lifted) for three images with different crop grids in one call.
 The encoder checks need transformers 4.46-4.52 (the vendor pins 4.46.3): from 4.53 on, the vendor's Qwen2 runs
 a plain causal mask instead of its prefix mask, silently, so there is no reference to compare with.
 
     GUNDAM_DEEPSEEK_OCR2_REPO=/path/to/DeepSeek-OCR-2 pytest -m slow tests/test_ocr2_vendor.py
 """
 import ast
+import functools
 import importlib
 import importlib.machinery
 import os
@@ -38,10 +42,11 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from gundam import MODES, GundamEncoder, Ocr2Config, count_image_tokens, crop_grid, preprocess
-from gundam.config import Qwen2Config, SamConfig
+from gundam.config import ProjectorConfig, Qwen2Config, SamConfig
 from gundam.images import image_views
 from testutils import (EDGE_SIZES, Float32ForBfloat16, assert_close, empty_module, in_mode, midpoint_sizes, page,
                        randomize)
+from vendor_model import LiftNoGrad
 
 REPO = os.environ.get("GUNDAM_DEEPSEEK_OCR2_REPO")
 pytestmark = pytest.mark.slow
@@ -49,6 +54,14 @@ OCR2 = MODES["ocr2"]
 # The vendor's encoder at its real widths, with 3 SAM blocks (window, global, window) and 2 Qwen2 layers.
 CONFIG = Ocr2Config(sam=SamConfig(depth=3, global_attn_indexes=(1,), net_3_chans=896),
                     qwen2=Qwen2Config(num_hidden_layers=2))
+# A small encoder of the vendor's classes at the real view sizes (the vendor's Qwen2 picks its query table by the
+# token count, 256 or 144, so the views stay 1024 and 768 px): SAM 32 wide with a window and a global block,
+# its neck narrowed, a 2-layer Qwen2 of 6 query heads on 2 kv heads; for the Triton path in the interpreter.
+SMALL = Ocr2Config(sam=SamConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), out_chans=16,
+                                 net_2_chans=24, net_3_chans=96),
+                   qwen2=Qwen2Config(hidden_size=96, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                     intermediate_size=160),
+                   projector=ProjectorConfig(input_dim=96, n_embed=40))
 
 
 
@@ -218,40 +231,68 @@ def transformers_for_the_mask():
     return transformers
 
 
-@pytest.fixture(scope="module")
-def vendor_model(vendor, tmp_path_factory):
-    """(the vendor's modules with random weights, GundamEncoder loaded from their checkpoint, seconds to build)."""
+def vendor_sam(vendor, s: SamConfig) -> nn.Module:
+    """The vendor's SAM as its `_build_sam` makes it, at s's sizes; at other neck widths than the vendor's
+    hard-coded 256 -> 512 -> 896, its own ImageEncoderViT with net_2 / net_3 rebuilt at s's widths."""
+    if (s.out_chans, s.net_2_chans, s.net_3_chans) == (256, 512, 896):
+        return vendor.sam._build_sam(encoder_embed_dim=s.embed_dim, encoder_depth=s.depth,
+                                     encoder_num_heads=s.num_heads,
+                                     encoder_global_attn_indexes=list(s.global_attn_indexes))
+    sam = vendor.sam.ImageEncoderViT(
+        depth=s.depth, embed_dim=s.embed_dim, img_size=s.img_size, mlp_ratio=s.mlp_ratio,
+        norm_layer=functools.partial(nn.LayerNorm, eps=s.layer_norm_eps), num_heads=s.num_heads,
+        patch_size=s.patch_size, qkv_bias=True, use_rel_pos=True, global_attn_indexes=list(s.global_attn_indexes),
+        window_size=s.window_size, out_chans=s.out_chans)
+    sam.net_2 = nn.Conv2d(s.out_chans, s.net_2_chans, kernel_size=3, stride=2, padding=1, bias=False)
+    sam.net_3 = nn.Conv2d(s.net_2_chans, s.net_3_chans, kernel_size=3, stride=2, padding=1, bias=False)
+    return sam
+
+
+def build_vendor_model(vendor, cfg: Ocr2Config, seed: int, path) -> tuple[nn.Module, GundamEncoder]:
+    """(the vendor's modules at cfg's sizes with random weights, GundamEncoder loaded from their checkpoint)."""
     transformers_for_the_mask()
     from deepencoderv2.qwen2_d2e import build_qwen2_decoder_as_encoder
-    t0 = time.perf_counter()
-    source = open(os.path.join(vendor.code, "deepseek_ocr2.py")).read()
-    fn = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)
-              and n.name == "_pixel_values_to_embedding")
+    fn = next(n for n in ast.walk(ast.parse(open(os.path.join(vendor.code, "deepseek_ocr2.py")).read()))
+              if isinstance(n, ast.FunctionDef) and n.name == "_pixel_values_to_embedding")
     namespace = {"torch": Float32ForBfloat16("torch"), "NestedTensors": list,
                  "PRINT_NUM_VIS_TOKENS": vendor.constants["PRINT_NUM_VIS_TOKENS"]}
     exec(compile(ast.Module([fn], []), "deepseek_ocr2.py", "exec"), namespace)
-    s = CONFIG.sam
+    plain = namespace["_pixel_values_to_embedding"]
+    exec(compile(ast.Module([ast.fix_missing_locations(LiftNoGrad().visit(fn))], []), "deepseek_ocr2.py", "exec"),
+         namespace)
+    q, p = cfg.qwen2, cfg.projector
 
     class VendorModel(nn.Module):
-        """The vendor's vLLM model class as far as encoding goes: its modules, its method."""
-        _pixel_values_to_embedding = namespace["_pixel_values_to_embedding"]
+        """The vendor's vLLM model class as far as encoding goes: its modules, its method (and the method with
+        its torch.no_grad() lifted, as a fine-tuning host runs it)."""
+        _pixel_values_to_embedding = plain
+        pixel_values_to_embedding_with_grad = namespace["_pixel_values_to_embedding"]
 
         def __init__(self):
             super().__init__()
-            self.sam_model = vendor.sam._build_sam(encoder_embed_dim=s.embed_dim, encoder_depth=s.depth,
-                                                   encoder_num_heads=s.num_heads,
-                                                   encoder_global_attn_indexes=list(s.global_attn_indexes))
-            self.qwen2_model = build_qwen2_decoder_as_encoder(decoder_layer=CONFIG.qwen2.num_hidden_layers)
-            self.projector = vendor.linear.MlpProjector(AttrDict(projector_type="linear", input_dim=896, n_embed=1280))
-            self.view_seperator = nn.Parameter(torch.zeros(1280))
+            self.sam_model = vendor_sam(vendor, cfg.sam)
+            self.qwen2_model = build_qwen2_decoder_as_encoder(
+                decoder_layer=q.num_hidden_layers, hidden_dimension=q.hidden_size,
+                num_attention_heads=q.num_attention_heads, num_key_value_heads=q.num_key_value_heads,
+                intermediate_size=q.intermediate_size)
+            self.projector = vendor.linear.MlpProjector(AttrDict(projector_type="linear", input_dim=p.input_dim,
+                                                                 n_embed=p.n_embed))
+            self.view_seperator = nn.Parameter(torch.zeros(p.n_embed))
 
-    model = randomize(VendorModel(), seed=21).eval()
+    model = randomize(VendorModel(), seed=seed).eval()
     with torch.no_grad():   # randomize scales a tensor by its first row's size: pos_embed would be ~5e-4
-        model.sam_model.pos_embed.normal_(0, 0.1, generator=torch.Generator().manual_seed(22))
-    path = tmp_path_factory.mktemp("ocr2") / "model.safetensors"
+        model.sam_model.pos_embed.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 1))
     save_file({"model." + k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    ours = GundamEncoder.from_pretrained(path, config=CONFIG)
+    ours = GundamEncoder.from_pretrained(path, config=cfg)
     assert set(ours.state_dict()) == set(model.state_dict())
+    return model, ours
+
+
+@pytest.fixture(scope="module")
+def vendor_model(vendor, tmp_path_factory):
+    """(the vendor's modules at the real widths, GundamEncoder loaded from their checkpoint, seconds to build)."""
+    t0 = time.perf_counter()
+    model, ours = build_vendor_model(vendor, CONFIG, 21, tmp_path_factory.mktemp("ocr2") / "model.safetensors")
     return model, ours, time.perf_counter() - t0
 
 
@@ -288,3 +329,39 @@ def test_forward_vendor_equals_the_vendors_code(vendor_model):
             err = (a - b).abs().max().item() / b.abs().max().item()
             print(f"{what}, image {i}: max |difference| / max |vendor| = {err:.2e}")
             assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4, what=f"{what}, image {i}")
+
+
+def test_triton_equals_the_vendors_small_encoder(vendor, tmp_path):
+    """backend="triton" (Triton's interpreter, fp32) against the vendor's own modules at SMALL's sizes: three
+    images with different crop grids in one call; the embeddings to 1e-4 relative and every parameter gradient
+    to 1e-4 of its largest magnitude, against autograd through the vendor's modules (its method with
+    torch.no_grad() lifted)."""
+    model, ours = build_vendor_model(vendor, SMALL, 31, tmp_path / "model.safetensors")
+    model.train(), ours.train()      # nothing differs in training (no dropout): autograd records
+    batch = preprocess([page(1650, 800, 61), page(700, 500, 62), page(800, 1650, 63)], OCR2)
+    assert batch.grids == [(2, 1), (1, 1), (1, 2)]
+    pv, ic, sc = batch.to_vendor()
+    t0 = time.perf_counter()
+    want = model.pixel_values_to_embedding_with_grad(pv, ic, sc)
+    g = torch.Generator().manual_seed(5)
+    dout = [torch.randn(o.shape, generator=g) for o in want]
+    sum((o * d).sum() for o, d in zip(want, dout)).backward()
+    t_vendor = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = ours(batch, backend="triton").split()
+    sum((o * d).sum() for o, d in zip(got, dout)).backward()
+    print(f"\nvendor's modules {t_vendor:.1f} s, triton in the interpreter {time.perf_counter() - t0:.1f} s "
+          f"(forward and backward; 4 crops of 768 px, 3 global views of 1024 px)")
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert b.shape == (batch.tokens[i], SMALL.projector.n_embed)
+        print(f"image {i}: max |difference| / max |vendor| = {(a - b).abs().max().item() / b.abs().max().item():.2e}")
+        assert_close(a.detach(), b.detach(), atol=1e-4 * b.abs().max().item(), rtol=1e-4, what=f"image {i}")
+    vendor_params = dict(model.named_parameters())
+    errs = []
+    for name, p in ours.named_parameters():
+        want_grad = vendor_params[name].grad
+        assert p.grad is not None and want_grad is not None, f"{name}: no gradient"
+        scale = want_grad.abs().max().item()
+        errs.append(((p.grad - want_grad).abs().max().item() / scale, name))
+        assert_close(p.grad, want_grad, 1e-4 * scale, 0, f"d{name}")
+    print(f"worst relative gradient errors: {sorted(errs)[-3:]}")
