@@ -5,6 +5,9 @@ Convention, for every launcher:
 - messages are one line: "<launcher>: <argument> <what it is>, expected <what it should be>";
 - `config=` (a dict) overrides the launcher's heuristic block sizes / warps; unknown keys are an error.
 """
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -65,6 +68,15 @@ def check_scale(fn, scale, head_dim) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"{fn}: scale={scale!r}, expected a positive float")
     return float(scale)
+
+
+def check_eps(fn, eps) -> float:
+    """A normalisation launcher's eps: a positive finite real number (not a bool or a tensor)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{fn}: eps is a {type(eps).__name__}, expected a float")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{fn}: eps={eps}, expected a positive finite float")
+    return float(eps)
 
 
 def dot_precision(dtype):

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gundam.kernels.launch import GRAD_DTYPES, acc_dtype, check_tensor, resolve_config, tl_acc_dtype
+from gundam.kernels.launch import GRAD_DTYPES, acc_dtype, check_eps, check_tensor, resolve_config, tl_acc_dtype
 from gundam.kernels.tiling import layer_norm_config
 
 
@@ -120,8 +120,7 @@ def _check(fn, x, weight, bias, eps, residual):
         check_tensor(fn, "residual", residual, shape=(T, C), unit_stride=True, **like)
     check_tensor(fn, "weight", weight, shape=(C,), **like)
     check_tensor(fn, "bias", bias, shape=(C,), **like)
-    if not eps > 0:
-        raise ValueError(f"{fn}: eps={eps}, expected a positive float")
+    check_eps(fn, eps)
     if triton.next_power_of_2(C) > 16384:
         raise ValueError(f"{fn}: x has C={C} channels, expected C <= 16384 (one row per program)")
 

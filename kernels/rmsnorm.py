@@ -15,14 +15,12 @@ the gradient arriving on h (dx is also the residual's gradient), and accumulates
 dy * round(n) per program; the per-program partials [programs, C] are reduced in torch (deterministic, no
 atomics). The rounding of n is a straight-through step for dx, as autograd treats the reference's cast.
 """
-import math
-import numbers
 
 import torch
 import triton
 import triton.language as tl
 
-from gundam.kernels.launch import GRAD_DTYPES, acc_dtype, check_tensor, resolve_config, tl_acc_dtype
+from gundam.kernels.launch import GRAD_DTYPES, acc_dtype, check_eps, check_tensor, resolve_config, tl_acc_dtype
 from gundam.kernels.layernorm import _residual_row
 from gundam.kernels.tiling import rms_norm_config
 
@@ -104,10 +102,7 @@ def _check(fn, x, weight, eps, residual):
     if residual is not None:
         check_tensor(fn, "residual", residual, shape=(T, C), unit_stride=True, **like)
     check_tensor(fn, "weight", weight, shape=(C,), **like)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"{fn}: eps is a {type(eps).__name__}, expected a float")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"{fn}: eps={eps}, expected a positive finite float")
+    check_eps(fn, eps)
     if triton.next_power_of_2(C) > 16384:
         raise ValueError(f"{fn}: x has C={C} channels, expected C <= 16384 (one row per program)")
 

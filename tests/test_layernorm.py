@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -73,8 +75,11 @@ def test_layer_norm_bad_inputs():
         layer_norm(x, w, b, 1e-6, residual=r.half())
     with pytest.raises(ValueError, match=r"x has strides \(1, 4\), expected a contiguous last dim"):
         layer_norm(torch.randn(48, 4).t(), w, b, 1e-6)
-    with pytest.raises(ValueError, match=r"eps=0"):
-        layer_norm(x, w, b, 0)
+    for eps in (0, -1e-6, math.inf, math.nan):
+        with pytest.raises(ValueError, match=rf"^layer_norm: eps={eps}, expected a positive finite float$"):
+            layer_norm(x, w, b, eps)
+    with pytest.raises(TypeError, match=r"^layer_norm: eps is a bool, expected a float$"):
+        layer_norm(x, w, b, True)
     with pytest.raises(ValueError, match=r"config num_warps=3, expected a power of two"):
         layer_norm(x, w, b, 1e-6, config=dict(num_warps=3))
 
