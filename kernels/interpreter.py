@@ -8,8 +8,8 @@ most of a program's time. `install()` makes a helper call made during a launch s
 language module the helper sees (the same module objects) has been patched in this launch, by the launch or
 by an earlier helper call (Triton's patches of a helper call are never undone): the helper runs the same code
 on the same patched language. Outside a launch, and for the first helper of a launch that sees another module,
-Triton's own call runs. Nothing changes when the interpreter
-is off, or on a Triton whose interpreter lacks these functions.
+Triton's own call runs. Nothing changes when the interpreter is off, or on a Triton whose interpreter lacks
+these functions.
 """
 import inspect
 
