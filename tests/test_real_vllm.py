@@ -300,9 +300,12 @@ llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=
           limit_mm_per_prompt={{"image": 1}}, max_num_seqs=1, gpu_memory_utilization=0.3, kv_cache_memory_bytes=1 << 28)
 image = Image.open(sys.argv[2]).convert("RGB")
 out = llm.generate({{"prompt": "<image>\\nFree OCR.", "multi_modal_data": {{"image": image}}}},
-                   SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1))
+                   SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1, prompt_logprobs=1))
+# each prompt token's logprob given the tokens before it: every one after the first image row reads the encoder
+prompt = out[0].prompt_token_ids
+prompt_logprobs = [out[0].prompt_logprobs[i][t].logprob for i, t in enumerate(prompt) if i > 0]
 print("RESULT", json.dumps({{"tokens": list(out[0].outputs[0].token_ids), "encoder_calls": calls,
-                            "logprob": out[0].outputs[0].cumulative_logprob}}))
+                            "logprob": out[0].outputs[0].cumulative_logprob, "prompt_logprobs": prompt_logprobs}}))
 '''.format(builders=TINY_BUILDERS)
 
 
@@ -337,6 +340,12 @@ def test_llm_greedy_tokens(host, tmp_path, family):
     assert results[True]["tokens"] == results[False]["tokens"], results
     assert len(results[True]["tokens"]) == 8
     assert abs(results[True]["logprob"] - results[False]["logprob"]) < 1e-4 * max(1.0, abs(results[False]["logprob"]))
+    # the tiny random model's greedy tokens barely depend on the image (one token repeated); the prompt's logprobs,
+    # one per image position and prompt token (hundreds), do
+    got, want = (torch.tensor(results[p]["prompt_logprobs"], dtype=torch.float64) for p in (True, False))
+    assert got.shape == want.shape and len(want) > 200, (got.shape, want.shape)
+    assert_close(got, want, 1e-4 * max(1.0, want.abs().max().item()), 0, "prompt logprobs")
     print(f"{family}: greedy tokens {results[True]['tokens']}, cumulative logprob {results[True]['logprob']:.6f} / "
-          f"{results[False]['logprob']:.6f}; encoder calls [family, images]: patched {calls}, unpatched "
+          f"{results[False]['logprob']:.6f}; {len(want)} prompt logprobs (spread {want.std().item():.3f}), max "
+          f"difference {(got - want).abs().max().item():.1e}; encoder calls [family, images]: patched {calls}, unpatched "
           f"{results[False]['encoder_calls']}; LLM runs {seconds[True]:.0f} s patched, {seconds[False]:.0f} s not")
