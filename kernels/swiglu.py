@@ -30,6 +30,18 @@ from gundam.kernels.tiling import silu_mul_config
 
 
 @triton.jit
+def _gate_and_up(g_ptr, u_ptr, I, stride_gm, stride_um, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """A program's row, columns, column mask, and its gate and up values in ACC. Grid (rows, column blocks): a
+    program's columns are one contiguous run of each buffer's row."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < I
+    g = tl.load(g_ptr + row * stride_gm + offs, mask=mask, other=0.0).to(ACC)
+    u = tl.load(u_ptr + row * stride_um + offs, mask=mask, other=0.0).to(ACC)
+    return row, offs, mask, g, u
+
+
+@triton.jit
 def _silu_mul_kernel(
     g_ptr,                  # [T, I] gate (rows may be strided)
     u_ptr,                  # [T, I] up (rows may be strided)
@@ -39,12 +51,7 @@ def _silu_mul_kernel(
     BLOCK: tl.constexpr,    # columns per program
     ACC: tl.constexpr,      # math dtype: tl.float32 (tl.float64 for fp64 inputs)
 ):
-    # grid (rows, column blocks): a program's columns are one contiguous run of each buffer's row
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < I
-    g = tl.load(g_ptr + row * stride_gm + offs, mask=mask, other=0.0).to(ACC)
-    u = tl.load(u_ptr + row * stride_um + offs, mask=mask, other=0.0).to(ACC)
+    row, offs, mask, g, u = _gate_and_up(g_ptr, u_ptr, I, stride_gm, stride_um, BLOCK, ACC)
     y = g * tl.sigmoid(g) * u
     tl.store(y_ptr + row * I + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -61,12 +68,8 @@ def _silu_mul_bwd_kernel(
     BLOCK: tl.constexpr,    # columns per program
     ACC: tl.constexpr,      # math dtype: tl.float32 (tl.float64 for fp64 inputs)
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < I
+    row, offs, mask, g, u = _gate_and_up(g_ptr, u_ptr, I, stride_gm, stride_um, BLOCK, ACC)
     dy = tl.load(dy_ptr + row * stride_dym + offs, mask=mask, other=0.0).to(ACC)
-    g = tl.load(g_ptr + row * stride_gm + offs, mask=mask, other=0.0).to(ACC)
-    u = tl.load(u_ptr + row * stride_um + offs, mask=mask, other=0.0).to(ACC)
     s = tl.sigmoid(g)
     # d silu(g) / dg = s + g s (1 - s) = s (1 + g (1 - s)): finite for any finite g (s -> 0 for g -> -inf)
     dg = dy * u * s * (1 + g * (1 - s))
