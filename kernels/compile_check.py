@@ -356,6 +356,16 @@ def _entry(name, kernel, dtype, constexprs, divisible, *, fp32=(), num_warps=4, 
                 min_ctas_per_sm=min_ctas_per_sm or {}, note=note)
 
 
+def _row_norm_entries(name, fwd, bwd, dt, C, extra, num_warps, partials):
+    """A row norm's forward (extra: the fused residual) and backward (extra: the gradient arriving on it) at C
+    channels; partials: the backward's fp32 per-program weight-gradient buffers."""
+    block = dict(BLOCK_N=next_power_of_2(C), ACC=tl.float32)
+    return [_entry(f"{name}_{dt}_C{C}{'_residual' if extra else ''}", fwd, dt, dict(block, HAS_RESIDUAL=extra),
+                   pointers_and_strides(fwd) + ["C"], num_warps=num_warps),
+            _entry(f"{name}_bwd_{dt}_C{C}{'_dh' if extra else ''}", bwd, dt, dict(block, HAS_DH=extra),
+                   pointers_and_strides(bwd) + ["C"], fp32=partials, num_warps=num_warps)]
+
+
 def production_entries():
     """Every kernel at what the heuristics pick for the real model's launches (_entries), in bf16; fp16 builds
     the same code with other MMA types (the same registers and shared memory), so one fp16 entry per kernel,
@@ -434,14 +444,8 @@ def _entries(dt):
     # C and the row strides are multiples of 16 for SAM's and CLIP's widths; extra: the fused residual (forward),
     # the gradient arriving on it (backward)
     for C, extra in ((1024, True), (1024, False), (768, True), (768, False)):
-        block, num_warps = dict(BLOCK_N=next_power_of_2(C), ACC=tl.float32), layer_norm_config(C)["num_warps"]
-        k = layernorm._layer_norm_kernel
-        entries.append(_entry(f"layer_norm_{dt}_C{C}{'_residual' if extra else ''}", k, dt,
-                              dict(block, HAS_RESIDUAL=extra), pointers_and_strides(k) + ["C"], num_warps=num_warps))
-        k = layernorm._layer_norm_bwd_kernel
-        entries.append(_entry(f"layer_norm_bwd_{dt}_C{C}{'_dh' if extra else ''}", k, dt,
-                              dict(block, HAS_DH=extra), pointers_and_strides(k) + ["C"], fp32=("dw_ptr", "db_ptr"),
-                              num_warps=num_warps))
+        entries += _row_norm_entries("layer_norm", layernorm._layer_norm_kernel, layernorm._layer_norm_bwd_kernel,
+                                     dt, C, extra, layer_norm_config(C)["num_warps"], ("dw_ptr", "db_ptr"))
 
     for T_out in (8192, 893):
         cfg = project_layout_config(T_out)
@@ -499,14 +503,8 @@ def _entries(dt):
     # residual (forward) and the gradient arriving on it (backward)
     C = 896
     for extra in (True, False):
-        block, num_warps = dict(BLOCK_N=next_power_of_2(C), ACC=tl.float32), rms_norm_config(C)["num_warps"]
-        k = rmsnorm._rms_norm_kernel
-        entries.append(_entry(f"rms_norm_{dt}_C{C}{'_residual' if extra else ''}", k, dt,
-                              dict(block, HAS_RESIDUAL=extra), pointers_and_strides(k) + ["C"], num_warps=num_warps))
-        k = rmsnorm._rms_norm_bwd_kernel
-        entries.append(_entry(f"rms_norm_bwd_{dt}_C{C}{'_dh' if extra else ''}", k, dt,
-                              dict(block, HAS_DH=extra), pointers_and_strides(k) + ["C"], fp32=("dw_ptr",),
-                              num_warps=num_warps))
+        entries += _row_norm_entries("rms_norm", rmsnorm._rms_norm_kernel, rmsnorm._rms_norm_bwd_kernel, dt, C,
+                                     extra, rms_norm_config(C)["num_warps"], ("dw_ptr",))
 
     # its MLP's silu(gate) * up (I = 4864: the output rows' stride; the inputs' row strides are I or 2I)
     cfg = silu_mul_config(4864)
