@@ -30,7 +30,7 @@ sglang = pytest.importorskip("sglang", reason="sglang not installed (tests/hosts
 import gundam  # noqa: E402
 from gundam import preprocess  # noqa: E402
 from gundam.hosts import patched_encoder  # noqa: E402
-from testutils import Counter, assert_close, page  # noqa: E402
+from testutils import Counter, assert_close, hf_checkpoint, page  # noqa: E402
 
 VERSION = "0.5.23"
 HIDDEN = 64                    # the language model's width = the projector's n_embed
@@ -105,35 +105,6 @@ def config(family):
                               projector_config=dict(projector_type="linear", input_dim=2 * CLIP, n_embed=HIDDEN))
 
 
-def hf_checkpoint(model, seed):
-    """Random weights for `model` under the checkpoint's (Hugging Face) names, which the host's load_weights maps
-    onto its own: encoder tensors under `model.`, the language model's fused qkv_proj / gate_up_proj split
-    into q/k/v and gate/up, its `model.model.*` as `model.*`, `model.lm_head` as `lm_head`."""
-    g = torch.Generator().manual_seed(seed)
-    text = model.config.text_config
-    head_dim = text.hidden_size // text.num_attention_heads
-    out = {}
-    for name, p in model.named_parameters():
-        scale = 0.5 if p.dim() == 1 else 1.0 / max(1, p[0].numel()) ** 0.5
-        value = torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name and p.dim() == 1 else 0.0)
-        if name == "model.lm_head.weight":
-            out["lm_head.weight"] = value
-        elif name.startswith("model.model."):
-            hf = "model." + name[len("model.model."):]
-            if ".qkv_proj." in hf:
-                sizes = [text.num_attention_heads * head_dim] + [text.num_key_value_heads * head_dim] * 2
-                for part, v in zip("qkv", value.split(sizes)):
-                    out[hf.replace(".qkv_proj.", f".{part}_proj.")] = v
-            elif ".gate_up_proj." in hf:
-                for part, v in zip(("gate", "up"), value.chunk(2)):
-                    out[hf.replace(".gate_up_proj.", f".{part}_proj.")] = v
-            else:
-                out[hf] = value
-        else:
-            out["model." + name] = value
-    return out
-
-
 CLASSES = {"ocr": "DeepseekOCRForCausalLM", "ocr2": "DeepseekOCRForCausalLM", "unlimited": "UnlimitedOCRForCausalLM"}
 
 
@@ -146,7 +117,7 @@ def build(host, family, plugin, seed=0):
         module = host.unlimited_ocr if family == "unlimited" else host.deepseek_ocr
     torch.manual_seed(seed)
     model = getattr(module, CLASSES[family])(config=config(family))
-    model.load_weights(hf_checkpoint(model, seed).items())
+    model.load_weights(hf_checkpoint(model, seed, language_model="model.").items())
     return model.eval()
 
 

@@ -29,7 +29,7 @@ import gundam  # noqa: E402
 from gundam import preprocess  # noqa: E402
 from gundam.hosts import patched_encoder  # noqa: E402
 from gundam.hosts.shared import HostLinear  # noqa: E402
-from testutils import Counter, assert_close, page  # noqa: E402
+from testutils import Counter, assert_close, hf_checkpoint, page  # noqa: E402
 
 VERSION = "0.32.0"
 HIDDEN = 64
@@ -99,33 +99,6 @@ def write_checkpoint(path, family, weights=None):
         save_file({k: v.contiguous() for k, v in weights.items()}, f"{path}/model.safetensors")
 
 
-def hf_checkpoint(model, seed):
-    """Random weights for `model` under the checkpoint's names, which its load_weights maps onto its own
-    (`hf_to_vllm_mapper`): the encoder's under `model.`, the language model's `model.*` with q/k/v and
-    gate/up separate, `lm_head`."""
-    g = torch.Generator().manual_seed(seed)
-    text = model.config.text_config
-    head_dim = text.hidden_size // text.num_attention_heads
-    out = {}
-    for name, p in model.named_parameters():
-        scale = 0.5 if p.dim() == 1 else 1.0 / max(1, p[0].numel()) ** 0.5
-        value = torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name and p.dim() == 1 else 0.0)
-        if name.startswith("language_model.model."):
-            hf = "model." + name[len("language_model.model."):]
-            if ".qkv_proj." in hf:
-                sizes = [text.num_attention_heads * head_dim] + [text.num_key_value_heads * head_dim] * 2
-                out.update({hf.replace(".qkv_proj.", f".{q}_proj."): v for q, v in zip("qkv", value.split(sizes))})
-            elif ".gate_up_proj." in hf:
-                out.update({hf.replace(".gate_up_proj.", f".{q}_proj."): v for q, v in zip(("gate", "up"), value.chunk(2))})
-            else:
-                out[hf] = value
-        elif name == "language_model.lm_head.weight":
-            out["lm_head.weight"] = value
-        else:
-            out["model." + name] = value
-    return out
-
-
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     """vLLM in this process (world size 1, gloo), the tiny builders in, a checkpoint directory per family."""
@@ -178,7 +151,7 @@ def build(host, family, plugin, seed=0, patch_after_load=False, process=True):
     torch.manual_seed(seed)
     with set_current_vllm_config(vc):
         model = initialize_model(vllm_config=vc, model_class=getattr(module, ARCH[family]))
-        loaded = model.load_weights(hf_checkpoint(model, seed).items())
+        loaded = model.load_weights(hf_checkpoint(model, seed, language_model="language_model.").items())
         assert {n for n, _ in model.named_parameters()} <= loaded
         if patch_after_load:
             gundam.patch(model)
@@ -319,7 +292,7 @@ def test_llm_greedy_tokens(host, tmp_path, family):
     tokens with GUNDAM_PATCH_VLLM=1 and without: identical, and only the patched run went through the encoder
     (of the checkpoint's family)."""
     ckpt = str(tmp_path / "ckpt")
-    write_checkpoint(ckpt, family, hf_checkpoint(build(host, family, plugin=False, process=False), seed=3))
+    write_checkpoint(ckpt, family, hf_checkpoint(build(host, family, plugin=False, process=False), seed=3, language_model="language_model."))
     image = tmp_path / "page.png"
     page(1300, 650, seed=7).save(image)
     script = tmp_path / "run.py"

@@ -34,6 +34,36 @@ class Counter:
         return self.fn(*args, **kwargs) if self.fn is not None else None
 
 
+def hf_checkpoint(model, seed, language_model):
+    """Random weights for a vLLM or SGLang DeepSeek-OCR model under the checkpoint's (Hugging Face) names, which
+    the host's load_weights maps onto its own: the encoder's under `model.`; the language model's (the host's
+    `<language_model>model.*`, the prefix being SGLang's `model.` or vLLM's `language_model.`) as `model.*`, its
+    fused qkv_proj / gate_up_proj split into q/k/v and gate/up; its lm_head as `lm_head`."""
+    g = torch.Generator().manual_seed(seed)
+    text = model.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    out = {}
+    for name, p in model.named_parameters():
+        scale = 0.5 if p.dim() == 1 else 1.0 / max(1, p[0].numel()) ** 0.5
+        value = torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name and p.dim() == 1 else 0.0)
+        if name == language_model + "lm_head.weight":
+            out["lm_head.weight"] = value
+        elif name.startswith(language_model + "model."):
+            hf = "model." + name[len(language_model + "model."):]
+            if ".qkv_proj." in hf:
+                sizes = [text.num_attention_heads * head_dim] + [text.num_key_value_heads * head_dim] * 2
+                for part, v in zip("qkv", value.split(sizes)):
+                    out[hf.replace(".qkv_proj.", f".{part}_proj.")] = v
+            elif ".gate_up_proj." in hf:
+                for part, v in zip(("gate", "up"), value.chunk(2)):
+                    out[hf.replace(".gate_up_proj.", f".{part}_proj.")] = v
+            else:
+                out[hf] = value
+        else:
+            out["model." + name] = value
+    return out
+
+
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Every parameter random (the vendor init leaves pos_embed and rel-pos at zero, which would hide bugs)."""
     g = torch.Generator().manual_seed(seed)
